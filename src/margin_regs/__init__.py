@@ -1,0 +1,19 @@
+"""margin_regs: large-margin regularizers for JAX, as optax transforms and penalties."""
+
+# Each block re-exports one module's public API; keep blocks in import order
+# (linalg <- penalties/adareg/jacobian/losses <- transforms <- diagnostics).
+from margin_regs.linalg import (
+    as_matrix,
+    singular_values,
+    spectral_norm,
+    stable_rank,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "as_matrix",
+    "singular_values",
+    "spectral_norm",
+    "stable_rank",
+]

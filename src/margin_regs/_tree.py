@@ -1,0 +1,109 @@
+"""Pytree plumbing shared by every module: masks, readable paths, shape groups.
+
+Masks follow ``optax.masked``: a pytree of bools with the params' structure (or a
+prefix of it), or a callable ``params -> such a pytree``. Masked-out positions of
+penalty state hold ``optax.MaskedNode()``, exactly as the state of a transform
+wrapped in ``optax.masked`` does, so the two forms share one state layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import optax
+
+Mask = Any | Callable[[Any], Any] | None
+
+__all__ = [
+    "Mask",
+    "default_mask",
+    "group_by_shape",
+    "is_masked_node",
+    "path_name",
+    "resolve_mask",
+    "select",
+]
+
+
+def default_mask(params: Any) -> Any:
+    """``True`` for every leaf with ``ndim >= 2`` (kernels), ``False`` otherwise.
+
+    Biases, norm scales and other 1-D leaves are not weight matrices and are never
+    regularized by default (Goodfellow et al., Deep Learning, §7.1).
+    """
+    return jax.tree.map(lambda x: jax.numpy.ndim(x) >= 2, params)
+
+
+def is_masked_node(x: Any) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+def resolve_mask(mask: Mask, params: Any) -> Any:
+    """The full boolean pytree that ``mask`` selects on ``params``.
+
+    ``None`` means :func:`default_mask`; a callable is called on ``params``; a
+    prefix pytree is broadcast to the params' structure, as ``optax.masked`` does.
+    """
+    if mask is None:
+        return default_mask(params)
+    tree = mask(params) if callable(mask) else mask
+    return jax.tree.map(lambda m, p: jax.tree.map(lambda _: bool(m), p), tree, params)
+
+
+def select(params: Any, mask: Mask) -> Any:
+    """``params`` with masked-out leaves replaced by ``optax.MaskedNode()``.
+
+    Raises:
+      ValueError: if the mask selects a leaf with fewer than two dimensions; such a
+        leaf is not a weight matrix (the error names its path).
+    """
+    full = resolve_mask(mask, params)
+
+    def pick(path, m, p):
+        if not m:
+            return optax.MaskedNode()
+        if jax.numpy.ndim(p) < 2:
+            raise ValueError(
+                f"the mask selects {path_name(path)!r} of shape {jax.numpy.shape(p)}, "
+                "which is not a weight matrix (ndim < 2); mask it out"
+            )
+        return p
+
+    return jax.tree.map_with_path(pick, full, params)
+
+
+def path_name(path: Sequence[Any]) -> str:
+    """A readable ``'a/b/kernel'`` name for a key path.
+
+    Works for flax linen dicts, ``nnx.State`` (whose leaves end in a ``.value``
+    attribute, dropped here), plain dicts, lists and NamedTuples.
+    """
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            parts.append(k.name)
+        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+            parts.append(str(k.key))
+        else:
+            parts.append(str(k))
+    if len(parts) > 1 and parts[-1] == "value":
+        parts.pop()
+    return "/".join(parts)
+
+
+def group_by_shape(arrays: Sequence[jax.Array]) -> dict[tuple, list[int]]:
+    """Indices of ``arrays`` grouped by (shape, dtype), in first-seen order.
+
+    Same-shaped matrices are stacked and handled by one batched call (one matmul,
+    one ``eigh``) instead of one small call each.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, a in enumerate(arrays):
+        groups.setdefault((tuple(a.shape), jax.numpy.dtype(a.dtype)), []).append(i)
+    return groups

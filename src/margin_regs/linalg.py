@@ -1,0 +1,246 @@
+"""Matrix views, power iteration and exact spectral quantities of weight kernels.
+
+A *weight matrix* is any parameter leaf with ``ndim >= 2``, viewed as a 2-D matrix
+``K`` of shape ``(fan_in, fan_out)``: a Dense kernel as it is, a conv kernel
+``(kh, kw, in, out)`` reshaped to ``(kh*kw*in, out)`` (Yoshida & Miyato 2017, §3;
+Zhao et al. 2019, appendix). Layouts with fan-out first (equinox) pass their own
+``view``.
+
+Power iteration here is matrix-free (two matvecs per iteration, never ``KᵀK``),
+runs in float32 whatever the kernel's dtype, normalises every vector with a
+scale-safe norm (so kernels of scale 1e-20 or 1e20 neither underflow nor overflow)
+and is safe for the zero matrix (σ = 0, finite vectors, no NaN).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+View = Callable[[jax.Array], jax.Array]
+
+__all__ = [
+    "SingularTriple",
+    "View",
+    "as_matrix",
+    "converged_singular_triple",
+    "power_iteration_step",
+    "safe_norm",
+    "singular_values",
+    "spectral_norm",
+    "stable_rank",
+]
+
+
+class SingularTriple(NamedTuple):
+    """Top singular triple of ``K (fan_in, fan_out)``: ``K v ≈ σ u``, ``Kᵀ u ≈ σ v``.
+
+    Attributes:
+      sigma: σ ≥ 0, a float32 scalar (or ``(batch,)`` for stacked matrices).
+      u: unit left singular vector, ``(fan_in,)``.
+      v: unit right singular vector, ``(fan_out,)``; the one persisted across steps.
+    """
+
+    sigma: jax.Array
+    u: jax.Array
+    v: jax.Array
+
+
+def as_matrix(kernel: jax.Array, view: View | None = None) -> jax.Array:
+    """The ``(fan_in, fan_out)`` matrix view of a kernel.
+
+    ``K = kernel.reshape(-1, kernel.shape[-1])``: the flax/haiku layout, where the
+    last axis is fan-out. A conv kernel ``(kh, kw, in, out)`` becomes
+    ``(kh*kw*in, out)``, the matrix of Yoshida & Miyato 2017 (§3, "Convolutions").
+
+    Args:
+      kernel: an array with ``ndim >= 2``.
+      view: optional callable returning the 2-D view for another layout, e.g.
+        ``lambda w: w.reshape(w.shape[0], -1).T`` for equinox's ``(out, in, ...)``.
+
+    Returns:
+      A 2-D array ``(fan_in, fan_out)``.
+
+    Raises:
+      ValueError: if ``kernel`` has fewer than two dimensions (biases and scales are
+        not weight matrices), or ``view`` does not return a 2-D array.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import margin_regs as mr
+      >>> mr.as_matrix(jnp.zeros((5, 5, 3, 32))).shape
+      (75, 32)
+    """
+    kernel = jnp.asarray(kernel)
+    if kernel.ndim < 2:
+        raise ValueError(
+            f"a weight matrix needs ndim >= 2, got shape {kernel.shape}; "
+            "1-D leaves (biases, scales) are not regularized"
+        )
+    if view is not None:
+        matrix = view(kernel)
+        if matrix.ndim != 2:
+            raise ValueError(f"view returned shape {matrix.shape}, expected 2-D")
+        return matrix
+    return kernel.reshape(-1, kernel.shape[-1])
+
+
+def safe_norm(x: jax.Array, axis: int = -1, keepdims: bool = False) -> jax.Array:
+    """‖x‖₂ along ``axis``, free of overflow, underflow and NaN gradients.
+
+    Computed as ``m · ‖x / m‖`` with ``m = max|x|``, so float32 vectors of scale
+    1e-30 or 1e30 keep their norm; the zero vector has norm 0 and gradient 0.
+    """
+    m = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=axis, keepdims=True))
+    safe_m = jnp.where(m > 0, m, 1.0)
+    scaled = x / safe_m
+    sq = jnp.sum(scaled * scaled, axis=axis, keepdims=True)
+    positive = sq > 0
+    norm = safe_m * jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+    return norm if keepdims else jnp.squeeze(norm, axis=axis)
+
+
+def _normalize(x: jax.Array, fallback: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(x / ‖x‖, ‖x‖)``, or ``(fallback, 0)`` where ``x`` is zero."""
+    norm = safe_norm(x, keepdims=True)
+    ok = norm > 0
+    unit = jnp.where(ok, x / jnp.where(ok, norm, 1.0), fallback)
+    return unit, jnp.squeeze(norm, -1)
+
+
+def power_iteration_step(
+    matrix: jax.Array, v: jax.Array, n_iterations: int = 1
+) -> SingularTriple:
+    """``n_iterations`` of normalised power iteration from the right vector ``v``.
+
+    Each iteration is Yoshida & Miyato 2017, Alg. 1, line 7, normalised::
+
+        u ← K v / ‖K v‖,   v ← Kᵀ u / ‖Kᵀ u‖,   σ ← ‖Kᵀ u‖ = uᵀ K v
+
+    so ``σ u vᵀ`` is exactly the gradient of ``uᵀ K v`` with ``u, v`` held fixed.
+    Runs in float32; where ``K v`` or ``Kᵀ u`` vanishes (the zero matrix) the old
+    ``v`` is kept and σ = 0. Works on stacked matrices ``(..., fan_in, fan_out)``
+    with vectors ``(..., fan_out)``.
+
+    Args:
+      matrix: ``K``, ``(..., fan_in, fan_out)``.
+      v: the current right vector, ``(..., fan_out)``, unit norm.
+      n_iterations: a Python int ≥ 1.
+
+    Returns:
+      The :class:`SingularTriple` after the last iteration (float32).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from margin_regs.linalg import power_iteration_step
+      >>> k = jnp.diag(jnp.array([3.0, 1.0]))
+      >>> t = power_iteration_step(k, jnp.array([0.6, 0.8]), n_iterations=20)
+      >>> round(float(t.sigma), 4)
+      3.0
+
+    References:
+      Yoshida & Miyato, "Spectral Norm Regularization for Improving the
+      Generalizability of Deep Learning", 2017, Algorithm 1.
+    """
+    if n_iterations < 1:
+        raise ValueError(f"n_iterations must be >= 1, got {n_iterations}")
+    k = matrix.astype(jnp.float32)
+    v = v.astype(jnp.float32)
+    sigma = jnp.zeros(v.shape[:-1], jnp.float32)
+    u = jnp.zeros(k.shape[:-1], jnp.float32)
+    for _ in range(n_iterations):
+        u, _ = _normalize(jnp.einsum("...ij,...j->...i", k, v), u)
+        v, sigma = _normalize(jnp.einsum("...ij,...i->...j", k, u), v)
+    return SingularTriple(sigma, u, v)
+
+
+def converged_singular_triple(
+    matrix: jax.Array,
+    v0: jax.Array,
+    *,
+    max_iterations: int = 1000,
+    tolerance: float = 1e-6,
+) -> SingularTriple:
+    """Power iteration run to convergence from ``v0``, for a warm start.
+
+    Uses ``optax.power_iteration`` on ``Kᵀ K`` applied matrix-free as
+    ``v ↦ Kᵀ(K v)`` on ``K / max|K|`` (so the product cannot overflow), then one
+    :func:`power_iteration_step` for a consistent ``(σ, u, v)`` at the true scale.
+    A cold start needs 20–250 iterations for 1e-3 relative accuracy on realistic
+    matrices; afterwards one iteration per training step tracks σ.
+
+    Args:
+      matrix: ``K``, ``(fan_in, fan_out)``.
+      v0: a starting vector ``(fan_out,)``, e.g. Gaussian (Alg. 1, line 2).
+      max_iterations: cap on the iterations.
+      tolerance: ``optax.power_iteration``'s relative residual tolerance.
+
+    Returns:
+      The converged :class:`SingularTriple` (float32).
+    """
+    k = matrix.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(k))
+    k = k / jnp.where(scale > 0, scale, 1.0)
+    v0 = v0.astype(jnp.float32)
+    v0 = _normalize(v0, jnp.ones_like(v0) / jnp.sqrt(v0.shape[-1]))[0]
+    _, v = optax.power_iteration(
+        lambda x: k.T @ (k @ x),
+        v0=v0,
+        num_iters=max_iterations,
+        error_tolerance=tolerance,
+    )
+    v = jnp.where(jnp.all(jnp.isfinite(v)), v, v0)
+    return power_iteration_step(matrix, v)
+
+
+def spectral_norm(kernel: jax.Array, view: View | None = None) -> jax.Array:
+    """Exact σ_max of the kernel's matrix view, by SVD.
+
+    Args:
+      kernel: an array with ``ndim >= 2``.
+      view: optional layout view, as in :func:`as_matrix`.
+
+    Returns:
+      A float32 scalar, the largest singular value.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import margin_regs as mr
+      >>> float(mr.spectral_norm(jnp.diag(jnp.array([3.0, -4.0]))))
+      4.0
+    """
+    return singular_values(kernel, view)[0]
+
+
+def singular_values(kernel: jax.Array, view: View | None = None) -> jax.Array:
+    """All singular values of the kernel's matrix view, in descending order (SVD).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import margin_regs as mr
+      >>> mr.singular_values(jnp.diag(jnp.array([1.0, 3.0]))).tolist()
+      [3.0, 1.0]
+    """
+    matrix = as_matrix(kernel, view).astype(jnp.float32)
+    return jnp.linalg.svd(matrix, compute_uv=False)
+
+
+def stable_rank(kernel: jax.Array, view: View | None = None) -> jax.Array:
+    """Stable rank ``‖K‖_F² / σ_max(K)²``, in ``[1, rank K]``; 0 for the zero matrix.
+
+    The smooth surrogate of rank that Zhao et al. 2019 (§5) track.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import margin_regs as mr
+      >>> float(mr.stable_rank(jnp.eye(4)))
+      4.0
+    """
+    s = singular_values(kernel, view)
+    top = s[0]
+    safe_top = jnp.where(top > 0, top, 1.0)
+    return jnp.where(top > 0, jnp.sum((s / safe_top) ** 2), 0.0)
