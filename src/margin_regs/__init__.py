@@ -11,12 +11,19 @@ from margin_regs.baselines import (
     max_norm_constraint,
     perturb_weights,
 )
+from margin_regs.jacobian import (
+    adversarial_loss,
+    input_gradient_penalty,
+    jacobian_frobenius_penalty,
+    jacobian_margin_penalty,
+)
 from margin_regs.linalg import (
     as_matrix,
     singular_values,
     spectral_norm,
     stable_rank,
 )
+from margin_regs.losses import one_vs_all_hinge_loss
 
 __version__ = "0.1.0"
 
@@ -25,9 +32,14 @@ __all__ = [
     "activation_l1_penalty",
     "add_input_noise",
     "add_l1_penalty",
+    "adversarial_loss",
     "as_matrix",
+    "input_gradient_penalty",
+    "jacobian_frobenius_penalty",
+    "jacobian_margin_penalty",
     "l1_penalty",
     "max_norm_constraint",
+    "one_vs_all_hinge_loss",
     "perturb_weights",
     "singular_values",
     "spectral_norm",
