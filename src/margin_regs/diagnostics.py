@@ -217,7 +217,7 @@ def output_margins(
 
     References:
       Sokolić, Giryes, Sapiro & Rodrigues, "Robust Large Margin Deep Neural
-      Networks", 2017, eq. (13).
+      Networks", arXiv:1605.08254 (IEEE TSP 2017), eq. (13).
     """
     logits = jnp.asarray(logits)
     labels = jnp.asarray(labels)
@@ -241,11 +241,11 @@ def input_margin_estimates(
     """First-order distance of each sample to the nearest decision boundary.
 
     ``min_{j≠y} (z_y(x) − z_j(x)) / ‖∇ₓ(z_y − z_j)(x)‖₂``: the distance to the
-    boundary between ``y`` and ``j`` of the network linearised at ``x`` (Ludwig et
-    al., eqs. (14)–(15), with the gradient taken at the sample). Exact for a linear
-    model, and for a ReLU network whenever the nearest boundary lies in the linear
-    region of ``x``; negative for misclassified samples. All per-class input
-    gradients come from one batched VJP per class
+    boundary between ``y`` and ``j`` of the network linearised at ``x`` (Ludwig,
+    Thm 1's proof, eqs. (14)–(15), with the gradient taken at the sample). Exact
+    for a linear model, and for a ReLU network whenever the nearest boundary lies
+    in the linear region of ``x``; negative for misclassified samples. All per-class
+    input gradients come from one batched VJP per class
     (:func:`margin_regs.jacobian.per_sample_input_gradients`, vectorised over
     classes).
 
@@ -267,8 +267,8 @@ def input_margin_estimates(
       [2.0, -1.0]
 
     References:
-      Ludwig, Nunes & Araujo, "Eigenvalue Decay: A New Method for Neural Network
-      Regularization", Thm 1, eqs. (14)–(15); Sokolić et al., eq. (14).
+      Ludwig, "Deep Learning with Eigenvalue Decay Regularizer", arXiv:1604.06985,
+      2016, Thm 1's proof, eqs. (14)–(15); Sokolić et al., eq. (14).
     """
     x = _check_input(x)
     labels = jnp.asarray(labels)
@@ -297,7 +297,7 @@ def margin_lower_bounds(
     """Closed-form lower bounds on the input margin from an output margin.
 
     For a feed-forward network ``h_l = φ(W_lᵀ h_{l−1} + b_l)`` (``l = 1..L``, dense
-    layers, ``φ`` elementwise and 1-Lipschitz: ReLU, leaky ReLU, tanh) followed by a
+    layers, ``φ`` elementwise with ``|φ'| ≤ 1``: ReLU, leaky ReLU, tanh) followed by a
     linear classifier ``z = Vᵀ h_L + c``, the features move by at most
     ``Π_l ‖W_l‖₂ · ‖δ‖`` when the input moves by ``δ`` (Sokolić et al., Thm 3), so no
     decision boundary lies within
@@ -319,7 +319,11 @@ def margin_lower_bounds(
 
     The bounds do not hold as computed for convolutions (the norm of the reshaped
     kernel does not bound the convolution operator's norm), residual connections,
-    or normalisation layers; the product also must not skip a layer.
+    or normalisation layers; the product also must not skip a layer. Ludwig's
+    Thm 1 divides by the same ``Π_k ‖W_k‖₂`` (as ``Π_k √λ_dom(W_k W_kᵀ)``), but
+    its numerator needs the projections of ``x`` onto the boundary, so it has no
+    closed form; :func:`input_margin_estimates` is its computable first-order
+    counterpart.
 
     Args:
       margins: output margins ``(n,)``, of the kind ``margin_type`` names.
@@ -345,7 +349,8 @@ def margin_lower_bounds(
 
     References:
       Sokolić, Giryes, Sapiro & Rodrigues, "Robust Large Margin Deep Neural
-      Networks", 2017, Thm 3 and Thm 5 (eq. (20)).
+      Networks", arXiv:1605.08254 (IEEE TSP 2017), Thm 3 and Thm 5 (eq. (20));
+      Ludwig, "Deep Learning with Eigenvalue Decay Regularizer", 2016, Thm 1.
     """
     if margin_type not in ("logit", "geometric"):
         raise ValueError(
