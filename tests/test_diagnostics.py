@@ -165,6 +165,29 @@ def test_output_margins_match_brute_force(rng):
     )
 
 
+def test_coinciding_classifier_columns_give_infinite_margin():
+    # v_0 = v_1: z_0 − z_1 is the constant bias gap, so no boundary exists.
+    v = jnp.array([[1.0, 1.0], [2.0, 2.0]])
+    logits = jnp.array([[1.0, 0.5], [0.2, 0.5]])
+    got = mr.output_margins(logits, jnp.array([0, 0]), classifier=v)
+    np.testing.assert_array_equal(got, [np.inf, -np.inf])
+
+
+def test_input_margin_estimates_flatten_all_feature_axes(linear_model):
+    w, b, x = linear_model
+    labels = np.argmax(x @ w + b, axis=1)
+    cubes = x.reshape(len(x), 5, 1, 1)
+    got = jax.jit(
+        lambda t, y: mr.input_margin_estimates(
+            lambda c: c.reshape(len(c), -1) @ w + b, t, y
+        )
+    )(cubes, labels)
+    exact = [
+        _nearest_hyperplane(w, b, xi, y)[1] for xi, y in zip(x, labels, strict=True)
+    ]
+    np.testing.assert_allclose(got, exact, rtol=1e-4)
+
+
 def test_output_margins_reject_bad_input():
     logits = jnp.zeros((3, 4))
     with pytest.raises(ValueError, match="n_classes"):
@@ -562,6 +585,12 @@ def test_hessian_max_eigenvalue_keeps_the_sign_of_a_dominant_negative():
         loss, {"w": jnp.ones(3)}, curvature, key=1
     )
     np.testing.assert_allclose(top, -4.0, rtol=1e-4)
+
+
+def test_hessian_max_eigenvalue_of_a_zero_hessian_is_zero():
+    loss = lambda p, c: jnp.sum(c * p["w"])  # noqa: E731
+    top = mr.hessian_max_eigenvalue(loss, {"w": jnp.ones(3)}, jnp.ones(3), key=0)
+    assert float(top) == 0.0
 
 
 # ----------------------------------------------------------------------------------

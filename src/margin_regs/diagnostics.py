@@ -439,6 +439,7 @@ def hessian_max_eigenvalue(
     to positive semi-definite and this is the largest eigenvalue; a negative result
     means a negative-curvature direction dominates. Convergence is geometric in
     ``|λ₂| / |λ₁|``; the iterations stop early at ``optax``'s residual tolerance.
+    A zero Hessian gives 0.
 
     Args:
       loss_fn: ``(params, batch) -> scalar`` loss.
@@ -480,7 +481,10 @@ def hessian_max_eigenvalue(
         return jax.jvp(grad_fn, (params,), (v,))[1]
 
     eigenvalue, _ = optax.power_iteration(hvp, v0=v0, num_iters=n_iterations)
-    return eigenvalue
+    # A zero Hessian (a loss linear in θ) makes every iterate 0/0; its eigenvalue is
+    # 0. A NaN loss still yields NaN, since NaN == 0 is false.
+    zero_hessian = optax.tree.norm(hvp(v0)) == 0
+    return jnp.where(zero_hessian, 0.0, eigenvalue)
 
 
 def generalization_gap(
