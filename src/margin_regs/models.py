@@ -1,0 +1,264 @@
+"""Reference models from the papers, small enough for a CPU, as Flax linen modules.
+
+Linen rather than nnx: ``model.init(key, x)["params"]`` is a plain nested dict, which
+every transform, penalty and diagnostic of the library takes as it is, and
+``model.apply`` is a pure function of ``(params, x)``, so the experiment loop can
+``jit``/``lax.scan`` it and differentiate it with respect to the input (Jacobian
+penalties) without the split/merge of nnx state.
+
+Every model takes channels-last inputs ``(n, *spatial, channels)`` with one or two
+spatial axes (MNIST-1D ``(n, 40, 1)``, digits ``(n, 8, 8, 1)``, MNIST
+``(n, 28, 28, 1)``), returns logits ``(n, num_classes)``, and names its last layer
+``classifier``, so :data:`CLASSIFIER_PATH` is where its kernel ``(fan_in,
+num_classes)`` lives: the ``v`` that normalises Sokolić et al.'s Jacobian penalty and
+the weight matrix that AdaReg regularises by default (Zhao et al., App. B.3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+__all__ = [
+    "CLASSIFIER_PATH",
+    "MODELS",
+    "AdaRegCNN",
+    "SokolicCNN",
+    "SokolicMLP",
+    "classifier_kernel",
+    "classifier_mask",
+    "logits_fn",
+    "make_model",
+]
+
+CLASSIFIER_PATH: tuple[str, str] = ("classifier", "kernel")
+
+
+class SokolicMLP(nn.Module):
+    """ReLU MLP whose hidden layers are half the input width (Sokolić et al., §V).
+
+    The paper's networks take 784 inputs and have hidden layers of 392 units; here the
+    width is ``max(input_size // 2, min_width)``, so 64-pixel digits get 32 units and
+    MNIST-1D's 40 samples get 20.
+
+    Attributes:
+      num_classes: outputs.
+      num_hidden: number of hidden layers (the paper varies it; 2 by default).
+      min_width: floor on the hidden width.
+      dropout_rate: dropout after each hidden layer (0: none).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from margin_regs.models import SokolicMLP
+      >>> model = SokolicMLP(num_classes=10)
+      >>> params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+      >>> [params[k]["kernel"].shape for k in ("hidden_0", "hidden_1", "classifier")]
+      [(64, 32), (32, 32), (32, 10)]
+
+    References:
+      Sokolić, Giryes, Sapiro, Rodrigues, "Robust Large Margin Deep Neural Networks",
+      IEEE TSP 2017, §V and Appendix ("MNIST and CIFAR10 DNN").
+    """
+
+    num_classes: int
+    num_hidden: int = 2
+    min_width: int = 16
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        x = x.reshape(x.shape[0], -1)
+        width = max(x.shape[-1] // 2, self.min_width)
+        for i in range(self.num_hidden):
+            x = nn.relu(nn.Dense(width, name=f"hidden_{i}")(x))
+            x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        return nn.Dense(self.num_classes, name="classifier")(x)
+
+
+def _window(x: jax.Array, size: int) -> tuple[int, ...]:
+    return (size,) * (x.ndim - 2)
+
+
+class SokolicCNN(nn.Module):
+    """Sokolić et al.'s 2-layer CNN of Table I.
+
+    ``(32, 5, 5)-conv, (2, 2)-max-pool, (32, 5, 5)-conv, (2, 2)-max-pool``, then a
+    linear classifier, with ReLU after each convolution. The paper does not state the
+    padding; ``SAME`` keeps 8×8 digits usable (8 → 4 → 2). On 1-D inputs the windows
+    are 5 and 2.
+
+    Attributes:
+      num_classes: outputs.
+      features: channels of both convolutions.
+      dropout_rate: dropout before the classifier (0: none).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from margin_regs.models import SokolicCNN
+      >>> model = SokolicCNN(num_classes=10)
+      >>> params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+      >>> params["conv_1"]["kernel"].shape, params["classifier"]["kernel"].shape
+      ((5, 5, 32, 32), (1568, 10))
+
+    References:
+      Sokolić et al., "Robust Large Margin Deep Neural Networks", 2017, Table I and
+      Appendix ("MNIST CNN").
+    """
+
+    num_classes: int
+    features: int = 32
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        for i in range(2):
+            x = nn.Conv(self.features, _window(x, 5), padding="SAME", name=f"conv_{i}")(
+                x
+            )
+            x = nn.max_pool(
+                nn.relu(x), _window(x, 2), strides=_window(x, 2), padding="SAME"
+            )
+        x = x.reshape(x.shape[0], -1)
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        return nn.Dense(self.num_classes, name="classifier")(x)
+
+
+class AdaRegCNN(nn.Module):
+    """The CNN of AdaReg's appendix B.1 for MNIST.
+
+    ``CONV5×5×1×10 - CONV5×5×10×20 - FC320×50 - FC50×10``: unpadded 5×5 convolutions,
+    each followed by 2×2 max-pooling and ReLU, which gives 4·4·20 = 320 features on
+    28×28 inputs. Inputs smaller than 16 per spatial axis (8×8 digits) cannot take two
+    unpadded 5×5 convolutions with pooling, so there the convolutions use ``SAME``
+    padding; ``padding`` forces either.
+
+    Attributes:
+      num_classes: outputs.
+      padding: ``"VALID"``, ``"SAME"`` or ``None`` (``VALID`` when the input allows).
+      dropout_rate: dropout before the classifier (0: none).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from margin_regs.models import AdaRegCNN
+      >>> model = AdaRegCNN(num_classes=10)
+      >>> params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+      >>> params["fc"]["kernel"].shape, params["classifier"]["kernel"].shape
+      ((320, 50), (50, 10))
+
+    References:
+      Zhao, Tsai, Salakhutdinov, Gordon, "Learning Neural Networks with Adaptive
+      Regularization", NeurIPS 2019, Appendix B.1.
+    """
+
+    num_classes: int
+    padding: str | None = None
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        padding = self.padding
+        if padding is None:
+            padding = "VALID" if min(x.shape[1:-1]) >= 16 else "SAME"
+        for i, features in enumerate((10, 20)):
+            x = nn.Conv(features, _window(x, 5), padding=padding, name=f"conv_{i}")(x)
+            x = nn.relu(
+                nn.max_pool(x, _window(x, 2), strides=_window(x, 2), padding="SAME")
+            )
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(50, name="fc")(x))
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        return nn.Dense(self.num_classes, name="classifier")(x)
+
+
+MODELS: dict[str, tuple[type[nn.Module], str]] = {
+    "mlp": (
+        SokolicMLP,
+        "Sokolić et al. §V: ReLU MLP, 2 hidden layers of half the input width",
+    ),
+    "cnn": (
+        SokolicCNN,
+        "Sokolić et al. Table I: 2-layer CNN, (32,5,5)-conv + 2×2 max-pool, twice",
+    ),
+    "adareg_cnn": (
+        AdaRegCNN,
+        "Zhao et al. App. B.1: CONV5×5×10 - CONV5×5×20 - FC50 - FC10",
+    ),
+}
+
+
+def make_model(name: str, num_classes: int, *, dropout_rate: float = 0.0) -> nn.Module:
+    """A reference model by its name in :data:`MODELS`.
+
+    Args:
+      name: ``"mlp"``, ``"cnn"`` or ``"adareg_cnn"``.
+      num_classes: outputs.
+      dropout_rate: dropout rate (0: none; only active with ``train=True``).
+
+    Returns:
+      The Flax module.
+
+    Raises:
+      ValueError: for an unknown name.
+
+    Example:
+      >>> from margin_regs.models import make_model
+      >>> make_model("cnn", 10).features
+      32
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    return MODELS[name][0](num_classes=num_classes, dropout_rate=dropout_rate)
+
+
+def classifier_kernel(params: Any) -> jax.Array:
+    """The classifier's kernel ``(fan_in, num_classes)`` in a reference model's params.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from margin_regs.models import SokolicMLP, classifier_kernel
+      >>> params = SokolicMLP(3).init(jax.random.key(0), jnp.zeros((1, 40, 1)))["params"]
+      >>> classifier_kernel(params).shape
+      (20, 3)
+    """
+    tree = params
+    for key in CLASSIFIER_PATH:
+        tree = tree[key]
+    return tree
+
+
+def classifier_mask(params: Any) -> Any:
+    """A mask (as in ``optax.masked``) selecting only the classifier's kernel.
+
+    AdaReg's default: Zhao et al. find regularising only the last (softmax) layer
+    generalises best (App. B.3).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from margin_regs.models import SokolicMLP, classifier_mask
+      >>> params = SokolicMLP(3).init(jax.random.key(0), jnp.zeros((1, 40, 1)))["params"]
+      >>> sorted(k for k, v in classifier_mask(params).items() if v["kernel"])
+      ['classifier']
+    """
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: (
+            tuple(getattr(k, "key", k) for k in path[-2:]) == CLASSIFIER_PATH
+        ),
+        params,
+    )
+
+
+def logits_fn(model: nn.Module, params: Any) -> Callable[[jax.Array], jax.Array]:
+    """``x -> logits`` with ``params`` bound (evaluation mode, no dropout).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from margin_regs.models import SokolicMLP, logits_fn
+      >>> model = SokolicMLP(3)
+      >>> params = model.init(jax.random.key(0), jnp.zeros((1, 40, 1)))["params"]
+      >>> logits_fn(model, params)(jnp.zeros((5, 40, 1))).shape
+      (5, 3)
+    """
+    return lambda x: model.apply({"params": params}, x)
