@@ -35,18 +35,32 @@ from margin_regs.linalg import (
     stable_rank,
 )
 from margin_regs.losses import one_vs_all_hinge_loss
+from margin_regs.penalties import (
+    eigenvalue_decay_penalty,
+    init_power_iteration,
+    spectral_norm_penalty,
+)
+from margin_regs.transforms import (
+    PowerIterationState,
+    eigenvalue_decay,
+    spectral_norm_regularization,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "L1PenaltyState",
+    "PowerIterationState",
     "activation_l1_penalty",
     "add_input_noise",
     "add_l1_penalty",
     "adversarial_loss",
     "as_matrix",
+    "eigenvalue_decay",
+    "eigenvalue_decay_penalty",
     "generalization_gap",
     "hessian_max_eigenvalue",
+    "init_power_iteration",
     "input_gradient_norms",
     "input_gradient_penalty",
     "input_margin_estimates",
@@ -61,6 +75,8 @@ __all__ = [
     "singular_value_spectra",
     "singular_values",
     "spectral_norm",
+    "spectral_norm_penalty",
+    "spectral_norm_regularization",
     "spectral_norms",
     "stable_rank",
     "stable_ranks",
