@@ -28,6 +28,7 @@ __all__ = [
     "View",
     "as_matrix",
     "converged_singular_triple",
+    "inv_threshold",
     "power_iteration_step",
     "safe_norm",
     "singular_values",
@@ -244,3 +245,65 @@ def stable_rank(kernel: jax.Array, view: View | None = None) -> jax.Array:
     top = s[0]
     safe_top = jnp.where(top > 0, top, 1.0)
     return jnp.where(top > 0, jnp.sum((s / safe_top) ** 2), 0.0)
+
+
+def inv_threshold(delta: jax.Array, m: float, lower: float, upper: float) -> jax.Array:
+    """The minimiser of ``tr(Ω Δ) − m log det Ω`` over ``lower·I ⪯ Ω ⪯ upper·I``.
+
+    INVTHRESHOLD of Zhao et al. 2019 (Alg. 1, Corollary 1): with the symmetric PSD
+    ``Δ = Q diag(r) Qᵀ``::
+
+        Ω = Q diag(clip(m / r, lower, upper)) Qᵀ
+
+    The problem separates over the eigenvalues of ``Δ`` (each ``ω r − m log ω`` is
+    minimised at ``m / r``, then clipped), so this holds for any
+    ``0 < lower ≤ upper``, not only the paper's ``lower · upper = 1``. ``Δ`` is
+    symmetrised and decomposed by ``jnp.linalg.eigh`` in float32; eigenvalues below
+    ``n · eps · max r`` are rounding noise of a singular ``Δ`` and count as 0, and
+    a zero eigenvalue maps to ``upper``, never to inf or NaN.
+
+    Args:
+      delta: ``Δ``, symmetric PSD, ``(n, n)`` or stacked ``(..., n, n)``.
+      m: the weight of the log-determinant, > 0 (the paper's ``d`` or ``p``).
+      lower: lower eigenvalue bound of ``Ω``, > 0.
+      upper: upper eigenvalue bound of ``Ω``, ≥ ``lower``.
+
+    Returns:
+      ``Ω``, float32, the shape of ``delta``.
+
+    Raises:
+      ValueError: if ``delta`` is not (a stack of) square matrices, or concrete
+        ``m``, ``lower``, ``upper`` are out of range.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import margin_regs as mr
+      >>> mr.inv_threshold(jnp.diag(jnp.array([4.0, 0.0, 1e-6])), 2.0, 0.1, 10.0)
+      Array([[ 0.5,  0. ,  0. ],
+             [ 0. , 10. ,  0. ],
+             [ 0. ,  0. , 10. ]], dtype=float32)
+
+    References:
+      Zhao, Tsai, Salakhutdinov & Gordon, "Learning Neural Networks with Adaptive
+      Regularization", NeurIPS 2019, Algorithm 1 and Corollary 1.
+    """
+    a = jnp.asarray(delta, jnp.float32)
+    if a.ndim < 2 or a.shape[-1] != a.shape[-2]:
+        raise ValueError(f"inv_threshold needs square matrices, got shape {a.shape}")
+    if isinstance(m, int | float) and not m > 0:
+        raise ValueError(f"inv_threshold needs m > 0, got {m}")
+    if isinstance(lower, int | float) and isinstance(upper, int | float):
+        if not 0 < lower <= upper:
+            raise ValueError(
+                f"inv_threshold needs 0 < lower <= upper, got {lower}, {upper}"
+            )
+    a = 0.5 * (a + jnp.swapaxes(a, -1, -2))
+    r, q = jnp.linalg.eigh(a, symmetrize_input=False)
+    r = jnp.maximum(r, 0.0)
+    noise = a.shape[-1] * jnp.finfo(jnp.float32).eps * jnp.max(r, -1, keepdims=True)
+    positive = r > noise
+    omega = jnp.where(positive, m / jnp.where(positive, r, 1.0), upper)
+    omega = jnp.clip(omega, lower, upper)
+    result = (q * omega[..., None, :]) @ jnp.swapaxes(q, -1, -2)
+    # Exact symmetry, so that Ω K Ω' and autodiff of tr(Ω K Ω' Kᵀ) agree to rounding.
+    return 0.5 * (result + jnp.swapaxes(result, -1, -2))

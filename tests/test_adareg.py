@@ -1,0 +1,538 @@
+"""AdaReg: INVTHRESHOLD against a convex solver, the block-coordinate sweep against
+float64 numpy, and the transform against the penalty's autodiff gradient."""
+
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import margin_regs as mr
+
+# ---------------------------------------------------------------- float64 references
+
+
+def _objective(omega, a, m):
+    """tr(ΩA) − m log det Ω in float64."""
+    omega = np.asarray(omega, np.float64)
+    sign, logdet = np.linalg.slogdet(omega)
+    assert sign > 0
+    return float(np.trace(omega @ a) - m * logdet)
+
+
+def _project(x, lower, upper):
+    """Euclidean projection onto {lower·I ⪯ Ω ⪯ upper·I} (Zhao et al., Thm. 1)."""
+    w, q = np.linalg.eigh(0.5 * (x + x.T))
+    return (q * np.clip(w, lower, upper)) @ q.T
+
+
+def _pgd(a, m, lower, upper, n_steps=20000):
+    """Accelerated projected gradient descent on tr(ΩA) − m log det Ω, float64.
+
+    The gradient A − mΩ⁻¹ is (m / lower²)-Lipschitz on the feasible set; FISTA
+    momentum with restarts converges in a few thousand steps at (upper/lower)² = 1e4.
+    """
+    omega = np.eye(a.shape[0]) * np.sqrt(lower * upper)
+    y, t, step = omega, 1.0, lower**2 / m
+    for _ in range(n_steps):
+        new = _project(y - step * (a - m * np.linalg.inv(y)), lower, upper)
+        t_new = 0.5 * (1 + np.sqrt(1 + 4 * t * t))
+        if np.sum((y - new) * (new - omega)) > 0:  # restart when momentum overshoots
+            t_new, y = 1.0, new
+        else:
+            y = new + (t - 1) / t_new * (new - omega)
+        omega, t = new, t_new
+    return omega
+
+
+def _assert_optimal(omega, a, m, lower, upper, rtol=1e-4):
+    """First-order optimality over the spectrahedron, checked by brute force.
+
+    Ω* minimises the convex objective iff tr(G Ω*) ≤ tr(G Z) for every feasible Z,
+    with G = A − m Ω*⁻¹; the minimum of tr(G Z) over feasible Z is
+    Σᵢ min(lower·gᵢ, upper·gᵢ) over the eigenvalues gᵢ of G. By convexity the
+    excess tr(G Ω) − min_Z tr(G Z) bounds f(Ω) − f*, which must be at rounding level.
+    """
+    omega = np.asarray(omega, np.float64)
+    # A float32 matrix with eigenvalues spread over [lower, upper] holds its small
+    # eigenvalues only to about n·eps·upper; check that it is that close to a
+    # feasible matrix, and that this matrix is optimal.
+    feasible = _project(omega, lower, upper)
+    assert (
+        np.abs(omega - feasible).max() <= 8 * len(a) * np.finfo(np.float32).eps * upper
+    )
+    omega = feasible
+    g = a - m * np.linalg.inv(omega)
+    gw = np.linalg.eigvalsh(0.5 * (g + g.T))
+    best = np.sum(np.minimum(lower * gw, upper * gw))
+    scale = abs(_objective(omega, a, m)) + m * len(a)
+    assert np.trace(g @ omega) - best <= rtol * scale
+
+
+def _psd(rng, eigenvalues):
+    q, _ = np.linalg.qr(rng.normal(size=(len(eigenvalues), len(eigenvalues))))
+    return (q * np.asarray(eigenvalues, np.float64)) @ q.T
+
+
+def _random_precision(rng, d, p, low, high, lower, upper):
+    """A feasible (Ω_in, Ω_out) with eigenvalues drawn from [low, high], float32."""
+
+    def draw(n):
+        omega = _project(_psd(rng, rng.uniform(low, high, n)), lower, upper)
+        return jnp.asarray(omega, jnp.float32)
+
+    return draw(d), draw(p)
+
+
+def _at(precisions, *path):
+    """(Ω_in, Ω_out) of the kernel at ``path``."""
+    o_in, o_out = precisions
+    for key in path:
+        o_in, o_out = o_in[key], o_out[key]
+    return o_in, o_out
+
+
+def _sweep64(k, omega_in, omega_out, lower, upper):
+    """Alg. 1, lines 3–4, in float64 numpy with the paper's m (d for Ω_out)."""
+    d, p = k.shape
+
+    def inv_threshold(delta, m):
+        r, q = np.linalg.eigh(0.5 * (delta + delta.T))
+        r = np.maximum(r, 0.0)
+        zero = r <= len(r) * np.finfo(np.float32).eps * r.max()
+        w = np.clip(np.where(zero, upper, m / np.where(zero, 1.0, r)), lower, upper)
+        return (q * w) @ q.T
+
+    omega_out = inv_threshold(k.T @ omega_in @ k, d)
+    omega_in = inv_threshold(k @ omega_out @ k.T, p)
+    return omega_in, omega_out
+
+
+def _full_objective(k, omega_in, omega_out):
+    d, p = k.shape
+    k = np.asarray(k, np.float64)
+    omega_in = np.asarray(omega_in, np.float64)
+    omega_out = np.asarray(omega_out, np.float64)
+    return (
+        np.trace(omega_in @ k @ omega_out @ k.T)
+        - d * np.linalg.slogdet(omega_out)[1]
+        - p * np.linalg.slogdet(omega_in)[1]
+    )
+
+
+def _assert_added_term(added, kernel, precision, coeff, slack=0.0):
+    """``added`` is 2·coeff·Ω_in K Ω_out, as float64 computes it, within the
+    rounding bound of a float32 triple product, γ·|Ω_in||K||Ω_out| with γ = 4n·eps
+    (Ω_in holds entries up to ``upper`` that cancel in Ω_in K), plus ``slack``."""
+    k = np.asarray(mr.as_matrix(kernel), np.float64)
+    o_in, o_out = (np.asarray(x, np.float64) for x in precision)
+    exact = 2 * coeff * o_in @ k @ o_out
+    tol = 2 * abs(coeff) * np.abs(o_in) @ np.abs(k) @ np.abs(o_out)
+    tol *= 4 * len(o_in) * np.finfo(np.float32).eps
+    tol += 2 * np.finfo(np.float32).eps * np.abs(exact) + slack
+    err = np.abs(np.asarray(added, np.float64).reshape(k.shape) - exact)
+    assert np.all(err <= tol), float(np.max(err / tol))
+
+
+inv_threshold = jax.jit(mr.inv_threshold, static_argnums=(1, 2, 3))
+
+# ------------------------------------------------------------------- INVTHRESHOLD
+
+
+SPECTRA = {
+    # m / r = 4 / r crosses both bounds [0.1, 10]: 1000, 20 above, 0.07, 0.01 below
+    "beyond_both_bounds": [4e-3, 0.2, 0.5, 2.0, 60.0, 400.0],
+    "singular": [0.0, 0.0, 0.3, 1.0, 5.0, 20.0],
+    "inside_bounds": [0.7, 1.0, 1.5, 2.0, 3.0, 5.0],
+    "zero": [0.0] * 6,
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPECTRA))
+def test_inv_threshold_solves_the_convex_subproblem(name, rng):
+    m, lower, upper = 4.0, 0.1, 10.0
+    a = _psd(rng, SPECTRA[name])
+    omega = np.asarray(inv_threshold(jnp.asarray(a, jnp.float32), m, lower, upper))
+    _assert_optimal(omega, a, m, lower, upper)
+    # the float64 projected-gradient solution is the same matrix
+    np.testing.assert_allclose(omega, _pgd(a, m, lower, upper), atol=2e-4 * upper)
+    # and no random feasible point does better
+    best = _objective(omega, a, m)
+    for _ in range(50):
+        z = _project(rng.normal(size=a.shape) * upper, lower, upper)
+        assert best <= _objective(z, a, m) + 1e-5 * abs(best)
+
+
+def test_inv_threshold_extreme_bounds_and_scales(rng):
+    # The paper's default bounds [1e-3, 1e3] on a rank-4 Gram matrix A = K Kᵀ of a
+    # (30, 4) kernel, as K Ω_out Kᵀ of a softmax layer is; m / s² = 4 / s² is below
+    # the lower bound, inside (twice) and above the upper bound, and the 26-dim null
+    # space of A must get the upper bound.
+    m, lower, upper = 4.0, 1e-3, 1e3
+    u, _ = np.linalg.qr(rng.normal(size=(30, 4)))
+    v, _ = np.linalg.qr(rng.normal(size=(4, 4)))
+    s = np.array([100.0, 10.0, 1.0, 0.01])
+    k = (u * s) @ v.T
+    a = k @ k.T
+    # the optimum built from the SVD of K in float64, certified by the KKT check
+    want = (u * np.clip(m / s**2, lower, upper)) @ u.T + upper * (np.eye(30) - u @ u.T)
+    _assert_optimal(want, a, m, lower, upper, rtol=1e-9)
+    omega = np.asarray(inv_threshold(jnp.asarray(a, jnp.float32), m, lower, upper))
+    assert np.all(np.isfinite(omega))
+    # float32 eigh of a Gram matrix of condition 1e4 and a dense Ω spanning 1e-3 …
+    # 1e3: small relative error overall, a few % on the lower-bound direction
+    assert np.linalg.norm(omega - want) <= 2e-4 * np.linalg.norm(want)
+    for i, rtol in enumerate([5e-2, 1e-3, 1e-3, 1e-5]):
+        np.testing.assert_allclose(
+            u[:, i] @ omega @ u[:, i], u[:, i] @ want @ u[:, i], rtol=rtol
+        )
+    null = (np.eye(30) - u @ u.T) @ rng.normal(size=30)
+    null /= np.linalg.norm(null)
+    np.testing.assert_allclose(null @ omega @ null, upper, rtol=1e-5)
+
+
+def test_inv_threshold_batches_and_symmetrises(rng):
+    a = np.stack([_psd(rng, rng.uniform(0, 5, size=5)) for _ in range(3)])
+    skewed = a + np.triu(rng.normal(size=(5, 5)), 1) * 1e-3  # not quite symmetric
+    batched = np.asarray(
+        inv_threshold(jnp.asarray(skewed, jnp.float32), 2.0, 0.1, 10.0)
+    )
+    for b in range(3):
+        single = inv_threshold(jnp.asarray(skewed[b], jnp.float32), 2.0, 0.1, 10.0)
+        np.testing.assert_allclose(batched[b], single, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(batched[b], batched[b].T, atol=1e-5)
+    assert batched.dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        (np.ones((3, 4)), 1.0, 0.1, 1.0),
+        (np.eye(3), 0.0, 0.1, 1.0),
+        (np.eye(3), 1.0, 2.0, 1.0),
+    ],
+)
+def test_inv_threshold_rejects_bad_input(args):
+    with pytest.raises(ValueError, match="inv_threshold"):
+        mr.inv_threshold(*args)
+
+
+# ------------------------------------------------------- precisions and penalty
+
+
+@pytest.fixture(scope="module")
+def params():
+    rng = np.random.default_rng(1)
+    return {
+        "a": {"kernel": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)},
+        "b": {"kernel": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)},
+        "conv": {
+            "kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 5)) * 0.3, jnp.float32)
+        },
+        "bias": jnp.asarray(rng.normal(size=4), jnp.float32),
+    }
+
+
+update_precisions = jax.jit(
+    mr.adareg_update_precisions, static_argnames=("lower", "upper", "mask")
+)
+
+
+def test_init_is_identity_and_penalty_is_l2(params):
+    prec = mr.init_adareg_precisions(params)
+    assert isinstance(prec.omega_in["bias"], optax.MaskedNode)
+    assert isinstance(prec.omega_out["bias"], optax.MaskedNode)
+    assert _at(prec, "conv", "kernel")[0].shape == (18, 18)
+    assert _at(prec, "conv", "kernel")[1].shape == (5, 5)
+    l2 = sum(float(np.sum(np.square(params[n]["kernel"]))) for n in ("a", "b", "conv"))
+    np.testing.assert_allclose(mr.adareg_penalty(params, prec), l2, rtol=1e-5)
+
+
+def test_sweep_matches_float64_alg1_with_papers_m(params, rng):
+    lower, upper = 1e-2, 1e2
+    # start from random feasible precisions, not identities, to test the order
+    draws = {
+        n: _random_precision(
+            rng, *mr.as_matrix(params[n]["kernel"]).shape, 0.1, 5.0, lower, upper
+        )
+        for n in ("a", "b", "conv")
+    }
+    init = mr.init_adareg_precisions(params)
+    prec = mr.AdaRegPrecisions(
+        {**init.omega_in, **{n: {"kernel": d[0]} for n, d in draws.items()}},
+        {**init.omega_out, **{n: {"kernel": d[1]} for n, d in draws.items()}},
+    )
+    new = update_precisions(params, prec, lower=lower, upper=upper)
+    for name in ("a", "b", "conv"):
+        k = np.asarray(mr.as_matrix(params[name]["kernel"]), np.float64)
+        old_in, old_out = (np.asarray(x, np.float64) for x in draws[name])
+        want_in, want_out = _sweep64(k, old_in, old_out, lower, upper)
+        got_in, got_out = _at(new, name, "kernel")
+        np.testing.assert_allclose(got_out, want_out, rtol=2e-4, atol=2e-4 * upper)
+        np.testing.assert_allclose(got_in, want_in, rtol=2e-4, atol=2e-4 * upper)
+        # each block is the exact minimiser given the other (the paper's m)
+        _assert_optimal(got_out, k.T @ old_in @ k, k.shape[0], lower, upper)
+        got_out = np.asarray(got_out, np.float64)
+        _assert_optimal(got_in, k @ got_out @ k.T, k.shape[1], lower, upper)
+    assert isinstance(new.omega_in["bias"], optax.MaskedNode)
+
+
+@pytest.mark.parametrize("shape", [(7, 3), (3, 7), (5, 5)])
+def test_block_coordinate_sweeps_never_increase_the_objective(shape, rng):
+    lower, upper = 1e-3, 1e3
+    k = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    params = {"k": k}
+    o_in, o_out = _random_precision(rng, *shape, 0.01, 50.0, lower, upper)
+    prec = mr.AdaRegPrecisions({"k": o_in}, {"k": o_out})
+    values = [_full_objective(np.asarray(k), *_at(prec, "k"))]
+    for _ in range(4):
+        prec = update_precisions(params, prec, lower=lower, upper=upper)
+        values.append(_full_objective(np.asarray(k), *_at(prec, "k")))
+    for before, after in itertools.pairwise(values):
+        assert after <= before + 1e-5 * abs(before)
+    assert values[1] < values[0]
+
+
+def test_nonfinite_kernel_keeps_old_precisions(params):
+    prec = mr.init_adareg_precisions(params)
+    bad = {**params, "a": {"kernel": params["a"]["kernel"].at[0, 0].set(jnp.nan)}}
+    new = update_precisions(bad, prec, lower=1e-3, upper=1e3)
+    np.testing.assert_array_equal(new.omega_in["a"]["kernel"], np.eye(6))
+    assert not np.allclose(new.omega_in["b"]["kernel"], np.eye(6))
+
+
+# -------------------------------------------------------------------- transform
+
+
+def _zero_like(tree):
+    return jax.tree.map(jnp.zeros_like, tree)
+
+
+def test_transform_adds_the_penalty_gradient(params):
+    coeff = 0.3
+    tx = mr.adareg(coeff, update_every=1)
+    step = jax.jit(tx.update)
+    state = tx.init(params)
+    grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5), params)
+    precisions = mr.init_adareg_precisions(params)
+    penalty_grad = jax.jit(jax.grad(lambda p, pr: coeff * mr.adareg_penalty(p, pr)))
+    for _ in range(3):
+        # from step 1 on the precisions are re-solved before the gradient term
+        if int(state.inner_state.count) > 0:
+            precisions = update_precisions(params, precisions, lower=1e-3, upper=1e3)
+        updates, state = step(grads, state, params)
+        used = state.inner_state.precisions
+        want = penalty_grad(params, used)
+        for name in ("a", "b", "conv"):
+            added = updates[name]["kernel"] - grads[name]["kernel"]
+            # g + term − g rounds to eps·|g| = eps·0.5
+            eps = float(np.finfo(np.float32).eps)
+            pair = _at(used, name, "kernel")
+            _assert_added_term(added, params[name]["kernel"], pair, coeff, eps)
+            _assert_added_term(
+                want[name]["kernel"], params[name]["kernel"], pair, coeff
+            )
+            np.testing.assert_allclose(
+                pair[0], _at(precisions, name, "kernel")[0], rtol=1e-3, atol=1e-3
+            )
+        np.testing.assert_array_equal(updates["bias"], grads["bias"])
+
+
+def test_precisions_change_only_on_update_steps(params):
+    tx = optax.chain(mr.adareg(0.1, update_every=3), optax.sgd(0.05))
+    state = tx.init(params)
+    step = jax.jit(lambda g, s, p: tx.update(g, s, p))
+    current = params
+    grads = jax.tree.map(lambda x: jnp.ones_like(x) * 0.2, params)
+    history = []
+    for t in range(8):
+        before = state[0].inner_state.precisions
+        updates, state = step(grads, state, current)
+        after = state[0].inner_state.precisions
+        if t in (3, 6):
+            want = update_precisions(current, before, lower=1e-3, upper=1e3)
+            np.testing.assert_allclose(
+                after.omega_out["a"]["kernel"], want.omega_out["a"]["kernel"], rtol=1e-5
+            )
+            assert not np.allclose(
+                after.omega_out["a"]["kernel"], before.omega_out["a"]["kernel"]
+            )
+        else:
+            jax.tree.map(np.testing.assert_array_equal, after, before)
+        history.append(int(state[0].inner_state.count))
+        current = optax.apply_updates(current, updates)
+    assert history == list(range(1, 9))
+
+
+def test_schedule_coeff_and_errors(params):
+    tx = mr.adareg(lambda count: 0.1 * (count + 1), update_every=100)
+    state = tx.init(params)
+    zeros = _zero_like(params)
+    first, state = tx.update(zeros, state, params)
+    second, _ = tx.update(zeros, state, params)
+    k = params["a"]["kernel"]
+    np.testing.assert_allclose(first["a"]["kernel"], 2 * 0.1 * k, rtol=1e-6)
+    np.testing.assert_allclose(second["a"]["kernel"], 2 * 0.2 * k, rtol=1e-6)
+    with pytest.raises(ValueError, match="adareg"):
+        tx.update(zeros, state)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="update_every"):
+            mr.adareg(0.1, update_every=bad)
+    with pytest.raises(ValueError, match="lower"):
+        mr.adareg(0.1, lower=2.0, upper=1.0)
+    with pytest.raises(ValueError, match="same mask"):
+        mr.adareg_penalty(
+            params, mr.init_adareg_precisions(params, mask=mr.mask_by_path("^a/"))
+        )
+    with pytest.raises(ValueError, match="bias"):
+        mr.adareg(0.1, mask=lambda p: jax.tree.map(lambda _: True, p)).init(params)
+
+
+def test_bfloat16_conv_kernel_keeps_dtype_and_shape():
+    params = {"conv": jnp.ones((3, 3, 2, 4), jnp.bfloat16) * 0.1}
+    tx = mr.adareg(0.1, update_every=1)
+    step = jax.jit(tx.update)
+    state = tx.init(params)
+    for _ in range(2):  # the second step takes the re-solve branch of lax.cond
+        updates, state = step(_zero_like(params), state, params)
+    assert updates["conv"].dtype == jnp.bfloat16 and updates["conv"].shape == (
+        3,
+        3,
+        2,
+        4,
+    )
+    o_in, _ = _at(state.inner_state.precisions, "conv")
+    assert o_in.dtype == jnp.float32 and o_in.shape == (18, 18)
+    want = update_precisions(
+        params, mr.init_adareg_precisions(params), lower=1e-3, upper=1e3
+    )
+    term = 0.2 * mr.as_matrix(params["conv"]).astype(jnp.float32)
+    term = want.omega_in["conv"] @ term @ want.omega_out["conv"]
+    np.testing.assert_allclose(
+        np.asarray(updates["conv"], np.float32).reshape(18, 4),
+        term,
+        rtol=2e-2,
+        atol=1e-3,
+    )
+
+
+def test_inject_hyperparams_with_static_args(params):
+    mask = mr.mask_by_path(r"^a/")
+    tx = optax.inject_hyperparams(mr.adareg, static_args=("update_every", "mask"))(
+        coeff=0.1, lower=1e-3, upper=1e3, update_every=2, mask=mask
+    )
+    step = jax.jit(tx.update)
+    state = tx.init(params)
+    zeros = _zero_like(params)
+    u0, state = step(zeros, state, params)
+    np.testing.assert_allclose(
+        u0["a"]["kernel"], 0.2 * params["a"]["kernel"], rtol=1e-6
+    )
+    np.testing.assert_array_equal(u0["b"]["kernel"], 0.0)
+    state.hyperparams["coeff"] = jnp.asarray(1.0)
+    u1, state = step(zeros, state, params)
+    np.testing.assert_allclose(
+        u1["a"]["kernel"], 2.0 * params["a"]["kernel"], rtol=1e-6
+    )
+    u2, state = step(zeros, state, params)  # count 2: re-solved
+    prec = update_precisions(
+        params,
+        mr.init_adareg_precisions(params, mask=mask),
+        lower=1e-3,
+        upper=1e3,
+        mask=mask,
+    )
+    used = _at(state.inner_state.inner_state.precisions, "a", "kernel")
+    np.testing.assert_allclose(used[0], prec.omega_in["a"]["kernel"], atol=1e-2)
+    _assert_added_term(u2["a"]["kernel"], params["a"]["kernel"], used, 1.0)
+
+
+class _MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        hidden = nn.relu(nn.Dense(5)(x))  # Dense_0
+        return nn.Dense(3)(hidden)  # Dense_1, the softmax layer
+
+
+def test_flax_linen_last_layer(rng):
+    model = _MLP()
+    x = jnp.asarray(rng.normal(size=(8, 4)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 3, size=8))
+    variables = model.init(jax.random.key(0), x)
+    mask = mr.mask_by_path(r"Dense_1/kernel$")
+    tx = optax.chain(mr.adareg(0.01, update_every=2, mask=mask), optax.sgd(0.1))
+    state = tx.init(variables)
+
+    def loss(v):
+        return optax.softmax_cross_entropy_with_integer_labels(
+            model.apply(v, x), y
+        ).mean()
+
+    @jax.jit
+    def train_step(v, s):
+        g = jax.grad(loss)(v)
+        u, s = tx.update(g, s, v)
+        return optax.apply_updates(v, u), s, g, u
+
+    for _ in range(3):
+        old = variables
+        variables, state, grads, updates = train_step(variables, state)
+    prec = state[0].inner_state.precisions
+    assert isinstance(prec.omega_in["params"]["Dense_0"]["kernel"], optax.MaskedNode)
+    assert _at(prec, "params", "Dense_1", "kernel")[0].shape == (5, 5)
+    # step 2 re-solved from `old` and added the penalty gradient to Dense_1 only
+    want_prec = update_precisions(
+        old, mr.init_adareg_precisions(old, mask=mask), lower=1e-3, upper=1e3, mask=mask
+    )
+    pen = jax.grad(lambda v: 0.01 * mr.adareg_penalty(v, want_prec, mask=mask))(old)
+    np.testing.assert_allclose(
+        updates["params"]["Dense_1"]["kernel"],
+        -0.1
+        * (grads["params"]["Dense_1"]["kernel"] + pen["params"]["Dense_1"]["kernel"]),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        updates["params"]["Dense_0"]["kernel"],
+        -0.1 * grads["params"]["Dense_0"]["kernel"],
+        rtol=1e-6,
+    )
+
+
+def test_nnx_optimizer(rng):
+    model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    x = jnp.asarray(rng.normal(size=(8, 4)), jnp.float32)
+    coeff, lr = 0.05, 0.1
+    optimizer = nnx.Optimizer(
+        model,
+        optax.chain(
+            mr.adareg(coeff, update_every=1, mask=mr.mask_by_path("kernel$")),
+            optax.sgd(lr),
+        ),
+        wrt=nnx.Param,
+    )
+
+    def loss(m):
+        return jnp.mean(m(x) ** 2)
+
+    precisions = mr.init_adareg_precisions({"kernel": model.kernel[...]})
+    for t in range(2):
+        k, b = model.kernel[...], model.bias[...]
+        if t > 0:
+            precisions = update_precisions(
+                {"kernel": k}, precisions, lower=1e-3, upper=1e3
+            )
+        grads = nnx.grad(loss)(model)
+        g = grads["kernel"][...]
+        optimizer.update(model, grads)
+        o_in, o_out = _at(precisions, "kernel")
+        want = k - lr * (g + 2 * coeff * o_in @ k @ o_out)
+        # Ω_in has entries up to 1e3 that cancel in Ω_in K: float32 leaves ~1e-4·lr·coeff
+        np.testing.assert_allclose(model.kernel[...], want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            model.bias[...], b - lr * grads["bias"][...], rtol=1e-6
+        )
