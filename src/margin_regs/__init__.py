@@ -2,6 +2,15 @@
 
 # Each block re-exports one module's public API; keep blocks in import order
 # (linalg <- penalties/adareg/jacobian/losses <- transforms <- diagnostics).
+from margin_regs.adareg import (
+    AdaRegPrecisions,
+    AdaRegState,
+    adareg,
+    adareg_penalty,
+    adareg_update_precisions,
+    init_adareg_precisions,
+    mask_by_path,
+)
 from margin_regs.baselines import (
     L1PenaltyState,
     activation_l1_penalty,
@@ -30,6 +39,7 @@ from margin_regs.jacobian import (
 )
 from margin_regs.linalg import (
     as_matrix,
+    inv_threshold,
     singular_values,
     spectral_norm,
     stable_rank,
@@ -49,9 +59,14 @@ from margin_regs.transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaRegPrecisions",
+    "AdaRegState",
     "L1PenaltyState",
     "PowerIterationState",
     "activation_l1_penalty",
+    "adareg",
+    "adareg_penalty",
+    "adareg_update_precisions",
     "add_input_noise",
     "add_l1_penalty",
     "adversarial_loss",
@@ -60,14 +75,17 @@ __all__ = [
     "eigenvalue_decay_penalty",
     "generalization_gap",
     "hessian_max_eigenvalue",
+    "init_adareg_precisions",
     "init_power_iteration",
     "input_gradient_norms",
     "input_gradient_penalty",
     "input_margin_estimates",
+    "inv_threshold",
     "jacobian_frobenius_penalty",
     "jacobian_margin_penalty",
     "l1_penalty",
     "margin_lower_bounds",
+    "mask_by_path",
     "max_norm_constraint",
     "one_vs_all_hinge_loss",
     "output_margins",
