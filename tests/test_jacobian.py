@@ -209,6 +209,24 @@ def test_zero_classifier_column_contributes_zero_without_nan(params, x):
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
 
 
+def test_vjp_path_is_wrong_when_samples_interact_as_documented(params, x):
+    """Batch centring (BatchNorm in training mode): the batched VJP returns
+    Σⱼ ∂zⱼ/∂xᵢ, not the in-batch ∂zᵢ/∂xᵢ."""
+    w = params["w1"][:, :C]
+
+    def coupled(b):
+        return (b - jnp.mean(b, axis=0)) @ w
+
+    full = jax.jacfwd(coupled)(x)  # (n, C, n, D)
+    in_batch = full[jnp.arange(N), :, jnp.arange(N)]  # (n, C, D)
+    want = reference_margin(in_batch, "all")
+    np.testing.assert_allclose(
+        want, (1 - 1 / N) * np.linalg.norm(np.asarray(w), axis=0).sum(), rtol=1e-5
+    )
+    fast = mr.jacobian_margin_penalty(coupled, x, classes="all", method="vjp")
+    assert float(fast) < 1e-5 * want  # the centring cancels the summed gradient
+
+
 def test_margin_penalty_rejects_bad_input(params, x):
     def logits(b):
         return mlp(params, b)
@@ -287,6 +305,17 @@ def single_ce(params, xi, yi):
 def per_sample_grads(params, x, y):
     """Reference: jax.grad of each sample's own loss, one sample at a time."""
     return jax.vmap(jax.grad(single_ce, argnums=1), in_axes=(None, 0, 0))(params, x, y)
+
+
+def test_per_sample_input_gradients_match_per_sample_grad(params, x, labels):
+    got = mr.jacobian.per_sample_input_gradients(
+        lambda b: per_sample_ce(params, b, labels), x
+    )
+    np.testing.assert_allclose(
+        got, per_sample_grads(params, x, labels), rtol=1e-5, atol=1e-7
+    )
+    with pytest.raises(ValueError, match="one scalar per sample"):
+        mr.jacobian.per_sample_input_gradients(lambda b: mlp(params, b), x)
 
 
 def test_input_gradient_penalty_matches_per_sample_grad(params, x, labels):
