@@ -35,6 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from margin_regs.jacobian import (
+    adversarial_loss,
+    input_gradient_penalty,
+    jacobian_frobenius_penalty,
+    jacobian_margin_penalty,
+)
 from margin_regs.linalg import singular_values
 from margin_regs.penalties import (
     eigenvalue_decay_penalty,
@@ -262,6 +268,87 @@ def _exact_svd_penalty(problem: Problem) -> Stepper:
         return COEFF * value, aux
 
     return train_step(problem, penalty=penalty)
+
+
+@register("jacobian_margin_vjp", models=("mlp",))
+def _jacobian_margin_vjp(problem: Problem) -> Stepper:
+    """One random class per sample (Sokolić's DNN setup) from one batched VJP."""
+    return _jacobian_margin_case(problem, "random", "vjp")
+
+
+@register("jacobian_margin_jacrev", models=("mlp",), by_default=False)
+def _jacobian_margin_jacrev(problem: Problem) -> Stepper:
+    """The same penalty from per-sample vmap(jacrev): the cost the fast path avoids."""
+    return _jacobian_margin_case(problem, "random", "jacrev")
+
+
+@register("jacobian_margin_all", models=("mlp",))
+def _jacobian_margin_all(problem: Problem) -> Stepper:
+    """All classes per sample (Sokolić's CNN setup): one forward, C batched VJPs."""
+    return _jacobian_margin_case(problem, "all", "vjp")
+
+
+def _jacobian_margin_case(problem: Problem, classes: str, method: str) -> Stepper:
+    def penalty(params, key, x, y):
+        key, sub = jax.random.split(key)
+        # the last layer's kernel: leaves come in key order, the output Dense last
+        classifier = [k for k in jax.tree.leaves(params) if k.ndim == 2][-1]
+        value = jacobian_margin_penalty(
+            lambda b: problem.apply(params, b),
+            x,
+            classes=classes,
+            key=sub,
+            classifier=classifier,
+            method=method,
+        )
+        return COEFF * value, key
+
+    return train_step(problem, penalty=penalty, penalty_state=jax.random.key(0))
+
+
+@register("jacobian_frobenius", models=("mlp",))
+def _jacobian_frobenius(problem: Problem) -> Stepper:
+    """One random projection per sample (Hoffman et al.'s default)."""
+
+    def penalty(params, key, x, y):
+        key, sub = jax.random.split(key)
+        value = jacobian_frobenius_penalty(
+            lambda b: problem.apply(params, b), x, key=sub
+        )
+        return COEFF * value, key
+
+    return train_step(problem, penalty=penalty, penalty_state=jax.random.key(0))
+
+
+def _per_sample_loss(problem: Problem, params: Any) -> Callable[..., jax.Array]:
+    return lambda x, y: optax.softmax_cross_entropy_with_integer_labels(
+        problem.apply(params, x), y
+    )
+
+
+@register("input_gradient_penalty", models=("mlp",))
+def _input_gradient(problem: Problem) -> Stepper:
+    return train_step(
+        problem,
+        penalty=lambda params, aux, x, y: (
+            COEFF * input_gradient_penalty(_per_sample_loss(problem, params), x, y),
+            aux,
+        ),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _AdversarialProblem(Problem):
+    """The same model and batch, with Yoshida's eq. (3) (α = 0.5, ε = 1) as the loss."""
+
+    def loss(self, params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
+        return adversarial_loss(_per_sample_loss(self, params), x, y, epsilon=1.0)
+
+
+@register("adversarial_loss", models=("mlp",))
+def _adversarial(problem: Problem) -> Stepper:
+    fields = {f.name: getattr(problem, f.name) for f in dataclasses.fields(problem)}
+    return train_step(_AdversarialProblem(**fields))
 
 
 class Result(NamedTuple):
