@@ -536,3 +536,18 @@ def test_nnx_optimizer(rng):
         np.testing.assert_allclose(
             model.bias[...], b - lr * grads["bias"][...], rtol=1e-6
         )
+
+
+def test_after_a_sweep_the_gradient_is_the_log_volume_gradient(rng):
+    # For a full-column-rank K (fan_in ≥ fan_out) whose Ω_in is not clipped on the
+    # range of K, Ω_in K Ω_out = p·K(KᵀK)⁻¹ after any sweep: the term AdaReg adds is
+    # the gradient of coeff·p·log det(KᵀK), whatever Ω_out is (module docstring).
+    k = np.linalg.qr(rng.normal(size=(6, 3)))[0] * np.array([2.0, 1.0, 0.5])
+    params = {"k": jnp.asarray(k, jnp.float32)}
+    coeff, p = 0.1, 3
+    tx = mr.adareg(coeff, update_every=1)
+    state, step = tx.init(params), jax.jit(tx.update)
+    for _ in range(3):
+        added, state = step(_zero_like(params), state, params)
+    want = 2 * coeff * p * k @ np.linalg.inv(k.T @ k)
+    np.testing.assert_allclose(added["k"], want, rtol=1e-3, atol=1e-4)
