@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from margin_regs.adareg import adareg, mask_by_path
 from margin_regs.jacobian import (
     adversarial_loss,
     input_gradient_penalty,
@@ -270,6 +271,24 @@ def _exact_svd_penalty(problem: Problem) -> Stepper:
     return train_step(problem, penalty=penalty)
 
 
+# AdaReg on the softmax layer, as in all of Zhao et al. 2019's experiments.
+_LAST_LAYER = {"mlp": r"Dense_2/kernel$", "cnn": r"Dense_0/kernel$"}
+
+
+@register("adareg_last_layer")
+def _adareg_last_layer(problem: Problem) -> Stepper:
+    """Steady-state step cost: a block rarely holds one of the re-solves (every 500
+    steps); ``benchmarks/adareg.py`` times the amortised cost with them."""
+    mask = mask_by_path(_LAST_LAYER[problem.model])
+    return train_step(problem, tx=optax.chain(adareg(COEFF, mask=mask), problem.sgd()))
+
+
+@register("adareg_all_layers", models=("mlp",), by_default=False)
+def _adareg_all_layers(problem: Problem) -> Stepper:
+    """Every kernel: d²p + dp² multiply-adds per kernel and step."""
+    return train_step(problem, tx=optax.chain(adareg(COEFF), problem.sgd()))
+
+
 @register("jacobian_margin_vjp", models=("mlp",))
 def _jacobian_margin_vjp(problem: Problem) -> Stepper:
     """One random class per sample (Sokolić's DNN setup) from one batched VJP."""
@@ -396,9 +415,10 @@ def measure(
     *,
     rounds: int = 40,
     block_seconds: float = 0.05,
+    max_seconds: float | None = None,
     warmup: int = 3,
     seed: int = 0,
-) -> tuple[float, float, float, float, int]:
+) -> tuple[float, float, float, float, int, int]:
     """Median paired ratios ``B/A`` and ``A'/A`` over interleaved random-order blocks.
 
     Args:
@@ -407,12 +427,14 @@ def measure(
       rounds: paired rounds; each times one block of each stepper, in random order.
       block_seconds: the target length of a baseline block, which sets the steps
         per block (at least one).
+      max_seconds: stop after this many seconds of timed rounds (at least five
+        rounds run), so slow models cost a bounded time.
       warmup: untimed blocks per stepper first (compilation, caches).
       seed: the seed of the block order.
 
     Returns:
       ``(ratio, null_ratio, iqr_of_ratio, baseline_seconds_per_step,
-      steps_per_block)``.
+      steps_per_block, rounds_done)``.
     """
     steppers = (baseline, null, case)
     for s in steppers:
@@ -422,7 +444,10 @@ def measure(
     n = max(1, round(block_seconds / max(per_step, 1e-9)))
     order = np.random.default_rng(seed)
     ratios, nulls, base = [], [], []
-    for _ in range(rounds):
+    start = time.perf_counter()
+    for r in range(rounds):
+        if r >= 5 and max_seconds and time.perf_counter() - start > max_seconds:
+            break
         times = [0.0, 0.0, 0.0]
         for i in order.permutation(3):
             times[i] = _block(steppers[i], n, x, y)
@@ -436,6 +461,7 @@ def measure(
         q3 - q1,
         statistics.median(base),
         n,
+        len(ratios),
     )
 
 
@@ -445,6 +471,7 @@ def run(
     *,
     rounds: int = 40,
     block_seconds: float = 0.05,
+    seconds_per_case: float | None = None,
     log: Callable[[str], None] | None = print,
 ) -> list[Result]:
     """Measure every registered case matching a pattern in ``cases`` on ``models``.
@@ -452,8 +479,9 @@ def run(
     Args:
       cases: names or ``fnmatch`` patterns of registered cases.
       models: model names; a case runs only on the models it registered for.
-      rounds: paired rounds per case.
+      rounds: paired rounds per case (at most).
       block_seconds: target length of one baseline block.
+      seconds_per_case: cap on the timed rounds of one case, in seconds.
       log: called with one formatted line per result (``None``: silent).
 
     Returns:
@@ -476,7 +504,7 @@ def run(
             builder, case_models, _ = CASES[name]
             if model not in case_models:
                 continue
-            ratio, null_ratio, spread, per_step, n = measure(
+            ratio, null_ratio, spread, per_step, n, done = measure(
                 baseline,
                 null,
                 builder(problem),
@@ -484,9 +512,10 @@ def run(
                 problem.y,
                 rounds=rounds,
                 block_seconds=block_seconds,
+                max_seconds=seconds_per_case,
             )
             result = Result(
-                name, model, ratio, null_ratio, spread, 1e3 * per_step, rounds, n
+                name, model, ratio, null_ratio, spread, 1e3 * per_step, done, n
             )
             results.append(result)
             if log is not None:
@@ -518,11 +547,19 @@ def build_parser(
     parser.add_argument(
         "--models", nargs="+", default=list(MODELS), choices=list(MODELS)
     )
-    parser.add_argument("--rounds", type=int, default=None, help="paired rounds")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="paired rounds per case, at most"
+    )
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="timed seconds per case, at most (default 30; 4 with --quick)",
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="few short rounds: a smoke run of about a minute, noisy figures",
+        help="short rounds for a few seconds per case: a smoke run, noisy figures",
     )
     parser.add_argument("--json", help="also write the results to this JSON file")
     return parser
@@ -536,14 +573,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the benchmarks for parsed ``bench`` arguments (shared with the CLI)."""
-    rounds = args.rounds or (8 if args.quick else 40)
+    rounds = args.rounds or 400
+    seconds = args.seconds or (4.0 if args.quick else 30.0)
     block_seconds = 0.02 if args.quick else 0.05
     print(
         f"jax {jax.__version__} on {jax.devices()[0].device_kind}; ratio = median "
         "paired time(case)/time(plain SGD); null = a second copy of plain SGD",
         file=sys.stderr,
     )
-    results = run(args.cases, args.models, rounds=rounds, block_seconds=block_seconds)
+    results = run(
+        args.cases,
+        args.models,
+        rounds=rounds,
+        block_seconds=block_seconds,
+        seconds_per_case=seconds,
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump([r._asdict() for r in results], f, indent=2)
