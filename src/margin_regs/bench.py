@@ -36,7 +36,6 @@ import numpy as np
 import optax
 
 from margin_regs.adareg import adareg, mask_by_path
-from margin_regs.adareg import adareg, mask_by_path
 from margin_regs.jacobian import (
     adversarial_loss,
     input_gradient_penalty,
@@ -270,24 +269,6 @@ def _exact_svd_penalty(problem: Problem) -> Stepper:
         return COEFF * value, aux
 
     return train_step(problem, penalty=penalty)
-
-
-# AdaReg on the softmax layer, as in all of Zhao et al. 2019's experiments.
-_LAST_LAYER = {"mlp": r"Dense_2/kernel$", "cnn": r"Dense_0/kernel$"}
-
-
-@register("adareg_last_layer")
-def _adareg_last_layer(problem: Problem) -> Stepper:
-    """Steady-state step cost: a block rarely holds one of the re-solves (every 500
-    steps); ``benchmarks/adareg.py`` times the amortised cost with them."""
-    mask = mask_by_path(_LAST_LAYER[problem.model])
-    return train_step(problem, tx=optax.chain(adareg(COEFF, mask=mask), problem.sgd()))
-
-
-@register("adareg_all_layers", models=("mlp",), by_default=False)
-def _adareg_all_layers(problem: Problem) -> Stepper:
-    """Every kernel: d²p + dp² multiply-adds per kernel and step."""
-    return train_step(problem, tx=optax.chain(adareg(COEFF), problem.sgd()))
 
 
 # AdaReg on the softmax layer, as in all of Zhao et al. 2019's experiments.
