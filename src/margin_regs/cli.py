@@ -198,9 +198,9 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     compare.add_argument(
         "--out",
-        default="margin_regs_results",
+        default="margin_regs_out",
         metavar="DIR",
-        help="folder for results.json and the PNG plots (default: margin_regs_results)",
+        help="folder for results.json and the PNG plots (default: margin_regs_out)",
     )
     compare.add_argument(
         "--no-progress", action="store_true", help="no progress bar (e.g. in logs)"
@@ -307,7 +307,8 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
         "accuracy; σ_max, srank: top singular value and stable rank of each layer "
         f"({'/'.join(short)}); out margin: median logit margin z_y − max z_j on the test "
         "set; in margin: median first-order input-space distance to the decision "
-        "boundary; time: seconds per training epoch relative to vanilla.",
+        "boundary; time: training time per epoch relative to vanilla (process CPU "
+        "time on the CPU backend).",
     ]
     return "\n".join(lines)
 
@@ -354,7 +355,7 @@ def _plots(results, summary, out: str) -> list[str]:
             )
     ax.axvline(0.0, color="k", lw=0.5)
     ax.set(
-        title="Input-margin estimates on the test set (seed 0; < 0: misclassified)",
+        title="Input margins on the test set (seed 0; < 0: misclassified)",
         xlabel="first-order distance to the decision boundary",
         ylabel="samples",
     )
