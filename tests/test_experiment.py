@@ -140,3 +140,18 @@ def test_unknown_regularizer_and_unprepared_data(ds):
         ex.run("nope", ds)
     with pytest.raises(ValueError, match="validation set"):
         ex.run("vanilla", load_digits())
+
+
+def test_activation_l1_sparsifies_the_hidden_representation(ds, vanilla):
+    sparse = ex.run("activation_l1", ds, seed=0, config=CONFIG, coeff=0.05)
+    model = models.make_model("mlp", 10)
+
+    def mean_l1(params):
+        _, state = model.apply(
+            {"params": params}, ds.x_train, mutable=["intermediates"]
+        )
+        hidden = state["intermediates"]["activations"]
+        assert len(hidden) == 2  # the MLP sows both hidden layers
+        return sum(float(np.abs(np.asarray(h)).sum()) for h in hidden) / len(ds.x_train)
+
+    assert mean_l1(sparse.params) < 0.9 * mean_l1(vanilla.params)

@@ -60,6 +60,8 @@ class StepContext(NamedTuple):
       key: a fresh key for the penalty's own randomness.
       apply: ``(params, x) -> logits`` in training mode (dropout active).
       num_classes: number of classes.
+      apply_with_activations: ``(params, x) -> (logits, activations)``, the
+        hidden representations the reference models sow (a pytree, batch first).
     """
 
     params: Any
@@ -68,6 +70,7 @@ class StepContext(NamedTuple):
     key: jax.Array
     apply: Callable[[Any, jax.Array], jax.Array]
     num_classes: int
+    apply_with_activations: Callable[[Any, jax.Array], tuple[jax.Array, Any]]
 
     def logits_fn(self) -> Callable[[jax.Array], jax.Array]:
         """``x -> logits`` at this step's params."""
@@ -153,6 +156,13 @@ def _adversarial(ctx: StepContext, coeff: float) -> jax.Array:
     return _fn("margin_regs.jacobian:adversarial_loss")(
         ctx.per_sample_loss, ctx.x, ctx.y, epsilon=coeff, alpha=0.5
     )
+
+
+def _sparse_representation(ctx: StepContext, coeff: float) -> jax.Array:
+    logits, activations = ctx.apply_with_activations(ctx.params, ctx.x)
+    data = optax.softmax_cross_entropy_with_integer_labels(logits, ctx.y)
+    penalty = _fn("margin_regs.baselines:activation_l1_penalty")(activations)
+    return jnp.mean(data) + coeff * penalty
 
 
 def _hinge(ctx: StepContext, coeff: float) -> jax.Array:
@@ -282,6 +292,14 @@ RECIPES: dict[str, Recipe] = {
         ),
         requires=("margin_regs.baselines:add_input_noise",),
     ),
+    "activation_l1": Recipe(
+        "L1 penalty on the hidden representations (sparse activations)",
+        "Goodfellow et al. §7.10 (α=1e-4 here)",
+        coeff=1e-4,
+        coeff_name="α",
+        loss=_sparse_representation,
+        requires=("margin_regs.baselines:activation_l1_penalty",),
+    ),
     "early_stopping": Recipe(
         "early stopping on validation accuracy, restoring the best epoch's params",
         "Goodfellow et al. §7.8 (patience 5 epochs here)",
@@ -396,7 +414,19 @@ class Trainer:
                 {"params": p}, inputs, train=True, rngs={"dropout": k_dropout}
             )
 
-        ctx = StepContext(params, x, y, k_penalty, apply, self.num_classes)
+        def apply_with_activations(p, inputs):
+            logits, state = self.model.apply(
+                {"params": p},
+                inputs,
+                train=True,
+                rngs={"dropout": k_dropout},
+                mutable=["intermediates"],
+            )
+            return logits, state["intermediates"]
+
+        ctx = StepContext(
+            params, x, y, k_penalty, apply, self.num_classes, apply_with_activations
+        )
         loss = (
             recipe.loss(ctx, coeff) if recipe.loss is not None else _cross_entropy(ctx)
         )

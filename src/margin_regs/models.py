@@ -12,6 +12,11 @@ spatial axes (MNIST-1D ``(n, 40, 1)``, digits ``(n, 8, 8, 1)``, MNIST
 ``classifier``, so :data:`CLASSIFIER_PATH` is where its kernel ``(fan_in,
 num_classes)`` lives: the ``v`` that normalises Sokolić et al.'s Jacobian penalty and
 the weight matrix that AdaReg regularises by default (Zhao et al., App. B.3).
+
+Each hidden representation (after its ReLU, and pooling) is sown as
+``intermediates/activations``: ``model.apply(..., mutable=["intermediates"])``
+returns them for a representation penalty (Goodfellow et al. §7.10); a plain
+``apply`` skips the sowing at no cost.
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ class SokolicMLP(nn.Module):
         width = max(x.shape[-1] // 2, self.min_width)
         for i in range(self.num_hidden):
             x = nn.relu(nn.Dense(width, name=f"hidden_{i}")(x))
+            self.sow("intermediates", "activations", x)
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         return nn.Dense(self.num_classes, name="classifier")(x)
 
@@ -121,6 +127,7 @@ class SokolicCNN(nn.Module):
             x = nn.max_pool(
                 nn.relu(x), _window(x, 2), strides=_window(x, 2), padding="SAME"
             )
+            self.sow("intermediates", "activations", x)
         x = x.reshape(x.shape[0], -1)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         return nn.Dense(self.num_classes, name="classifier")(x)
@@ -167,8 +174,10 @@ class AdaRegCNN(nn.Module):
             x = nn.relu(
                 nn.max_pool(x, _window(x, 2), strides=_window(x, 2), padding="SAME")
             )
+            self.sow("intermediates", "activations", x)
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(50, name="fc")(x))
+        self.sow("intermediates", "activations", x)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         return nn.Dense(self.num_classes, name="classifier")(x)
 
