@@ -75,6 +75,8 @@ def test_results_json_has_every_field_and_consistent_summary(two_seeds):
             "relative_time",
         ):
             assert summary[name][key] is not None, (name, key)
+    assert summary["vanilla"]["relative_time_clock"] == "interleaved_seconds_per_epoch"
+    assert summary["vanilla"]["relative_time"] == 1.0
     # What the recipe claims: spectral lowers every layer's top σ on the same seeds.
     for layer, sigma in summary["vanilla"]["sigma_max"].items():
         assert summary["spectral"]["sigma_max"][layer] < sigma

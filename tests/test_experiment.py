@@ -2,6 +2,7 @@
 early stopping, the summary."""
 
 import dataclasses
+import time
 
 import jax
 import jax.numpy as jnp
@@ -155,3 +156,27 @@ def test_activation_l1_sparsifies_the_hidden_representation(ds, vanilla):
         return sum(float(np.abs(np.asarray(h)).sum()) for h in hidden) / len(ds.x_train)
 
     assert mean_l1(sparse.params) < 0.9 * mean_l1(vanilla.params)
+
+
+class _Sleeper:
+    """Stands in for a Trainer whose epoch takes a known time."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def init(self, key, x):
+        return 0
+
+    def train_epoch(self, state, x, y, key):
+        time.sleep(self.seconds)
+        return state, jnp.zeros(())
+
+
+def test_time_epochs_measures_each_trainer_interleaved(ds):
+    times = ex.time_epochs(
+        {"fast": (_Sleeper(0.002), ds), "slow": (_Sleeper(0.02), ds)},
+        budget_seconds=0.2,
+        max_rounds=8,
+    )
+    assert 0.002 <= times["fast"] < 0.015
+    assert 0.02 <= times["slow"] < 0.05

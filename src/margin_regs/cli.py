@@ -307,8 +307,8 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
         "accuracy; σ_max, srank: top singular value and stable rank of each layer "
         f"({'/'.join(short)}); out margin: median logit margin z_y − max z_j on the test "
         "set; in margin: median first-order input-space distance to the decision "
-        "boundary; time: training time per epoch relative to vanilla (process CPU "
-        "time on the CPU backend).",
+        "boundary; time: training time per epoch relative to vanilla (median over "
+        "interleaved timing rounds).",
     ]
     return "\n".join(lines)
 
@@ -455,8 +455,25 @@ def compare(
                 )
                 bar.update(args.epochs - done)  # epochs early stopping skipped
                 results.append(r)
+    # Per-epoch cost, timed again in interleaved rounds of the compiled trainers:
+    # the epochs above ran minutes apart on a machine whose load drifts.
+    epoch_seconds = experiment.time_epochs(
+        {
+            name: (
+                experiment.get_trainer(
+                    name,
+                    coeffs.get(name, experiment.RECIPES[name].coeff),
+                    config,
+                    full.num_classes,
+                    args.train_size,
+                ),
+                splits[0],
+            )
+            for name in names
+        }
+    )
     elapsed = time.perf_counter() - start
-    summary = experiment.summarize(results)
+    summary = experiment.summarize(results, epoch_seconds)
     print(
         f"{full.name}: {args.train_size} training samples, {len(full.x_test)} test, "
         f"model {args.model}, {args.epochs} epochs, batch {args.batch_size}, "

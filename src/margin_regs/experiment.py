@@ -47,6 +47,7 @@ __all__ = [
     "get_trainer",
     "run",
     "summarize",
+    "time_epochs",
 ]
 
 
@@ -725,7 +726,9 @@ def _per_epoch(seconds: Sequence[float]) -> float:
     return float(np.median(warm))
 
 
-def summarize(results: Sequence[RunResult]) -> dict[str, dict[str, Any]]:
+def summarize(
+    results: Sequence[RunResult], epoch_seconds: dict[str, float] | None = None
+) -> dict[str, dict[str, Any]]:
     """Per-regularizer means over seeds, in the order the results come.
 
     Fields: ``test_acc_mean``/``test_acc_std`` (population std over seeds),
@@ -734,8 +737,18 @@ def summarize(results: Sequence[RunResult]) -> dict[str, dict[str, Any]]:
     any run, minus one point, so every method exceeds it), ``sigma_max`` and
     ``stable_rank`` per layer, ``median_output_margin``, ``median_input_margin``,
     ``seconds_per_epoch`` (wall), ``cpu_seconds_per_epoch`` (process time) and
-    ``relative_time`` (to ``vanilla`` when present; CPU time on the CPU backend,
-    where wall time on a shared machine mostly measures other processes).
+    ``relative_time`` (to ``vanilla`` when present): from ``epoch_seconds`` when
+    given (e.g. :func:`time_epochs`' interleaved timings), else from the runs' CPU
+    time on the CPU backend (wall time on a shared machine mostly measures other
+    processes) and wall time elsewhere.
+
+    Args:
+      results: the runs, any regularizers and seeds.
+      epoch_seconds: optional ``{regularizer: seconds per epoch}`` for the
+        ``relative_time`` column.
+
+    Returns:
+      ``{regularizer: fields}``.
 
     Example:
       >>> from margin_regs.data import load_digits, prepare
@@ -795,15 +808,68 @@ def summarize(results: Sequence[RunResult]) -> dict[str, dict[str, Any]]:
                 np.mean([r.early_stopping["stopped_epoch"] for r in runs])
             ),
         }
-    # On the CPU backend the process's CPU time is the cost measure: wall time on a
-    # shared machine mostly measures the other processes. Elsewhere, wall time.
-    clock = (
-        "cpu_seconds_per_epoch"
-        if jax.default_backend() == "cpu"
-        else "seconds_per_epoch"
-    )
+    if epoch_seconds is not None:
+        clock = "interleaved_seconds_per_epoch"
+        for name, s in out.items():
+            s[clock] = epoch_seconds[name]
+    else:
+        # On the CPU backend the process's CPU time is the cost measure: wall time
+        # on a shared machine mostly measures the other processes.
+        cpu = jax.default_backend() == "cpu"
+        clock = "cpu_seconds_per_epoch" if cpu else "seconds_per_epoch"
     base = out.get("vanilla", {}).get(clock)
     for s in out.values():
         s["relative_time"] = s[clock] / base if base else None
         s["relative_time_clock"] = clock
     return out
+
+
+def time_epochs(
+    trainers: dict[str, tuple[Trainer, Dataset]],
+    *,
+    budget_seconds: float = 2.0,
+    max_rounds: int = 50,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Median wall seconds per training epoch of each trainer, in interleaved rounds.
+
+    Each round times one epoch of every trainer in turn, so slow drifts of a shared
+    machine's load hit all of them alike; rounds go on until ``budget_seconds`` or
+    ``max_rounds`` (at least 3). The trainers are already compiled by their runs;
+    one warm-up epoch each comes first.
+
+    Args:
+      trainers: ``{name: (trainer, prepared dataset)}``.
+      budget_seconds: time to spend on the timed rounds.
+      max_rounds: most rounds.
+      seed: seeds the parameters being trained (timings do not depend on them).
+
+    Returns:
+      ``{name: median seconds per epoch}``.
+
+    Example:
+      >>> from margin_regs.data import load_digits, prepare
+      >>> from margin_regs.experiment import TrainConfig, get_trainer, time_epochs
+      >>> ds = prepare(load_digits(), train_size=64)
+      >>> t = get_trainer("vanilla", None, TrainConfig(epochs=2), 10, 64)
+      >>> times = time_epochs({"vanilla": (t, ds)}, budget_seconds=0.1)
+      >>> times["vanilla"] > 0
+      True
+    """
+    key = jax.random.key(seed)
+    states = {}
+    for name, (trainer, ds) in trainers.items():
+        x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
+        state, loss = trainer.train_epoch(trainer.init(key, x), x, y, key)
+        loss.block_until_ready()
+        states[name] = (trainer, state, x, y)
+    times: dict[str, list[float]] = {name: [] for name in trainers}
+    start = time.perf_counter()
+    for r in range(max_rounds):
+        if r >= 3 and time.perf_counter() - start > budget_seconds:
+            break
+        for name, (trainer, state, x, y) in states.items():
+            tick = time.perf_counter()
+            trainer.train_epoch(state, x, y, key)[1].block_until_ready()
+            times[name].append(time.perf_counter() - tick)
+    return {name: float(np.median(t)) for name, t in times.items()}
