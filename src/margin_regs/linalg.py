@@ -14,7 +14,7 @@ and is safe for the zero matrix (σ = 0, finite vectors, no NaN).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -114,7 +114,7 @@ def _normalize(x: jax.Array, fallback: jax.Array) -> tuple[jax.Array, jax.Array]
 
 
 def power_iteration_step(
-    matrix: jax.Array, v: jax.Array, n_iterations: int = 1
+    matrix: jax.Array | Sequence[jax.Array], v: jax.Array, n_iterations: int = 1
 ) -> SingularTriple:
     """``n_iterations`` of normalised power iteration from the right vector ``v``.
 
@@ -125,10 +125,12 @@ def power_iteration_step(
     so ``σ u vᵀ`` is exactly the gradient of ``uᵀ K v`` with ``u, v`` held fixed.
     Runs in float32; where ``K v`` or ``Kᵀ u`` vanishes (the zero matrix) the old
     ``v`` is kept and σ = 0. Works on stacked matrices ``(..., fan_in, fan_out)``
-    with vectors ``(..., fan_out)``.
+    with vectors ``(..., fan_out)``, and on a list of ``b`` same-shaped matrices
+    with vectors ``(b, fan_out)``: their matvecs run one by one, their vector work
+    batched, and no kernel is copied into a stack (a full extra pass per step).
 
     Args:
-      matrix: ``K``, ``(..., fan_in, fan_out)``.
+      matrix: ``K``, ``(..., fan_in, fan_out)``, or a list of ``(fan_in, fan_out)``.
       v: the current right vector, ``(..., fan_out)``, unit norm.
       n_iterations: a Python int ≥ 1.
 
@@ -149,13 +151,32 @@ def power_iteration_step(
     """
     if n_iterations < 1:
         raise ValueError(f"n_iterations must be >= 1, got {n_iterations}")
-    k = matrix.astype(jnp.float32)
+    if isinstance(matrix, Sequence):
+        ks = [m.astype(jnp.float32) for m in matrix]
+
+        def matvec(x):
+            return jnp.stack([k @ x[i] for i, k in enumerate(ks)])
+
+        def rmatvec(y):
+            return jnp.stack([y[i] @ k for i, k in enumerate(ks)])
+
+        fan_in = (len(ks), ks[0].shape[0])
+    else:
+        k = matrix.astype(jnp.float32)
+
+        def matvec(x):
+            return jnp.einsum("...ij,...j->...i", k, x)
+
+        def rmatvec(y):
+            return jnp.einsum("...ij,...i->...j", k, y)
+
+        fan_in = k.shape[:-1]
     v = v.astype(jnp.float32)
     sigma = jnp.zeros(v.shape[:-1], jnp.float32)
-    u = jnp.zeros(k.shape[:-1], jnp.float32)
+    u = jnp.zeros(fan_in, jnp.float32)
     for _ in range(n_iterations):
-        u, _ = _normalize(jnp.einsum("...ij,...j->...i", k, v), u)
-        v, sigma = _normalize(jnp.einsum("...ij,...i->...j", k, u), v)
+        u, _ = _normalize(matvec(v), u)
+        v, sigma = _normalize(rmatvec(u), v)
     return SingularTriple(sigma, u, v)
 
 

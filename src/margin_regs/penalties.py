@@ -2,8 +2,10 @@
 
 Each penalty is a pure, jittable function of a parameter pytree that returns a
 scalar to add to the loss. The optax transforms in :mod:`margin_regs.transforms`
-add the same penalties' gradients directly; both forms call the private cores
-here (:func:`_spectral_triples`, :func:`_rank_one`), so they cannot drift apart.
+add the same penalties' gradients directly: both forms run the one power
+iteration here (:func:`_spectral_triples`), the penalty differentiates ``½(uᵀKv)²``
+with ``u, v`` held fixed and the transform adds its closed form ``σ u vᵀ``
+(:func:`_rank_one`); a test proves the two steps equal.
 
 Same-shaped kernels are stacked and iterated by one batched matvec, so a network
 of many identical layers costs one small call per shape, not one per layer.
@@ -46,19 +48,19 @@ def _as_key(key: jax.Array | int) -> jax.Array:
 
 
 def _batched(fn, matrices: list[jax.Array], *args: list[jax.Array]) -> list[Any]:
-    """``fn`` applied to every matrix, one stacked call per (shape, dtype) group."""
+    """``fn`` applied once per (shape, dtype) group of matrices, results per matrix.
+
+    ``fn`` gets the group's matrices as a list and the matching ``args`` stacked
+    along a new first axis: the vector work is batched while the kernels are never
+    stacked, which would copy each of them every step.
+    """
     out: list[Any] = [None] * len(matrices)
     for idx in _tree.group_by_shape(matrices).values():
-        if len(idx) == 1:
-            i = idx[0]
-            out[i] = fn(matrices[i], *(a[i] for a in args))
-            continue
-        stacked = fn(
-            jnp.stack([matrices[i] for i in idx]),
-            *(jnp.stack([a[i] for i in idx]) for a in args),
+        batch = fn(
+            [matrices[i] for i in idx], *(jnp.stack([a[i] for i in idx]) for a in args)
         )
         for j, i in enumerate(idx):
-            out[i] = jax.tree.map(lambda x, j=j: x[j], stacked)
+            out[i] = jax.tree.map(lambda x, j=j: x[j], batch)
     return out
 
 
@@ -223,14 +225,17 @@ def spectral_norm_penalty(
     return value, treedef.unflatten([t.v for t in triples])
 
 
-def _eigenvalue_decay_sigma(matrix: jax.Array, n_power_iterations: int) -> jax.Array:
-    """``sqrt(λ_dom(KᵀK))`` by the seed's power method, normalised per iteration."""
-    fan_out = matrix.shape[-1]
-    ones = jnp.full((*matrix.shape[:-2], fan_out), fan_out**-0.5, jnp.float32)
+def _eigenvalue_decay_sigma(
+    matrices: list[jax.Array], n_power_iterations: int
+) -> jax.Array:
+    """``sqrt(λ_dom(KᵀK))`` of same-shaped matrices by the seed's power method,
+    normalised per iteration."""
+    fan_out = matrices[0].shape[-1]
+    ones = jnp.full((len(matrices), fan_out), fan_out**-0.5, jnp.float32)
     # v ← normalize(Kᵀ normalize(K v)) points along M v = Kᵀ(K v): the seed's
     # iterate M^p 1, rescaled so that no float32 power of λ can overflow or vanish.
-    v = power_iteration_step(matrix, ones, n_power_iterations).v
-    kv = jnp.einsum("...ij,...j->...i", matrix.astype(jnp.float32), v)
+    v = power_iteration_step(matrices, ones, n_power_iterations).v
+    kv = jnp.stack([m.astype(jnp.float32) @ v[i] for i, m in enumerate(matrices)])
     # The Rayleigh quotient (Mv·v)/(v·v) = ‖Kv‖²/‖v‖², square-rooted.
     return safe_norm(kv) / safe_norm(v)
 
