@@ -19,10 +19,13 @@ from pathlib import Path
 
 import pytest
 
-CASES = ["control"]
+CASES = ["spectral", "eigenvalue_decay", "adareg", "jacobian_random"]
 SCRIPT = Path(__file__).with_name("_multidevice_check.py")
-# Relative to the largest magnitude of each leaf: sharded matmuls sum in another
-# order, so float32 results differ in the last bits, never more.
+# Relative to the largest magnitude of each leaf. Sharded matmuls sum in another
+# order, so float32 results differ by rounding, never more: the bound is 1e-5 or
+# four times the null control, the change that a float32 rounding (2⁻²³ relative)
+# of the initial params makes on one device. AdaReg's re-solve inverts KᵀΩK, which
+# scales rounding by κ(K)², so its control is ~1e-6 where the others' is ~1e-7.
 TOLERANCE = 1e-5
 
 
@@ -54,8 +57,11 @@ def test_sharded_training_matches_one_device(report, case):
     result = report[case]
     assert "error" not in result, result.get("error")
     assert result["params_finite"]
-    assert result["param_difference"] < TOLERANCE
-    assert result["state_difference"] < TOLERANCE
+    # The setup is well conditioned: rounding alone moves nothing by more than 1e-4.
+    assert result["rounding_sensitivity"] < 1e-4
+    bound = max(TOLERANCE, 4 * result["rounding_sensitivity"])
+    assert result["param_difference"] < bound
+    assert result["state_difference"] < bound
     # The params really were split over all 8 devices, and stay split.
     assert result["param_devices"] == [8]
     assert result["param_shardings_kept"]
