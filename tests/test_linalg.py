@@ -77,6 +77,10 @@ def test_stacked_matrices_iterate_independently(rng):
     vs = rng.standard_normal((3, 18)).astype(np.float32)
     vs /= np.linalg.norm(vs, axis=-1, keepdims=True)
     stacked = step(jnp.asarray(ks), jnp.asarray(vs), n_iterations=2)
+    # A list of kernels is iterated the same way, without copying them into a stack.
+    listed = step([jnp.asarray(k) for k in ks], jnp.asarray(vs), n_iterations=2)
+    np.testing.assert_allclose(listed.u, stacked.u, atol=1e-6)
+    np.testing.assert_allclose(listed.v, stacked.v, atol=1e-6)
     for i in range(3):
         alone = step(jnp.asarray(ks[i]), jnp.asarray(vs[i]), n_iterations=2)
         np.testing.assert_allclose(stacked.sigma[i], alone.sigma, rtol=1e-6)
