@@ -472,6 +472,7 @@ def run(
     rounds: int = 40,
     block_seconds: float = 0.05,
     seconds_per_case: float | None = None,
+    warmup: int = 3,
     log: Callable[[str], None] | None = print,
 ) -> list[Result]:
     """Measure every registered case matching a pattern in ``cases`` on ``models``.
@@ -482,6 +483,7 @@ def run(
       rounds: paired rounds per case (at most).
       block_seconds: target length of one baseline block.
       seconds_per_case: cap on the timed rounds of one case, in seconds.
+      warmup: untimed blocks per stepper before timing (the first compiles).
       log: called with one formatted line per result (``None``: silent).
 
     Returns:
@@ -513,6 +515,7 @@ def run(
                 rounds=rounds,
                 block_seconds=block_seconds,
                 max_seconds=seconds_per_case,
+                warmup=warmup,
             )
             result = Result(
                 name, model, ratio, null_ratio, spread, 1e3 * per_step, done, n
@@ -587,6 +590,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         rounds=rounds,
         block_seconds=block_seconds,
         seconds_per_case=seconds,
+        warmup=1 if args.quick else 3,
     )
     if args.json:
         with open(args.json, "w") as f:
