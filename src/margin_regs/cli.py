@@ -476,7 +476,7 @@ def compare(
     summary = experiment.summarize(results, epoch_seconds)
     print(
         f"{full.name}: {args.train_size} training samples, {len(full.x_test)} test, "
-        f"model {args.model}, {args.epochs} epochs, batch {args.batch_size}, "
+        f"model {args.model}, {args.epochs} epoch(s), batch {args.batch_size}, "
         f"{args.seeds} seed(s); {elapsed:.0f} s on {jax.devices()[0].platform} "
         f"({os.cpu_count()} CPUs)"
     )
