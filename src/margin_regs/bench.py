@@ -6,7 +6,9 @@ second, separately compiled copy of the baseline ``A'`` (the null control) run i
 a random order each round, each block ends in ``block_until_ready``, and the
 reported figure is the median over rounds of the paired ratio ``B/A``. The null
 control's median ``A'/A`` shows the noise floor of the machine: a ratio is only
-meaningful where it stands clear of it.
+meaningful where it stands clear of it. Next to it stands XLA's cost-model estimate
+of the bytes one compiled step accesses, ``B/A``, which no other process can
+disturb: it shows the extra passes over the weights a case makes.
 
 Cases live in a registry, so other modules' benchmarks are one decorated builder::
 
@@ -382,6 +384,8 @@ class Result(NamedTuple):
       baseline_ms: median milliseconds per baseline step.
       rounds: number of paired rounds.
       steps_per_block: steps in each timed block.
+      bytes_ratio: XLA's estimate of bytes accessed by one compiled step, ``B/A``:
+        free of timing noise, it counts the extra passes over the weights.
     """
 
     case: str
@@ -392,6 +396,14 @@ class Result(NamedTuple):
     baseline_ms: float
     rounds: int
     steps_per_block: int
+    bytes_ratio: float
+
+
+def _bytes_accessed(stepper: Stepper, x: jax.Array, y: jax.Array) -> float:
+    """XLA's cost-model bytes accessed by one compiled step (NaN if unavailable)."""
+    costs = stepper.step.lower(stepper.carry, x, y).compile().cost_analysis()
+    costs = costs[0] if isinstance(costs, list) else costs
+    return float((costs or {}).get("bytes accessed", float("nan")))
 
 
 def _block(stepper: Stepper, n: int, x: jax.Array, y: jax.Array) -> float:
@@ -502,14 +514,17 @@ def run(
             raise ValueError(f"unknown model {model!r}; have {list(MODELS)}")
         problem = make_problem(model)
         baseline, null = train_step(problem), train_step(problem)
+        baseline_bytes = _bytes_accessed(baseline, problem.x, problem.y)
         for name in names:
             builder, case_models, _ = CASES[name]
             if model not in case_models:
                 continue
+            case = builder(problem)
+            bytes_ratio = _bytes_accessed(case, problem.x, problem.y) / baseline_bytes
             ratio, null_ratio, spread, per_step, n, done = measure(
                 baseline,
                 null,
-                builder(problem),
+                case,
                 problem.x,
                 problem.y,
                 rounds=rounds,
@@ -518,7 +533,15 @@ def run(
                 warmup=warmup,
             )
             result = Result(
-                name, model, ratio, null_ratio, spread, 1e3 * per_step, done, n
+                name,
+                model,
+                ratio,
+                null_ratio,
+                spread,
+                1e3 * per_step,
+                done,
+                n,
+                bytes_ratio,
             )
             results.append(result)
             if log is not None:
@@ -529,7 +552,8 @@ def run(
 def _format(r: Result) -> str:
     return (
         f"{r.model:4s} {r.case:34s} {r.ratio:6.3f}x  (null {r.null:5.3f}x, "
-        f"IQR {r.spread:5.3f}; baseline {r.baseline_ms:7.2f} ms/step, "
+        f"IQR {r.spread:5.3f}; bytes {r.bytes_ratio:5.3f}x; "
+        f"baseline {r.baseline_ms:7.2f} ms/step, "
         f"{r.rounds} rounds x {r.steps_per_block} steps)"
     )
 
@@ -581,7 +605,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     block_seconds = 0.02 if args.quick else 0.05
     print(
         f"jax {jax.__version__} on {jax.devices()[0].device_kind}; ratio = median "
-        "paired time(case)/time(plain SGD); null = a second copy of plain SGD",
+        "paired time(case)/time(plain SGD); null = a second copy of plain SGD; "
+        "bytes = XLA's estimate of bytes accessed per step, case/plain SGD",
         file=sys.stderr,
     )
     results = run(
