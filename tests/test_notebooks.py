@@ -20,6 +20,9 @@ SCRIPTS = sorted(NOTEBOOK_DIR.glob("*.py"))
 KERNEL = "margin-regs-test"
 # A committed notebook carries no outputs; this bounds the file if someone forgets.
 MAX_NOTEBOOK_BYTES = 100_000
+# A hung kernel fails the test instead of stalling the suite; a notebook takes well
+# under a minute on its small settings.
+TIMEOUT_SECONDS = 900
 
 
 # Executed in a child process: the kernel's zmq sockets are closed at that process's
@@ -37,7 +40,7 @@ manager = KernelManager(
     kernel_name=kernel_name, kernel_spec_manager=KernelSpecManager(kernel_dirs=[kernel_dir])
 )
 NotebookClient(
-    notebook, km=manager, timeout=600, resources={"metadata": {"path": cwd}}
+    notebook, km=manager, timeout=None, resources={"metadata": {"path": cwd}}
 ).execute()
 nbformat.write(notebook, target)
 """
@@ -99,7 +102,10 @@ def test_notebook_executes(path, kernel_dir, tmp_path):
     executed = tmp_path / path.name
     args = [str(path), str(executed), str(kernel_dir), KERNEL, str(NOTEBOOK_DIR)]
     run = subprocess.run(
-        [sys.executable, "-c", EXECUTE, *args], capture_output=True, text=True
+        [sys.executable, "-c", EXECUTE, *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_SECONDS,
     )
     assert run.returncode == 0, run.stderr[-5000:]
     notebook = nbformat.read(executed, as_version=4)
