@@ -218,9 +218,14 @@ for regime in regimes:
 # * **Input-gradient norm (Fig. 2): reproduced.** On test data `‖∇ₓ L‖` ends 5%
 #   (B=64) and 10% (B=512) lower with spectral norm regularization; on training data
 #   it falls late in training for every method while the test one stays higher, as
-#   in the paper. The large-batch runs have the larger test gradient norm and the
-#   larger gap, as in the paper.
+#   in the paper. On this seed the large-batch runs have the larger test gradient
+#   norm and the larger gap, as in the paper.
 # * **Generalization gap and accuracy (Table 1): not reproduced at this scale.**
-#   Test accuracies agree within 0.3 points and the gaps within 0.002, a difference
-#   a second seed would easily reverse. A 32-unit MLP on 1,080 digits overfits
-#   little (gap 2–3 points), which leaves the regularizers little to fix.
+#   Test accuracies agree within 0.3 points and the gaps within 0.002 on this seed.
+#   Two more seeds (1 and 2, run separately with the same code) give mean gaps over
+#   the three seeds of 0.027 (vanilla) vs 0.023 (spectral) at B=64 and 0.027 vs
+#   0.028 at B=512, with test accuracies within one point and differences that
+#   change sign between seeds: at most a slight tendency in the small-batch regime,
+#   and none in the large-batch regime where the paper sees the clearest effect. A
+#   32-unit MLP on 1,080 digits overfits little (gaps of 2–3 points), which leaves
+#   the regularizers little to fix.
