@@ -12,8 +12,8 @@
 # (no closed form). Eigenvalue Decay shrinks the denominator; the paper says itself
 # that this does not assure a larger margin, since `µ` also depends on the weights.
 # Its experiments (Table 2) report small accuracy gains over dropout-regularized
-# Keras models and a 1.5–4.5× cost per epoch, "given the cost associated with the
-# computation of the dominant eigenvalue by the power method".
+# Keras models at 1.35× to over 5× the cost per epoch, "given the cost associated
+# with the computation of the dominant eigenvalue by the power method".
 #
 # **Two implementations, one regularizer.** The *seed-faithful* penalty
 # (`mr.eigenvalue_decay_penalty`) does what the authors' Keras code does: 9 power
@@ -209,9 +209,9 @@ print(
 #   vector are not fully converged. Their accuracies agree within 0.2 points.
 # * **Cost: the paper's observation reproduced, and removed.** Differentiating
 #   through nine power iterations costs 1.7–1.9× a plain SGD step (the paper's
-#   Table 2: 1.35–4.5× per epoch); the transform's one persisted iteration costs
-#   within 10% of plain SGD, at the noise floor of the null control (0.94–1.11×
-#   over two runs of the benchmark).
+#   Table 2: 1.35× to over 5× per epoch); the transform's one persisted iteration
+#   costs within 10% of plain SGD, at the noise floor of the null control
+#   (0.94–1.11× over two runs of the benchmark).
 # * **Theorem 1's factor: reproduced.** `1 / Π_k σ(W_k)` falls during training for
 #   every method, and ends 33% (penalty) to 47% (transform) higher with Eigenvalue
 #   Decay than without: the denominator of the bound is what the method controls.
