@@ -47,6 +47,14 @@ forward and backward pass at batch 1024; the MLP 784-392-392-10 regularized
 everywhere: 4.8·10⁸ a step against 1.8·10⁸ for the whole network's forward and
 backward at batch 128).
 Conv kernels ``(kh, kw, in, out)`` are viewed as ``(kh·kw·in, out)`` (appendix B.3).
+
+**CPU threads.** On the CPU, ``jnp.linalg.eigh`` runs LAPACK from OpenBLAS, whose
+worker threads compete with XLA's own: on a shared 2-core machine a 1024² INVTHRESHOLD
+took 3.8 s with OpenBLAS's default threads and 0.44 s with one, and a re-solving MLP
+step (a 392 × 10 last layer) cost 35–40× a plain step instead of 3–3.5× (amortised
+over 500 steps: +8% against +0.4%). On small or shared CPUs set ``OPENBLAS_NUM_THREADS=1``
+in the environment before Python starts (numpy and scipy read it when they load);
+``benchmarks/adareg.py`` measures both settings.
 """
 
 from __future__ import annotations
