@@ -45,7 +45,7 @@ def matrices(rng):
 def standard_params(rng, scale=1.0):
     """The tree most tests share, so jitted functions compile once."""
     return {
-        "dense": jnp.asarray(rng.standard_normal((12, 8)) * scale, jnp.float32),
+        "dense": jnp.asarray(rng.standard_normal((18, 8)) * scale, jnp.float32),
         "conv": jnp.asarray(rng.standard_normal((3, 3, 2, 8)) * scale, jnp.float32),
         "bias": jnp.ones(8),
     }
@@ -75,7 +75,7 @@ def test_init_converges_to_the_exact_sigma(rng):
 
 
 def test_init_takes_an_int_a_typed_key_or_a_raw_key(rng):
-    params = {"w": jnp.asarray(rng.standard_normal((12, 8)), jnp.float32)}
+    params = {"w": jnp.asarray(rng.standard_normal((18, 8)), jnp.float32)}
     a = mr.init_power_iteration(params, 3)["w"]
     b = mr.init_power_iteration(params, jax.random.key(3))["w"]
     c = mr.init_power_iteration(params, jax.random.PRNGKey(3))["w"]
@@ -84,11 +84,13 @@ def test_init_takes_an_int_a_typed_key_or_a_raw_key(rng):
 
 
 def test_one_iteration_per_step_tracks_a_slowly_changing_matrix(rng):
-    k0 = with_spectrum(rng, (12, 8), np.linspace(2.0, 0.2, 8))
-    drift = rng.standard_normal((12, 8)) * 4e-3
+    k0 = with_spectrum(rng, (18, 8), np.linspace(2.0, 0.2, 8))
+    drift = rng.standard_normal((18, 8)) * 1e-3
     params = {"w": jnp.asarray(k0, jnp.float32)}
     state = mr.init_power_iteration(params, 0)
-    for t in range(30):
+    # Each step moves K by ~0.4% of ‖K‖_F, the order of an SGD step; the top
+    # singular vectors turn a little every step and one iteration must follow them.
+    for t in range(50):
         k = k0 + t * drift
         value, state = penalty_fn({"w": jnp.asarray(k, jnp.float32)}, state)
         np.testing.assert_allclose(np.sqrt(2 * float(value)), top_sigma(k), rtol=1e-3)

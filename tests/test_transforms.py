@@ -16,7 +16,7 @@ LR = 0.1
 
 def make_params(rng, dtype=jnp.float32):
     return {
-        "dense": jnp.asarray(rng.standard_normal((12, 8)), dtype),
+        "dense": jnp.asarray(rng.standard_normal((18, 8)), dtype),
         "conv": jnp.asarray(rng.standard_normal((3, 3, 2, 8)) / 3, dtype),
         "bias": jnp.asarray(rng.standard_normal(8), dtype),
     }
@@ -98,11 +98,11 @@ def test_transform_step_equals_the_penalty_path_step(rng):
 def test_eigenvalue_decay_transform_is_the_converged_penalty_gradient(rng):
     """Its step is the gradient of C·σ; with a clear spectral gap the seed's nine
     iterations converge too, so the two forms of Eigenvalue Decay agree."""
-    u, _ = np.linalg.qr(rng.standard_normal((12, 4)))
+    u, _ = np.linalg.qr(rng.standard_normal((18, 4)))
     v, _ = np.linalg.qr(rng.standard_normal((8, 4)))
     params = {"w": jnp.asarray((u * [2.0, 0.5, 0.3, 0.1]) @ v.T, jnp.float32)}
     tx = mr.eigenvalue_decay(0.2)
-    updates, _ = tx.update({"w": jnp.zeros((12, 8))}, tx.init(params), params)
+    updates, _ = tx.update({"w": jnp.zeros((18, 8))}, tx.init(params), params)
     np.testing.assert_allclose(updates["w"], 0.2 * svd_term(params["w"])[1], atol=1e-5)
     seed = jax.grad(mr.eigenvalue_decay_penalty)(params)["w"]
     np.testing.assert_allclose(updates["w"], 0.2 * seed, atol=1e-5)
@@ -144,8 +144,8 @@ def test_outer_optax_masked_and_chain(rng):
 
 
 def test_schedule_is_evaluated_at_the_count(rng):
-    params = {"w": jnp.asarray(rng.standard_normal((12, 8)), jnp.float32)}
-    zeros = {"w": jnp.zeros((12, 8))}
+    params = {"w": jnp.asarray(rng.standard_normal((18, 8)), jnp.float32)}
+    zeros = {"w": jnp.zeros((18, 8))}
     schedule = optax.linear_schedule(1.0, 0.0, transition_steps=4)
     tx = mr.spectral_norm_regularization(schedule)
     state = tx.init(params)
@@ -158,8 +158,8 @@ def test_schedule_is_evaluated_at_the_count(rng):
 
 
 def test_inject_hyperparams_with_static_args(rng):
-    params = {"w": jnp.asarray(rng.standard_normal((12, 8)), jnp.float32)}
-    zeros = {"w": jnp.zeros((12, 8))}
+    params = {"w": jnp.asarray(rng.standard_normal((18, 8)), jnp.float32)}
+    zeros = {"w": jnp.zeros((18, 8))}
     tx = optax.inject_hyperparams(
         mr.spectral_norm_regularization,
         static_args=("n_power_iterations", "key", "mask"),
