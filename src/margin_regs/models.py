@@ -59,7 +59,8 @@ class SokolicMLP(nn.Module):
       >>> import jax, jax.numpy as jnp
       >>> from margin_regs.models import SokolicMLP
       >>> model = SokolicMLP(num_classes=10)
-      >>> params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+      >>> x = jnp.zeros((1, 8, 8, 1))
+      >>> params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]  # shapes only
       >>> [params[k]["kernel"].shape for k in ("hidden_0", "hidden_1", "classifier")]
       [(64, 32), (32, 32), (32, 10)]
 
@@ -105,7 +106,8 @@ class SokolicCNN(nn.Module):
       >>> import jax, jax.numpy as jnp
       >>> from margin_regs.models import SokolicCNN
       >>> model = SokolicCNN(num_classes=10)
-      >>> params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+      >>> x = jnp.zeros((1, 28, 28, 1))
+      >>> params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]  # shapes only
       >>> params["conv_1"]["kernel"].shape, params["classifier"]["kernel"].shape
       ((5, 5, 32, 32), (1568, 10))
 
@@ -151,7 +153,8 @@ class AdaRegCNN(nn.Module):
       >>> import jax, jax.numpy as jnp
       >>> from margin_regs.models import AdaRegCNN
       >>> model = AdaRegCNN(num_classes=10)
-      >>> params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+      >>> x = jnp.zeros((1, 28, 28, 1))
+      >>> params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]  # shapes only
       >>> params["fc"]["kernel"].shape, params["classifier"]["kernel"].shape
       ((320, 50), (50, 10))
 
