@@ -106,6 +106,18 @@ def test_compare_writes_the_plots(two_seeds):
             "not among",
         ),
         (["compare", "--coeff", "vanilla=1"], "has no hyperparameter"),
+        (["compare", "--coeff", "spectral=-1"], "must be a finite number ≥ 0"),
+        (["compare", "--coeff", "dropout=1", "--regularizers", "dropout"], "in [0, 1)"),
+        (
+            [
+                "compare",
+                "--coeff",
+                "early_stopping=2.5",
+                "--regularizers",
+                "early_stopping",
+            ],
+            "patience must be a whole number",
+        ),
         (["compare", "--dataset", "/no/such/place"], "no such file or folder"),
         (["compare", "--train-size", "100000"], "--train-size: train_size=100000"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),

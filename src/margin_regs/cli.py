@@ -240,6 +240,16 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[st
             parser.error(f"--coeff {name}=...: {name!r} is not among --regularizers")
         if RECIPES[name].coeff is None:
             parser.error(f"--coeff {name}=...: {name!r} has no hyperparameter")
+    for name, value in args.coeff:
+        recipe = RECIPES[name]
+        if recipe.dropout and not 0 <= value < 1:
+            parser.error(f"--coeff {name}={value:g}: a dropout rate must be in [0, 1)")
+        if recipe.early_stopping and (value < 1 or value != int(value)):
+            parser.error(
+                f"--coeff {name}={value:g}: patience must be a whole number ≥ 1"
+            )
+        if not math.isfinite(value) or value < 0:
+            parser.error(f"--coeff {name}={value:g}: must be a finite number ≥ 0")
     return names
 
 
