@@ -188,11 +188,15 @@ def test_a_nan_kernel_keeps_its_state_and_spares_the_others(name):
     np.testing.assert_array_equal(updates["dense"]["bias"], clean["dense"]["bias"])
 
 
-@pytest.mark.parametrize("name", TRANSFORMS)
-def test_apply_if_finite_skips_a_nan_step_and_training_goes_on(name):
-    """The documented recipe for NaN steps: the skipped step changes nothing."""
+def test_apply_if_finite_skips_a_nan_step_and_training_goes_on():
+    """The recipe for NaN steps: the skipped step changes nothing.
+
+    Shown on AdaReg, whose count decides when the precisions are re-solved: a
+    skipped step must not advance it. (The other transforms' part, a NaN staying in
+    the update where apply_if_finite sees it, is tested above.)
+    """
     tx = optax.apply_if_finite(
-        optax.chain(TRANSFORMS[name](0.1), optax.sgd(0.1, momentum=0.9)),
+        optax.chain(TRANSFORMS["adareg"](0.1), optax.sgd(0.1, momentum=0.9)),
         max_consecutive_errors=3,
     )
     step = jax.jit(
