@@ -267,3 +267,20 @@ def test_one_vs_all_hinge_under_jit_gives_all_negative_targets():
     np.testing.assert_allclose(
         np.asarray(loss)[[2, 4]], all_negative[[2, 4]], rtol=1e-6
     )
+
+
+@pytest.mark.parametrize(
+    "penalty",
+    [
+        lambda p: mr.spectral_norm_penalty(p, mr.init_power_iteration(PARAMS, 0))[0],
+        lambda p: mr.adareg_penalty(p, mr.init_adareg_precisions(p)),
+    ],
+    ids=["spectral_norm_penalty", "adareg_penalty"],
+)
+def test_a_penalty_does_not_hide_a_nan_weight(penalty):
+    """A NaN kernel makes the penalty NaN, so the loss shows it; finite stays finite."""
+    nan_params = _replace(
+        PARAMS, ("out", "kernel"), PARAMS["out"]["kernel"].at[1, 1].set(jnp.nan)
+    )
+    assert bool(jnp.isnan(penalty(nan_params)))
+    assert bool(jnp.isfinite(penalty(PARAMS)))
