@@ -289,7 +289,7 @@ def vanilla_run(tiny):
 )
 def test_recipe_runs_with_its_default_and_changes_training(tiny, vanilla_run, name):
     """Same seed, same batches and init: only the recipe differs from vanilla."""
-    recipe = ex.available_recipes()[name]
+    recipe = ex.RECIPES[name]
     assert recipe.coeff is not None and "Goodfellow" in recipe.reference
     result = ex.run(name, tiny, seed=0, config=RECIPE_CONFIG)
     assert result.coeff == recipe.coeff

@@ -126,14 +126,10 @@ def test_summary_is_the_mean_over_seeds(ds, vanilla):
     assert summary["relative_time"] == 1.0
 
 
-def test_registry_entries_are_documented_and_importable():
-    available = ex.available_recipes()
-    assert {"vanilla", "weight_decay", "jacobian", "adversarial"} <= set(available)
+def test_registry_entries_are_documented():
+    assert {"vanilla", "weight_decay", "jacobian", "adversarial"} <= set(ex.RECIPES)
     for name, recipe in ex.RECIPES.items():
         assert recipe.description and recipe.reference, name
-        if name in available:
-            for spec in recipe.requires:
-                assert callable(ex._fn(spec))
 
 
 def test_unknown_regularizer_and_unprepared_data(ds):

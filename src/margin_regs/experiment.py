@@ -19,7 +19,6 @@ Miyato §4.1; Sokolić et al. use SGD with momentum 0.9 and a similar step sched
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -31,7 +30,18 @@ import numpy as np
 import optax
 
 from margin_regs import _tree, diagnostics, models
+from margin_regs.adareg import adareg
+from margin_regs.baselines import (
+    activation_l1_penalty,
+    add_input_noise,
+    add_l1_penalty,
+    max_norm_constraint,
+    perturb_weights,
+)
 from margin_regs.data import Dataset
+from margin_regs.jacobian import adversarial_loss, jacobian_margin_penalty
+from margin_regs.penalties import eigenvalue_decay_penalty
+from margin_regs.transforms import spectral_norm_regularization
 
 __all__ = [
     "RECIPES",
@@ -42,7 +52,6 @@ __all__ = [
     "StepContext",
     "TrainConfig",
     "Trainer",
-    "available_recipes",
     "get_evaluator",
     "get_trainer",
     "run",
@@ -110,8 +119,6 @@ class Recipe:
       perturb_params: ``(params, key, coeff) -> params`` for the forward pass.
       dropout: if true, the model is built with dropout rate ``coeff``.
       early_stopping: if true, ``coeff`` is the patience in epochs.
-      requires: ``"module:function"`` names the recipe needs; a recipe whose
-        functions are not importable is left out of :func:`available_recipes`.
     """
 
     description: str
@@ -126,12 +133,6 @@ class Recipe:
     perturb_params: Callable[[Any, jax.Array, float], Any] | None = None
     dropout: bool = False
     early_stopping: bool = False
-    requires: tuple[str, ...] = ()
-
-
-def _fn(spec: str) -> Callable:
-    module, name = spec.split(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def _cross_entropy(ctx: StepContext, smoothing: float = 0.0) -> jax.Array:
@@ -143,7 +144,7 @@ def _cross_entropy(ctx: StepContext, smoothing: float = 0.0) -> jax.Array:
 
 
 def _jacobian_penalty(ctx: StepContext, coeff: float) -> jax.Array:
-    value = _fn("margin_regs.jacobian:jacobian_margin_penalty")(
+    value = jacobian_margin_penalty(
         ctx.logits_fn(),
         ctx.x,
         classes="random",
@@ -154,15 +155,13 @@ def _jacobian_penalty(ctx: StepContext, coeff: float) -> jax.Array:
 
 
 def _adversarial(ctx: StepContext, coeff: float) -> jax.Array:
-    return _fn("margin_regs.jacobian:adversarial_loss")(
-        ctx.per_sample_loss, ctx.x, ctx.y, epsilon=coeff, alpha=0.5
-    )
+    return adversarial_loss(ctx.per_sample_loss, ctx.x, ctx.y, epsilon=coeff, alpha=0.5)
 
 
 def _sparse_representation(ctx: StepContext, coeff: float) -> jax.Array:
     logits, activations = ctx.apply_with_activations(ctx.params, ctx.x)
     data = optax.softmax_cross_entropy_with_integer_labels(logits, ctx.y)
-    penalty = _fn("margin_regs.baselines:activation_l1_penalty")(activations)
+    penalty = activation_l1_penalty(activations)
     return jnp.mean(data) + coeff * penalty
 
 
@@ -189,20 +188,14 @@ RECIPES: dict[str, Recipe] = {
         "Yoshida & Miyato 2017, Alg. 1 (λ=0.01, §4.1)",
         coeff=0.01,
         coeff_name="λ",
-        transform=lambda c, s: _fn(
-            "margin_regs.transforms:spectral_norm_regularization"
-        )(c),
-        requires=("margin_regs.transforms:spectral_norm_regularization",),
+        transform=lambda c, s: spectral_norm_regularization(c),
     ),
     "eigenvalue_decay": Recipe(
         "Eigenvalue Decay: C·Σ sqrt(λ_dom(KᵀK)) by 9 power iterations, autodiff (the seed's form)",
         "Ludwig et al. (C chosen by 5-fold CV there, not reported; default 1e-3 here)",
         coeff=1e-3,
         coeff_name="C",
-        penalty=lambda ctx, c: (
-            c * _fn("margin_regs.penalties:eigenvalue_decay_penalty")(ctx.params)
-        ),
-        requires=("margin_regs.penalties:eigenvalue_decay_penalty",),
+        penalty=lambda ctx, c: c * eigenvalue_decay_penalty(ctx.params),
     ),
     "jacobian": Recipe(
         "Jacobian large-margin penalty ‖∇ₓ z_c‖/‖v_c‖, one random class per sample",
@@ -210,7 +203,6 @@ RECIPES: dict[str, Recipe] = {
         coeff=0.1,
         coeff_name="λ",
         penalty=_jacobian_penalty,
-        requires=("margin_regs.jacobian:jacobian_margin_penalty",),
     ),
     "adareg": Recipe(
         "AdaReg matrix-normal prior on the classifier's kernel, precisions re-solved "
@@ -221,14 +213,13 @@ RECIPES: dict[str, Recipe] = {
         # Bounds [1e-2, 1e2], not the library's [1e-3, 1e3]: the added gradient can
         # reach 2·λ·upper² times K, and lr·2·1e-4·1e6 = 2 at lr 0.01 makes SGD
         # diverge on the classifier (measured on digits); 1e2 keeps it at 0.02.
-        transform=lambda c, s: _fn("margin_regs.adareg:adareg")(
+        transform=lambda c, s: adareg(
             c,
             lower=1e-2,
             upper=1e2,
             update_every=s.steps_per_epoch,
             mask=models.classifier_mask,
         ),
-        requires=("margin_regs.adareg:adareg",),
     ),
     "adversarial": Recipe(
         "l2 fast-gradient adversarial training, α=0.5",
@@ -236,7 +227,6 @@ RECIPES: dict[str, Recipe] = {
         coeff=1.0,
         coeff_name="ε",
         loss=_adversarial,
-        requires=("margin_regs.jacobian:adversarial_loss",),
     ),
     "hinge": Recipe(
         "multi-class hinge loss instead of cross-entropy (optax.losses.multiclass_hinge_loss)",
@@ -262,36 +252,28 @@ RECIPES: dict[str, Recipe] = {
         "Goodfellow et al. §7.1; Ludwig et al. compare L1 (CV-chosen); 1e-5 here",
         coeff=1e-5,
         coeff_name="λ",
-        transform=lambda c, s: _fn("margin_regs.baselines:add_l1_penalty")(c),
-        requires=("margin_regs.baselines:add_l1_penalty",),
+        transform=lambda c, s: add_l1_penalty(c),
     ),
     "max_norm": Recipe(
         "max-norm constraint: each unit's incoming weights projected onto ‖w‖ ≤ c",
         "Goodfellow et al. §7.2; c=3 (Srivastava et al. 2014 use 3 to 4)",
         coeff=3.0,
         coeff_name="c",
-        projection=lambda c, s: _fn("margin_regs.baselines:max_norm_constraint")(c),
-        requires=("margin_regs.baselines:max_norm_constraint",),
+        projection=lambda c, s: max_norm_constraint(c),
     ),
     "weight_noise": Recipe(
         "Gaussian noise on the kernels of each training forward pass",
         "Goodfellow et al. §7.5 (σ=0.01 here)",
         coeff=0.01,
         coeff_name="σ",
-        perturb_params=lambda p, k, c: _fn("margin_regs.baselines:perturb_weights")(
-            p, k, c
-        ),
-        requires=("margin_regs.baselines:perturb_weights",),
+        perturb_params=perturb_weights,
     ),
     "input_noise": Recipe(
         "Gaussian noise on each training batch's inputs",
         "Goodfellow et al. §7.4 (σ=0.1 here, inputs in [0, 1])",
         coeff=0.1,
         coeff_name="σ",
-        perturb_inputs=lambda x, k, c: _fn("margin_regs.baselines:add_input_noise")(
-            x, k, c
-        ),
-        requires=("margin_regs.baselines:add_input_noise",),
+        perturb_inputs=add_input_noise,
     ),
     "activation_l1": Recipe(
         "L1 penalty on the hidden representations (sparse activations)",
@@ -299,7 +281,6 @@ RECIPES: dict[str, Recipe] = {
         coeff=1e-4,
         coeff_name="α",
         loss=_sparse_representation,
-        requires=("margin_regs.baselines:activation_l1_penalty",),
     ),
     "early_stopping": Recipe(
         "early stopping on validation accuracy, restoring the best epoch's params",
@@ -309,25 +290,6 @@ RECIPES: dict[str, Recipe] = {
         early_stopping=True,
     ),
 }
-
-
-def available_recipes() -> dict[str, Recipe]:
-    """The entries of :data:`RECIPES` whose functions can be imported.
-
-    Example:
-      >>> from margin_regs.experiment import available_recipes
-      >>> "vanilla" in available_recipes() and "weight_decay" in available_recipes()
-      True
-    """
-    out = {}
-    for name, recipe in RECIPES.items():
-        try:
-            for spec in recipe.requires:
-                _fn(spec)
-        except (ImportError, AttributeError):
-            continue
-        out[name] = recipe
-    return out
 
 
 @dataclasses.dataclass(frozen=True)
