@@ -2,7 +2,7 @@
 
 # Each block re-exports one module's public API; keep blocks in import order
 # (linalg <- penalties/adareg/jacobian/losses <- transforms <- diagnostics).
-from margin_regs.adareg import (
+from margin_regs._adareg import (
     AdaRegPrecisions,
     AdaRegState,
     adareg,

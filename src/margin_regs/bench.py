@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from margin_regs.adareg import adareg, mask_by_path
+from margin_regs._adareg import adareg, mask_by_path
 from margin_regs.jacobian import (
     adversarial_loss,
     input_gradient_penalty,

@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from margin_regs import _tree, diagnostics, models
-from margin_regs.adareg import adareg
+from margin_regs._adareg import adareg
 from margin_regs.baselines import (
     activation_l1_penalty,
     add_input_noise,
