@@ -9,8 +9,9 @@ What is documented and checked here:
   can then skip the step); every other leaf's update and the whole state are exactly
   what they would be without it.
 - A NaN in a kernel leaves that kernel's state as it was (power-iteration vector,
-  AdaReg precisions), so one diverged step cannot poison the state for good; the
-  other kernels are unaffected.
+  AdaReg precisions), so one diverged step cannot poison the state for good, while
+  that kernel's update and every penalty over it are NaN, so the NaN is not hidden;
+  the other kernels are unaffected.
 - Labels outside ``[0, n_classes)`` raise a ValueError when their values are known;
   under ``jit`` they are documented to select no class.
 """
@@ -181,6 +182,7 @@ def test_a_nan_kernel_keeps_its_state_and_spares_the_others(name):
     _, updates, state = _two_steps(name, GRADS, nan_params)
 
     assert _all_finite(state)
+    assert bool(jnp.any(jnp.isnan(updates["dense"]["kernel"]))), "NaN hidden"
     kept = _leaves_under(state, "dense")
     assert kept, "the state holds something for the NaN kernel"
     _equal_trees(kept, _leaves_under(before, "dense"))
@@ -274,8 +276,9 @@ def test_one_vs_all_hinge_under_jit_gives_all_negative_targets():
     [
         lambda p: mr.spectral_norm_penalty(p, mr.init_power_iteration(PARAMS, 0))[0],
         lambda p: mr.adareg_penalty(p, mr.init_adareg_precisions(p)),
+        mr.eigenvalue_decay_penalty,
     ],
-    ids=["spectral_norm_penalty", "adareg_penalty"],
+    ids=["spectral_norm_penalty", "adareg_penalty", "eigenvalue_decay_penalty"],
 )
 def test_a_penalty_does_not_hide_a_nan_weight(penalty):
     """A NaN kernel makes the penalty NaN, so the loss shows it; finite stays finite."""

@@ -244,12 +244,7 @@ def _check_penalties(params, kinds, spectral_range):
         for grad in (ed_grad, sn_grad):
             assert grad["kernel"].dtype == kernel.dtype, name
         assert bool(jnp.all(jnp.isfinite(sn_grad["kernel"]))), name
-        # Known bug, reported to the penalties' owner: differentiating through
-        # the normalised iterations overflows float32 for small σ (a 1×7 kernel
-        # gives inf/NaN at σ = 5e-12; larger fan-in at σ ≈ 1e-19). Checked where
-        # it holds until the owner's fix lands.
-        if exact == 0 or exact > 1e-9:
-            assert bool(jnp.all(jnp.isfinite(ed_grad["kernel"]))), name
+        assert bool(jnp.all(jnp.isfinite(ed_grad["kernel"]))), name
         assert bool(jnp.isfinite(ed)) and 0 <= float(ed) <= exact * (1 + 1e-5), name
         if kinds[name] == "zero":
             assert float(ed) == 0.0 and float(sn) == 0.0, name

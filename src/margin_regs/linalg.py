@@ -101,7 +101,9 @@ def safe_norm(x: jax.Array, axis: int = -1, keepdims: bool = False) -> jax.Array
     scaled = x / safe_m
     sq = jnp.sum(scaled * scaled, axis=axis, keepdims=True)
     positive = sq > 0
-    norm = safe_m * jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+    # The last branch passes 0 for the zero vector and NaN for a NaN entry: a NaN
+    # weight must show up in σ, not read as a zero matrix.
+    norm = safe_m * jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), sq)
     return norm if keepdims else jnp.squeeze(norm, axis=axis)
 
 

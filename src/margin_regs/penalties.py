@@ -232,12 +232,20 @@ def _eigenvalue_decay_sigma(
     normalised per iteration."""
     fan_out = matrices[0].shape[-1]
     ones = jnp.full((len(matrices), fan_out), fan_out**-0.5, jnp.float32)
+    # σ(K) = s·σ(K/s) with s = max|K| held constant: the backward pass through the
+    # normalised iterations multiplies 1/‖K v‖-sized factors, which overflow float32
+    # for tiny kernels (σ ≈ 1e-12) unless the iterations see K at unit scale.
+    scales = [
+        jax.lax.stop_gradient(jnp.max(jnp.abs(m))).astype(jnp.float32) for m in matrices
+    ]
+    scales = [jnp.where(s > 0, s, 1.0) for s in scales]
+    unit = [m.astype(jnp.float32) / s for m, s in zip(matrices, scales, strict=True)]
     # v ← normalize(Kᵀ normalize(K v)) points along M v = Kᵀ(K v): the seed's
     # iterate M^p 1, rescaled so that no float32 power of λ can overflow or vanish.
-    v = power_iteration_step(matrices, ones, n_power_iterations).v
-    kv = jnp.stack([m.astype(jnp.float32) @ v[i] for i, m in enumerate(matrices)])
+    v = power_iteration_step(unit, ones, n_power_iterations).v
+    kv = jnp.stack([m @ v[i] for i, m in enumerate(unit)])
     # The Rayleigh quotient (Mv·v)/(v·v) = ‖Kv‖²/‖v‖², square-rooted.
-    return safe_norm(kv) / safe_norm(v)
+    return jnp.stack(scales) * safe_norm(kv) / safe_norm(v)
 
 
 def eigenvalue_decay_penalty(

@@ -151,6 +151,12 @@ def spectral_norm_regularization(
     )
 
 
+def _unit_weight(sigma: jax.Array) -> jax.Array:
+    # σ is NaN exactly when the kernel holds NaN or inf: pass it on, so the update
+    # shows the bad kernel instead of adding a finite u vᵀ that hides it.
+    return jnp.where(jnp.isnan(sigma), sigma, 1.0)
+
+
 def eigenvalue_decay(
     coeff: optax.ScalarOrSchedule,
     *,
@@ -206,5 +212,5 @@ def eigenvalue_decay(
         n_power_iterations,
         mask,
         key,
-        weight=jnp.ones_like,
+        weight=_unit_weight,
     )
