@@ -249,10 +249,11 @@ for size in TRAIN_SIZES:
 #   `Σ_out` is exactly `10⁻² · I` (every eigenvalue at the bound `1/upper`), so its
 #   correlation matrix is the identity. This follows from the paper's closed form:
 #   with `Ω_out = c·I` and no eigenvalue of `Ω_in` clipped, the sweep gives
-#   `Kᵀ Ω_in K = (p/c)·I`, so the next `Ω_out = INVTHRESHOLD(Kᵀ Ω_in K, d) = (d/p)·c·I`, which grows
-#   by `d/p = 3.2` per sweep until it hits `upper`. The paper notes the same
-#   ("the variance of the row covariance matrix Σr achieves the lower bound limit
-#   u at convergence"); its Fig. 8 structure must come from the authors' code,
-#   which weights the log-determinants differently (see `margin_regs.adareg`'s
-#   module docstring). All the learned structure sits in `Σ_in`, the covariance
-#   between the penultimate features (right panel).
+#   `Kᵀ Ω_in K = (p/c)·I`, so the next
+#   `Ω_out = INVTHRESHOLD(Kᵀ Ω_in K, d) = (d/p)·c·I` grows by `d/p = 3.2` per
+#   sweep until it hits `upper`. The paper notes the same ("the variance of the
+#   row covariance matrix Σr achieves the lower bound limit u at convergence"); its
+#   Fig. 8 structure probably comes from the authors' code, which weights the
+#   log-determinants differently (see the module docstring of `mr.adareg`,
+#   `margin_regs._adareg`). All the learned structure sits in `Σ_in`, the
+#   covariance between the penultimate features (right panel).
