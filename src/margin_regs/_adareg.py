@@ -323,6 +323,16 @@ def adareg(
     one MNIST epoch at batch 128 and 16 epochs of MNIST-1D. Shorter periods make the
     precisions track the weights more closely; each re-solve costs two ``eigh``.
 
+    Stability: the added term is linear in ``K`` with curvature up to
+    ``2 · coeff · upper²``, so plain SGD at learning rate ``lr`` needs
+    ``lr · 2 · coeff · upper² < 2``. With the default bounds that is ``coeff · lr <
+    1e-6``: measured on digits, coeff 1e-4 at lr 0.01 diverges (σ ≈ 2.5e4), while
+    bounds ``[1e-2, 1e2]`` train normally (``margin-regs compare`` uses those).
+    On a classifier kernel (fan_in > fan_out) the paper's update order drives the
+    class precision ``Ω_out`` to ``upper · I`` (measured on 392×10: every eigenvalue
+    at 1e3), so the learned class covariance sits at its lower bound, as the paper
+    notes.
+
     Args:
       coeff: the penalty's weight (the paper's λ, the authors' ``rho``, 1e-4 by
         default there): a float, array or an optax schedule evaluated at the count.
