@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from margin_regs import _tree
-from margin_regs.jacobian import per_sample_input_gradients
+from margin_regs.jacobian import _check_input, per_sample_input_gradients
 from margin_regs.linalg import (
     as_matrix,
     safe_norm,
@@ -154,16 +154,6 @@ def _check_logits(logits: jax.Array, labels: jax.Array) -> tuple[int, int]:
         )
     check_label_range(labels, logits.shape[1])
     return logits.shape
-
-
-def _check_input(x: jax.Array) -> jax.Array:
-    x = jnp.asarray(x)
-    if x.ndim < 1 or not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(
-            "x must be a floating-point batch (n, ...) to differentiate w.r.t. it, "
-            f"got shape {x.shape} and dtype {x.dtype}"
-        )
-    return x
 
 
 def _min_ratio_over_others(
