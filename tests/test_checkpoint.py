@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from _tiny_mlp import init_params, loss_fn
 
 import margin_regs as mr
 
@@ -21,27 +22,6 @@ SIZES = (6, 8, 3)
 rng = np.random.default_rng(0)
 X = jnp.asarray(rng.standard_normal((16, SIZES[0])), jnp.float32)
 Y = jnp.asarray(rng.integers(0, SIZES[-1], 16), jnp.int32)
-
-
-def init_params(dtype=jnp.float32):
-    keys = jax.random.split(jax.random.key(0), len(SIZES) - 1)
-    return {
-        f"dense{i}": {
-            "kernel": jax.random.normal(k, (a, b), dtype) / np.sqrt(a).astype(dtype),
-            "bias": jnp.full((b,), 0.01, dtype),
-        }
-        for i, (k, a, b) in enumerate(zip(keys, SIZES[:-1], SIZES[1:], strict=True))
-    }
-
-
-def logits_fn(params, x):
-    h = jnp.tanh(x @ params["dense0"]["kernel"] + params["dense0"]["bias"])
-    return h @ params["dense1"]["kernel"] + params["dense1"]["bias"]
-
-
-def loss_fn(params, x, y):
-    z = logits_fn(params, x).astype(jnp.float32)
-    return optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
 
 
 def penalty_loss_fn(params, x, y, pi_state, precisions):
@@ -115,7 +95,7 @@ def test_transform_state_round_trips_and_training_resumes_exactly(
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
-    params = init_params(dtype)
+    params = init_params(jax.random.key(0), SIZES, dtype)
     state = tx.init(params)
     for _ in range(3):
         params, state = step(params, state)
@@ -144,7 +124,7 @@ def test_penalty_states_round_trip_and_training_resumes_exactly(tmp_path):
         )
         return params, opt_state, pi_state, precisions
 
-    params = init_params()
+    params = init_params(jax.random.key(0), SIZES)
     carry = (params, tx.init(params), mr.init_power_iteration(params, 1))
     carry = (*carry, mr.init_adareg_precisions(params))
     for _ in range(2):

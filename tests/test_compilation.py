@@ -16,33 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _tiny_mlp import init_params, logits_fn, loss_fn
 
 import margin_regs as mr
 
 rng = np.random.default_rng(0)
 X = jnp.asarray(rng.standard_normal((12, 5)), jnp.float32)
 Y = jnp.asarray(rng.integers(0, 3, 12), jnp.int32)
-
-
-def init_params(key, sizes=(5, 7, 3), dtype=jnp.float32):
-    keys = jax.random.split(key, len(sizes) - 1)
-    return {
-        f"dense{i}": {
-            "kernel": (jax.random.normal(k, (a, b)) / np.sqrt(a)).astype(dtype),
-            "bias": jnp.full((b,), 0.01, dtype),
-        }
-        for i, (k, a, b) in enumerate(zip(keys, sizes[:-1], sizes[1:], strict=True))
-    }
-
-
-def logits_fn(params, x):
-    h = jnp.tanh(x @ params["dense0"]["kernel"] + params["dense0"]["bias"])
-    return h @ params["dense1"]["kernel"] + params["dense1"]["bias"]
-
-
-def loss_fn(params, x, y):
-    z = logits_fn(params, x).astype(jnp.float32)
-    return optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
 
 
 def jacobian_loss_fn(params, x, y):
