@@ -188,6 +188,23 @@ def test_input_margin_estimates_flatten_all_feature_axes(linear_model):
     np.testing.assert_allclose(got, exact, rtol=1e-4)
 
 
+def test_margins_under_jit_are_nan_exactly_at_out_of_range_labels(linear_model):
+    """Unchecked under jit, a bad label (negative ones would wrap) gives NaN."""
+    w, b, x = (jnp.asarray(a) for a in linear_model)
+
+    def logits_fn(inputs):
+        return inputs @ w + b
+
+    logits = logits_fn(x)
+    labels = jnp.argmax(logits, axis=1).at[0].set(-1).at[1].set(99)
+    for got in (
+        jax.jit(mr.output_margins)(logits, labels),
+        jax.jit(mr.input_margin_estimates, static_argnums=0)(logits_fn, x, labels),
+    ):
+        got = np.asarray(got)
+        assert np.all(np.isnan(got[:2])) and np.all(np.isfinite(got[2:]))
+
+
 def test_output_margins_reject_bad_input():
     logits = jnp.zeros((3, 4))
     with pytest.raises(ValueError, match="n_classes"):

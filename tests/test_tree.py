@@ -6,6 +6,7 @@ import optax
 import pytest
 from flax import nnx
 
+import margin_regs as mr
 from margin_regs import _tree
 
 PARAMS = {
@@ -67,3 +68,15 @@ def test_group_by_shape_keeps_first_seen_order():
     arrays = [jnp.ones((3, 4)), jnp.ones((2, 2)), jnp.ones((3, 4))]
     groups = _tree.group_by_shape(arrays)
     assert list(groups.values()) == [[0, 2], [1]]
+
+
+def test_mask_by_path_selects_matching_kernels_not_biases():
+    params = {
+        "Dense_0": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)},
+        "Dense_1": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)},
+    }
+    assert _tree.mask_by_path(r"Dense_1/")(params) == {
+        "Dense_0": {"kernel": False, "bias": False},
+        "Dense_1": {"kernel": True, "bias": False},
+    }
+    assert mr.mask_by_path is _tree.mask_by_path

@@ -1,7 +1,7 @@
 """margin_regs: large-margin regularizers for JAX, as optax transforms and penalties."""
 
-# Each block re-exports one module's public API; keep blocks in import order
-# (linalg <- penalties/adareg/jacobian/losses <- transforms <- diagnostics).
+# Each block re-exports one module's public API, sorted by module; imports run one
+# way: linalg <- the method modules <- diagnostics.
 from margin_regs._adareg import (
     AdaRegPrecisions,
     AdaRegState,
@@ -9,9 +9,8 @@ from margin_regs._adareg import (
     adareg_penalty,
     adareg_update_precisions,
     init_adareg_precisions,
-    mask_by_path,
 )
-from margin_regs.baselines import (
+from margin_regs._baselines import (
     L1PenaltyState,
     activation_l1_penalty,
     add_input_noise,
@@ -20,6 +19,20 @@ from margin_regs.baselines import (
     max_norm_constraint,
     perturb_weights,
 )
+from margin_regs._eigenvalue_decay import eigenvalue_decay, eigenvalue_decay_penalty
+from margin_regs._jacobian import (
+    adversarial_loss,
+    input_gradient_penalty,
+    jacobian_frobenius_penalty,
+    jacobian_margin_penalty,
+)
+from margin_regs._spectral import (
+    PowerIterationState,
+    init_power_iteration,
+    spectral_norm_penalty,
+    spectral_norm_regularization,
+)
+from margin_regs._tree import mask_by_path
 from margin_regs.diagnostics import (
     generalization_gap,
     hessian_max_eigenvalue,
@@ -31,12 +44,6 @@ from margin_regs.diagnostics import (
     spectral_norms,
     stable_ranks,
 )
-from margin_regs.jacobian import (
-    adversarial_loss,
-    input_gradient_penalty,
-    jacobian_frobenius_penalty,
-    jacobian_margin_penalty,
-)
 from margin_regs.linalg import (
     as_matrix,
     inv_threshold,
@@ -45,16 +52,6 @@ from margin_regs.linalg import (
     stable_rank,
 )
 from margin_regs.losses import one_vs_all_hinge_loss
-from margin_regs.penalties import (
-    eigenvalue_decay_penalty,
-    init_power_iteration,
-    spectral_norm_penalty,
-)
-from margin_regs.transforms import (
-    PowerIterationState,
-    eigenvalue_decay,
-    spectral_norm_regularization,
-)
 
 __version__ = "0.1.0"
 

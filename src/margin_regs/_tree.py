@@ -8,6 +8,7 @@ wrapped in ``optax.masked`` does, so the two forms share one state layout.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ __all__ = [
     "default_mask",
     "group_by_shape",
     "is_masked_node",
+    "mask_by_path",
     "path_name",
     "resolve_mask",
     "select",
@@ -107,3 +109,37 @@ def group_by_shape(arrays: Sequence[jax.Array]) -> dict[tuple, list[int]]:
     for i, a in enumerate(arrays):
         groups.setdefault((tuple(a.shape), jax.numpy.dtype(a.dtype)), []).append(i)
     return groups
+
+
+def mask_by_path(pattern: str) -> Callable[[Any], Any]:
+    """A callable mask selecting the weight matrices whose path matches ``pattern``.
+
+    A leaf is selected when ``re.search(pattern, path)`` matches its readable path
+    (``'Dense_2/kernel'``; flax linen dicts, ``nnx.State`` and plain dicts alike)
+    and it has ``ndim >= 2``, so a layer's name selects its kernel, not its bias.
+
+    Args:
+      pattern: a regular expression, searched in each leaf's path.
+
+    Returns:
+      A callable ``params -> pytree of bools``, usable as any ``mask`` argument.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import margin_regs as mr
+      >>> params = {"Dense_0": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)},
+      ...           "Dense_1": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+      >>> mr.mask_by_path(r"Dense_1/")(params)
+      {'Dense_0': {'bias': False, 'kernel': False}, 'Dense_1': {'bias': False, 'kernel': True}}
+    """
+    regex = re.compile(pattern)
+
+    def mask(params: Any) -> Any:
+        return jax.tree_util.tree_map_with_path(
+            lambda path, x: (
+                jax.numpy.ndim(x) >= 2 and regex.search(path_name(path)) is not None
+            ),
+            params,
+        )
+
+    return mask

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from margin_regs import _tree
-from margin_regs.jacobian import _check_input, per_sample_input_gradients
+from margin_regs import _common, _tree
+from margin_regs._jacobian import _check_input, per_sample_input_gradients
 from margin_regs.linalg import (
     as_matrix,
     safe_norm,
@@ -28,7 +28,6 @@ from margin_regs.linalg import (
     spectral_norm,
     stable_rank,
 )
-from margin_regs.losses import check_label_range
 
 __all__ = [
     "generalization_gap",
@@ -152,7 +151,7 @@ def _check_logits(logits: jax.Array, labels: jax.Array) -> tuple[int, int]:
             f"labels must be integer class indices of shape {logits.shape[:1]}, "
             f"got shape {labels.shape}"
         )
-    check_label_range(labels, logits.shape[1])
+    _common.check_label_range(labels, logits.shape[1])
     return logits.shape
 
 
@@ -171,7 +170,11 @@ def _min_ratio_over_others(
         jnp.sign(numerator) * jnp.inf,
     )
     others = labels[:, None] != jnp.arange(numerator.shape[1])
-    return jnp.min(jnp.where(others, ratio, jnp.inf), axis=1)
+    margin = jnp.min(jnp.where(others, ratio, jnp.inf), axis=1)
+    # Labels are unchecked under jit; a bad one would index another class.
+    return jnp.where(
+        _common.labels_in_range(labels, numerator.shape[1]), margin, jnp.nan
+    )
 
 
 def output_margins(
@@ -188,7 +191,8 @@ def output_margins(
 
     Args:
       logits: ``(n, n_classes)``.
-      labels: integer classes ``(n,)``.
+      labels: integer classes ``(n,)`` in ``[0, n_classes)``; out-of-range labels
+        raise a ValueError when known, and give NaN margins under ``jit``.
       classifier: optional last-layer kernel ``(fan_in, n_classes)`` (or a kernel
         whose :func:`margin_regs.as_matrix` view is that).
 
@@ -236,14 +240,15 @@ def input_margin_estimates(
     for a linear model, and for a ReLU network whenever the nearest boundary lies
     in the linear region of ``x``; negative for misclassified samples. All per-class
     input gradients come from one batched VJP per class
-    (:func:`margin_regs.jacobian.per_sample_input_gradients`, vectorised over
+    (:func:`margin_regs._jacobian.per_sample_input_gradients`, vectorised over
     classes).
 
     Args:
       logits_fn: batched ``(n, ...) -> (n, n_classes)``, samples independent (no
         BatchNorm in training mode).
       x: inputs ``(n, ...)``.
-      labels: integer classes ``(n,)``.
+      labels: integer classes ``(n,)`` in ``[0, n_classes)``; out-of-range labels
+        raise a ValueError when known, and give NaN margins under ``jit``.
 
     Returns:
       ``(n,)`` signed estimates, in the units of ``x``.
@@ -401,16 +406,6 @@ def input_gradient_norms(
     return safe_norm(grads.reshape(x.shape[0], -1), axis=-1)
 
 
-def _as_key(key: jax.Array | int) -> jax.Array:
-    """A typed or legacy ``jax.random`` key, or an int seed (also traced under jit)."""
-    key = jnp.asarray(key)
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return key
-    if key.ndim == 0 and jnp.issubdtype(key.dtype, jnp.integer):
-        return jax.random.key(key)
-    return key
-
-
 def hessian_max_eigenvalue(
     loss_fn: Callable[[Any, Any], jax.Array],
     params: Any,
@@ -455,7 +450,8 @@ def hessian_max_eigenvalue(
       Generalizability of Deep Learning", 2017, §4.3; Pearlmutter, "Fast Exact
       Multiplication by the Hessian", 1994.
     """
-    key = _as_key(key)
+    _common.check_positive_int(n_iterations, "n_iterations", "hessian_max_eigenvalue")
+    key = _common.as_key(key)
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(key, len(leaves))
     v0 = jax.tree.unflatten(

@@ -16,27 +16,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from margin_regs import _common
 
 __all__ = ["one_vs_all_hinge_loss"]
-
-
-def check_label_range(labels: jax.Array, n_classes: int) -> None:
-    """Raise a ValueError unless ``labels`` are integers in ``[0, n_classes)``.
-
-    The range is checked only when the values are known (not under ``jit``).
-    """
-    if not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise ValueError(f"labels must be integer class indices, got {labels.dtype}")
-    try:
-        concrete = np.asarray(labels)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return
-    if concrete.size and (concrete.min() < 0 or concrete.max() >= n_classes):
-        raise ValueError(
-            f"labels must lie in [0, {n_classes}), got values in "
-            f"[{concrete.min()}, {concrete.max()}]"
-        )
 
 
 def one_vs_all_hinge_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -53,8 +36,8 @@ def one_vs_all_hinge_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     Args:
       logits: ``(..., C)`` scores.
       labels: ``(...)`` integer class indices in ``[0, C)``. Out-of-range labels raise
-        a ValueError when their values are known; under ``jit`` such a sample has all
-        targets ``−1``.
+        a ValueError when their values are known; under ``jit`` they cannot be
+        checked and such a sample's loss is NaN (never a finite wrong value).
 
     Returns:
       ``(...)``, the per-sample losses.
@@ -79,6 +62,7 @@ def one_vs_all_hinge_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
             f"and labels {labels.shape}"
         )
     n_classes = logits.shape[-1]
-    check_label_range(labels, n_classes)
+    _common.check_label_range(labels, n_classes)
     targets = 2.0 * jax.nn.one_hot(labels, n_classes, dtype=logits.dtype) - 1.0
-    return jnp.mean(jax.nn.relu(1.0 - targets * logits), axis=-1)
+    loss = jnp.mean(jax.nn.relu(1.0 - targets * logits), axis=-1)
+    return jnp.where(_common.labels_in_range(labels, n_classes), loss, jnp.nan)

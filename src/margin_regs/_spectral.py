@@ -1,11 +1,10 @@
-"""Parameter-space penalties: spectral norm regularization and Eigenvalue Decay.
+"""Spectral norm regularization (Yoshida & Miyato 2017): penalty and transform.
 
-Each penalty is a pure, jittable function of a parameter pytree that returns a
-scalar to add to the loss. The optax transforms in :mod:`margin_regs.transforms`
-add the same penalties' gradients directly: both forms run the one power
-iteration here (:func:`_spectral_triples`), the penalty differentiates ``½(uᵀKv)²``
-with ``u, v`` held fixed and the transform adds its closed form ``σ u vᵀ``
-(:func:`_rank_one`); a test proves the two steps equal.
+Both forms run one power-iteration core (:func:`spectral_triples`): the penalty
+differentiates ``½(uᵀKv)²`` with ``u, v`` held fixed and the transform adds its
+closed form ``σ u vᵀ`` (:func:`rank_one`); a test proves the two steps equal.
+Eigenvalue Decay's fast transform (:mod:`margin_regs._eigenvalue_decay`) runs on the
+same core through :func:`power_iteration_transform`.
 
 Same-shaped kernels are stacked and iterated by one batched matvec, so a network
 of many identical layers costs one small call per shape, not one per layer.
@@ -13,41 +12,33 @@ of many identical layers costs one small call per shape, not one per layer.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
-from margin_regs import _tree
+from margin_regs import _common, _tree
 from margin_regs.linalg import (
     SingularTriple,
     as_matrix,
     converged_singular_triple,
     power_iteration_step,
-    safe_norm,
 )
 
 __all__ = [
-    "eigenvalue_decay_penalty",
+    "PowerIterationState",
     "init_power_iteration",
     "spectral_norm_penalty",
+    "spectral_norm_regularization",
 ]
 
 # One compiled warm start per (batch, fan_in, fan_out), shared by every caller.
 _converged_batch = jax.jit(jax.vmap(converged_singular_triple))
 
 
-def _as_key(key: jax.Array | int) -> jax.Array:
-    """A typed ``jax.random`` key from an int seed, a typed key or a raw ``PRNGKey``."""
-    if isinstance(key, int):
-        return jax.random.key(key)
-    key = jnp.asarray(key)
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return key
-    return jax.random.wrap_key_data(key)
-
-
-def _batched(fn, matrices: list[jax.Array], *args: list[jax.Array]) -> list[Any]:
+def batched(fn, matrices: list[jax.Array], *args: list[jax.Array]) -> list[Any]:
     """``fn`` applied once per (shape, dtype) group of matrices, results per matrix.
 
     ``fn`` gets the group's matrices as a list and the matching ``args`` stacked
@@ -82,7 +73,7 @@ def _flatten_state(selected: Any, state: Any) -> tuple[list, list, Any]:
     return kernels, vectors, treedef
 
 
-def _spectral_triples(
+def spectral_triples(
     selected: Any, vectors: Any, n_power_iterations: int
 ) -> tuple[list[jax.Array], list[SingularTriple], Any]:
     """The shared core: ``n`` power iterations on each selected kernel.
@@ -99,13 +90,13 @@ def _spectral_triples(
     """
     kernels, vectors, treedef = _flatten_state(selected, vectors)
     matrices = [as_matrix(k) for k in kernels]
-    triples = _batched(
+    triples = batched(
         lambda m, v: power_iteration_step(m, v, n_power_iterations), matrices, vectors
     )
     return kernels, triples, treedef
 
 
-def _rank_one(kernel: jax.Array, scale: jax.Array, triple: SingularTriple) -> jax.Array:
+def rank_one(kernel: jax.Array, scale: jax.Array, triple: SingularTriple) -> jax.Array:
     """``scale · u vᵀ`` in the kernel's shape and dtype.
 
     Built as a broadcast product, never materialised on its own under ``jit``: XLA
@@ -150,7 +141,7 @@ def init_power_iteration(
     """
     selected = _tree.select(params, mask)
     kernels, treedef = jax.tree.flatten(selected)
-    key = _as_key(key)
+    key = _common.as_key(key)
     matrices = [as_matrix(k) for k in kernels]
     vectors: list[jax.Array] = [None] * len(matrices)  # type: ignore[list-item]
     for idx in _tree.group_by_shape(matrices).values():
@@ -213,7 +204,10 @@ def spectral_norm_penalty(
       Yoshida & Miyato, "Spectral Norm Regularization for Improving the
       Generalizability of Deep Learning", 2017, Algorithm 1.
     """
-    kernels, triples, treedef = _spectral_triples(
+    _common.check_positive_int(
+        n_power_iterations, "n_power_iterations", "spectral_norm_penalty"
+    )
+    kernels, triples, treedef = spectral_triples(
         _tree.select(params, mask), state, n_power_iterations
     )
     value = jnp.zeros([], jnp.float32)
@@ -225,71 +219,119 @@ def spectral_norm_penalty(
     return value, treedef.unflatten([t.v for t in triples])
 
 
-def _eigenvalue_decay_sigma(
-    matrices: list[jax.Array], n_power_iterations: int
-) -> jax.Array:
-    """``sqrt(λ_dom(KᵀK))`` of same-shaped matrices by the seed's power method,
-    normalised per iteration."""
-    fan_out = matrices[0].shape[-1]
-    ones = jnp.full((len(matrices), fan_out), fan_out**-0.5, jnp.float32)
-    # σ(K) = s·σ(K/s) with s = max|K| held constant: the backward pass through the
-    # normalised iterations multiplies 1/‖K v‖-sized factors, which overflow float32
-    # for tiny kernels (σ ≈ 1e-12) unless the iterations see K at unit scale.
-    scales = [
-        jax.lax.stop_gradient(jnp.max(jnp.abs(m))).astype(jnp.float32) for m in matrices
-    ]
-    scales = [jnp.where(s > 0, s, 1.0) for s in scales]
-    unit = [m.astype(jnp.float32) / s for m, s in zip(matrices, scales, strict=True)]
-    # v ← normalize(Kᵀ normalize(K v)) points along M v = Kᵀ(K v): the seed's
-    # iterate M^p 1, rescaled so that no float32 power of λ can overflow or vanish.
-    v = power_iteration_step(unit, ones, n_power_iterations).v
-    kv = jnp.stack([m @ v[i] for i, m in enumerate(unit)])
-    # The Rayleigh quotient (Mv·v)/(v·v) = ‖Kv‖²/‖v‖², square-rooted.
-    return jnp.stack(scales) * safe_norm(kv) / safe_norm(v)
+class PowerIterationState(NamedTuple):
+    """State of the power-iteration transforms.
+
+    Attributes:
+      count: int32 number of updates so far (the argument of a ``coeff`` schedule).
+      vectors: the persisted unit right singular vectors, float32 ``(fan_out,)`` per
+        selected kernel, as built by :func:`margin_regs.init_power_iteration`.
+    """
+
+    count: jax.Array
+    vectors: Any
 
 
-def eigenvalue_decay_penalty(
-    params: Any, *, n_power_iterations: int = 9, mask: _tree.Mask = None
-) -> jax.Array:
-    """Eigenvalue Decay: the sum of each kernel's estimated ``sqrt(λ_dom(KᵀK))``.
+def power_iteration_transform(
+    name: str,
+    coeff: optax.ScalarOrSchedule,
+    n_power_iterations: int,
+    mask: _tree.Mask,
+    key: jax.Array | int,
+    weight: Callable[[jax.Array], jax.Array],
+) -> optax.GradientTransformationExtraArgs:
+    """Adds ``coeff · weight(σ) · u vᵀ`` to each selected kernel's update."""
+    _common.check_coeff(coeff, "coeff", name)
+    _common.check_positive_int(n_power_iterations, "n_power_iterations", name)
+    # Converted here, so that a bad key fails where the transform is built.
+    key = _common.as_key(key)
 
-    The seed's formulation (Ludwig 2016, eqs. 25–26, and the Keras code): with
-    ``M = KᵀK`` (fan_out × fan_out, the paper's ``W Wᵀ`` with ``W = Kᵀ``), applied
-    matrix-free as ``Kᵀ(K v)``::
+    def init_fn(params):
+        # Inside optax.masked every leaf present is selected; `True` still rejects
+        # a 1-D leaf that a user's mask picked.
+        return PowerIterationState(
+            count=jnp.zeros([], jnp.int32),
+            vectors=init_power_iteration(params, key, mask=True),
+        )
 
-        v = M^p 1,    λ = (M v · v) / (v · v),    value = Σ_K sqrt(λ) ≈ Σ_K σ(K)
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        if params is None:
+            raise _common.needs_params(name)
+        _, triples, treedef = spectral_triples(
+            params, state.vectors, n_power_iterations
+        )
+        c = _common.coeff_at(coeff, state.count)
+        grads = treedef.flatten_up_to(updates)
+        new_updates = [
+            g + rank_one(g, c * weight(t.sigma), t)
+            for g, t in zip(grads, triples, strict=True)
+        ]
+        new_state = PowerIterationState(
+            count=optax.safe_increment(state.count),
+            vectors=treedef.unflatten([t.v for t in triples]),
+        )
+        return treedef.unflatten(new_updates), new_state
 
-    differentiated through the ``p`` iterations. Each iteration is normalised,
-    which leaves ``λ`` unchanged but keeps float32 finite where the unnormalised
-    original under- or overflows (σ ≈ 0.02 or σ ≈ 18 already give NaN there).
+    inner = optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.masked(inner, _tree.default_mask if mask is None else mask)
+
+
+def spectral_norm_regularization(
+    coeff: optax.ScalarOrSchedule,
+    *,
+    n_power_iterations: int = 1,
+    mask: _tree.Mask = None,
+    key: jax.Array | int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    """Spectral norm regularization: add ``coeff · σ u vᵀ`` to each kernel's update.
+
+    The gradient of ``coeff/2 · Σ σ(K)²`` (Yoshida & Miyato 2017, Alg. 1), with
+    ``(σ, u, v)`` from ``n_power_iterations`` of power iteration per step from the
+    vector persisted in the state (warm-started to convergence in ``init``)::
+
+        g_K ← g_K + coeff · σ(K) u vᵀ
+
+    The same maths as ``jax.grad`` of ``coeff * spectral_norm_penalty(...)[0]``,
+    without a second pass through the loss.
 
     Args:
-      params: a pytree of arrays.
-      n_power_iterations: ``p``, a Python int ≥ 1 (the paper: 9).
+      coeff: the paper's λ: a float, an array or an optax schedule of the step
+        count, as in ``optax.add_decayed_weights``.
+      n_power_iterations: iterations per step, a Python int ≥ 1 (the paper: 1).
       mask: a pytree of bools or a callable, as in ``optax.masked``; by default
-        every leaf with ``ndim >= 2``.
+        every leaf with ``ndim >= 2`` (kernels, not biases).
+      key: a ``jax.random`` key or an int seed for the starting vectors.
 
     Returns:
-      A float32 scalar; add ``C · value`` to the loss.
+      An ``optax.GradientTransformationExtraArgs`` wrapped in ``optax.masked``; its
+      inner state is a :class:`PowerIterationState`. Under
+      ``optax.inject_hyperparams`` pass ``static_args=("n_power_iterations",
+      "key", "mask")``.
 
     Example:
-      >>> import jax
       >>> import jax.numpy as jnp
+      >>> import optax
       >>> import margin_regs as mr
-      >>> params = {"w": jnp.array([[2.0, 0.0], [0.0, 1.0]]), "b": jnp.zeros(2)}
-      >>> round(float(mr.eigenvalue_decay_penalty(params)), 3)
-      2.0
-      >>> g = jax.grad(mr.eigenvalue_decay_penalty)(params)
-      >>> bool(jnp.allclose(g["w"], jnp.array([[1.0, 0.0], [0.0, 0.0]]), atol=1e-4))
+      >>> params = {"w": jnp.diag(jnp.array([3.0, 1.0])), "b": jnp.ones(2)}
+      >>> tx = optax.chain(mr.spectral_norm_regularization(0.1), optax.sgd(1.0))
+      >>> state = tx.init(params)
+      >>> grads = {"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)}
+      >>> updates, state = tx.update(grads, state, params)
+      >>> bool(jnp.allclose(updates["w"], jnp.array([[-0.3, 0.0], [0.0, 0.0]])))
+      True
+      >>> bool(jnp.all(updates["b"] == 0))
       True
 
     References:
-      Ludwig, "Deep Learning with Eigenvalue Decay Regularizer",
-      arXiv:1604.06985, 2016, §4, eqs. (25)–(26).
+      Yoshida & Miyato, "Spectral Norm Regularization for Improving the
+      Generalizability of Deep Learning", 2017, Algorithm 1.
     """
-    kernels = jax.tree.leaves(_tree.select(params, mask))
-    matrices = [as_matrix(k) for k in kernels]
-    sigmas = _batched(
-        lambda m: _eigenvalue_decay_sigma(m, n_power_iterations), matrices
+    return power_iteration_transform(
+        "spectral_norm_regularization",
+        coeff,
+        n_power_iterations,
+        mask,
+        key,
+        weight=lambda sigma: sigma,
     )
-    return sum(sigmas, jnp.zeros([], jnp.float32))

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from margin_regs import _tree, linalg
+from margin_regs import _common, _tree, linalg
 
 __all__ = [
     "L1PenaltyState",
@@ -35,12 +35,6 @@ __all__ = [
     "max_norm_constraint",
     "perturb_weights",
 ]
-
-
-def _as_key(key: jax.Array | int) -> jax.Array:
-    if isinstance(key, int):
-        return jax.random.key(key)
-    return key
 
 
 def _selected_mask(mask: _tree.Mask) -> Any:
@@ -128,6 +122,7 @@ def add_l1_penalty(
     References:
       Goodfellow, Bengio & Courville, "Deep Learning", 2016, §7.1.2.
     """
+    _common.check_coeff(coeff, "coeff", "add_l1_penalty")
 
     def init_fn(params):
         del params
@@ -136,8 +131,8 @@ def add_l1_penalty(
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         if params is None:
-            raise ValueError("add_l1_penalty needs `params` in update()")
-        c = coeff(state.count) if callable(coeff) else coeff
+            raise _common.needs_params("add_l1_penalty")
+        c = _common.coeff_at(coeff, state.count)
         updates = jax.tree.map(
             lambda g, w: (g + c * jnp.sign(w)).astype(g.dtype), updates, params
         )
@@ -196,6 +191,7 @@ def max_norm_constraint(
       Srivastava et al., "Dropout: A Simple Way to Prevent Neural Networks from
       Overfitting", JMLR 2014, §5.1.
     """
+    _common.check_positive(max_norm, "max_norm", "max_norm_constraint")
 
     def init_fn(params):
         del params
@@ -223,7 +219,7 @@ def max_norm_constraint(
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         if params is None:
-            raise ValueError("max_norm_constraint needs `params` in update()")
+            raise _common.needs_params("max_norm_constraint")
         return jax.tree.map_with_path(project, updates, params), state
 
     return optax.masked(
@@ -273,9 +269,10 @@ def perturb_weights(
       Goodfellow, Bengio & Courville, "Deep Learning", 2016, §7.5.
       Graves, "Practical Variational Inference for Neural Networks", NeurIPS 2011.
     """
+    _common.check_coeff(stddev, "stddev", "perturb_weights")
     full = _tree.resolve_mask(mask, params)
     leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(_as_key(key), len(leaves))
+    keys = jax.random.split(_common.as_key(key), len(leaves))
     noisy = [
         add_input_noise(w, k, stddev) if m else w
         for m, w, k in zip(jax.tree.leaves(full), leaves, keys, strict=True)
@@ -310,10 +307,11 @@ def add_input_noise(
     References:
       Goodfellow, Bengio & Courville, "Deep Learning", 2016, §7.4.
     """
+    _common.check_coeff(stddev, "stddev", "add_input_noise")
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"add_input_noise needs a floating x, got dtype {x.dtype}")
-    noise = jax.random.normal(_as_key(key), x.shape, jnp.float32)
+    noise = jax.random.normal(_common.as_key(key), x.shape, jnp.float32)
     return (x + (stddev * noise).astype(x.dtype)).astype(x.dtype)
 
 

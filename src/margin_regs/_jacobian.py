@@ -21,8 +21,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from margin_regs import _common
 from margin_regs.linalg import safe_norm
-from margin_regs.losses import check_label_range
 
 __all__ = [
     "adversarial_loss",
@@ -56,7 +56,7 @@ def per_sample_input_gradients(
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from margin_regs.jacobian import per_sample_input_gradients
+      >>> from margin_regs._jacobian import per_sample_input_gradients
       >>> x = jnp.array([[1.0, 2.0], [3.0, 4.0]])
       >>> per_sample_input_gradients(lambda b: jnp.sum(b**2, axis=1), x).tolist()
       [[2.0, 4.0], [6.0, 8.0]]
@@ -96,14 +96,6 @@ def _check_logits_shape(shape: tuple[int, ...], n: int) -> int:
     return shape[1]
 
 
-def _as_key(key: jax.Array | int | None, what: str) -> jax.Array:
-    if key is None:
-        raise ValueError(f"{what} needs a key (a jax.random key or an int seed)")
-    if isinstance(key, int):
-        return jax.random.key(key)
-    return key
-
-
 def _row_norms(rows: jax.Array) -> jax.Array:
     """‖·‖₂ over everything after the leading ``k`` (and sample) axes ``(k, n, ...)``."""
     return safe_norm(rows.reshape(*rows.shape[:2], -1), axis=-1)
@@ -132,7 +124,7 @@ def _class_indices(
         if classes == "all":
             return None
         if classes == "random":
-            key = _as_key(key, 'classes="random"')
+            key = _common.as_key(key, 'classes="random"')
             return jax.random.randint(key, (n,), 0, n_classes)
         raise ValueError(
             f'classes must be "random", "all" or integer labels (n,), got {classes!r}'
@@ -140,7 +132,7 @@ def _class_indices(
     labels = jnp.asarray(classes)
     if labels.shape != (n,):
         raise ValueError(f"labels must have shape ({n},), got {labels.shape}")
-    check_label_range(labels, n_classes)
+    _common.check_label_range(labels, n_classes)
     return labels
 
 
@@ -209,7 +201,7 @@ def jacobian_margin_penalty(
         n_classes)``, so pass a fresh key every step), ``"all"`` (sum over the
         classes) or integer labels ``(n,)``. Labels outside ``[0, n_classes)`` raise a
         ValueError when their values are known; under ``jit`` they cannot be checked
-        and such a sample contributes 0 (its one-hot row is zero).
+        and such a sample makes the penalty NaN (never a finite wrong value).
       key: a jax.random key or an int seed, for ``classes="random"``.
       classifier: the last layer's kernel ``(fan_in, n_classes)``; without it, no
         normalisation (``‖v_c‖ = 1``). A zero column contributes 0.
@@ -248,13 +240,16 @@ def jacobian_margin_penalty(
         if chosen is None:
             return jnp.mean(jnp.sum(norms, axis=1))
         picked = jax.nn.one_hot(chosen, n_classes, dtype=norms.dtype)
-        return jnp.mean(jnp.sum(norms * picked, axis=1))
-
-    if chosen is None:
+        per_sample = jnp.sum(norms * picked, axis=1)
+    elif chosen is None:
         w = jnp.broadcast_to(jnp.diag(weights)[:, None, :], (n_classes, n, n_classes))
         return jnp.mean(jnp.sum(_row_norms(_batched_vjp_rows(logits_fn, x, w)), axis=0))
-    w = jax.nn.one_hot(chosen, n_classes) * weights
-    return jnp.mean(_row_norms(_batched_vjp_rows(logits_fn, x, w[None])))
+    else:
+        w = jax.nn.one_hot(chosen, n_classes) * weights
+        per_sample = _row_norms(_batched_vjp_rows(logits_fn, x, w[None]))[0]
+    # An out-of-range label (unchecked under jit) has a zero one-hot row: NaN, not 0.
+    valid = _common.labels_in_range(chosen, n_classes)
+    return jnp.mean(jnp.where(valid, per_sample, jnp.nan))
 
 
 def jacobian_frobenius_penalty(
@@ -302,11 +297,12 @@ def jacobian_frobenius_penalty(
         w = jnp.broadcast_to(jnp.eye(n_classes)[:, None, :], (n_classes, n, n_classes))
         rows = _batched_vjp_rows(logits_fn, x, w)
         return jnp.mean(jnp.sum(rows.reshape(n_classes, n, -1) ** 2, axis=(0, 2)))
-    if not isinstance(n_projections, int) or n_projections < 1:
-        raise ValueError(
-            f"n_projections must be a Python int >= 1 or None, got {n_projections!r}"
-        )
-    key = _as_key(key, "a random-projection estimate (n_projections is not None)")
+    _common.check_positive_int(
+        n_projections, "n_projections", "jacobian_frobenius_penalty"
+    )
+    key = _common.as_key(
+        key, "a random-projection estimate (n_projections is not None)"
+    )
     v = jax.random.normal(key, (n_projections, n, n_classes))
     v = v / jnp.linalg.norm(v, axis=-1, keepdims=True)
     rows = _batched_vjp_rows(logits_fn, x, v)
@@ -390,15 +386,10 @@ def adversarial_loss(
       Szegedy, "Explaining and Harnessing Adversarial Examples", ICLR 2015.
     """
     x = _check_input(x)
-    for name, value, low, high in (
-        ("epsilon", epsilon, 0, None),
-        ("alpha", alpha, 0, 1),
-    ):
-        if isinstance(value, int | float) and (
-            value < low or (high is not None and value > high)
-        ):
-            bounds = f"[{low}, {high}]" if high is not None else f">= {low}"
-            raise ValueError(f"{name} must be {bounds}, got {value}")
+    _common.check_coeff(epsilon, "epsilon", "adversarial_loss")
+    _common.check_coeff(alpha, "alpha", "adversarial_loss")
+    if _common.is_number(alpha) and alpha > 1:
+        raise ValueError(f"adversarial_loss: alpha must be in [0, 1], got {alpha!r}")
     clean, grads = _values_and_input_gradients(lambda b: loss_fn(b, y), x)
     grads = jax.lax.stop_gradient(grads).reshape(x.shape[0], -1)
     norms = safe_norm(grads, axis=1, keepdims=True)
