@@ -36,11 +36,11 @@ import os
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
+from margin_regs.data import load_digits, prepare
+from margin_regs.models import logits_fn, make_model
 
 import margin_regs as mr
 from margin_regs import bench, experiment
-from margin_regs.data import load_digits, prepare
-from margin_regs.models import logits_fn, make_model
 
 # The test suite sets MARGIN_REGS_SMOKE=1 to run every notebook on tiny settings.
 SMOKE = os.environ.get("MARGIN_REGS_SMOKE") == "1"

@@ -29,11 +29,11 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
+from margin_regs.data import load_digits, prepare
+from margin_regs.models import classifier_kernel
 
 import margin_regs as mr
 from margin_regs import experiment
-from margin_regs.data import load_digits, prepare
-from margin_regs.models import classifier_kernel
 
 # The test suite sets MARGIN_REGS_SMOKE=1 to run every notebook on tiny settings.
 SMOKE = os.environ.get("MARGIN_REGS_SMOKE") == "1"

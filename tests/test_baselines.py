@@ -7,8 +7,8 @@ import optax
 import pytest
 
 import margin_regs as mr
-from margin_regs import experiment as ex
-from margin_regs.data import load_digits, prepare
+from margin_regs.experiments import training as ex
+from margin_regs.experiments.data import load_digits, prepare
 
 
 def _params(rng, scale=1.0):
