@@ -405,8 +405,11 @@ def measure(
     """Median paired ratios ``B/A`` and ``A'/A`` over interleaved random-order blocks.
 
     Args:
-      baseline, null, case: the steppers ``A``, ``A'`` and ``B``.
-      x, y: the batch every step sees.
+      baseline: the stepper ``A`` (plain SGD).
+      null: ``A'``, a separately compiled copy of ``A``.
+      case: the stepper ``B`` being measured.
+      x: the batch's inputs, seen by every step.
+      y: the batch's labels.
       rounds: paired rounds; each times one block of each stepper, in random order.
       block_seconds: the target length of a baseline block, which sets the steps
         per block (at least one).
