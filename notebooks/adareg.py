@@ -36,16 +36,17 @@ import numpy as np
 import optax
 
 import margin_regs as mr
-from margin_regs import experiment
-from margin_regs.data import load_digits, prepare
-from margin_regs.models import classifier_mask
+from margin_regs.experiments import training
+from margin_regs.experiments.data import load_digits, prepare
+from margin_regs.experiments.models import classifier_mask
+from margin_regs.experiments.recipes import RECIPES, Recipe
 
 # The test suite sets MARGIN_REGS_SMOKE=1 to run every notebook on tiny settings.
 SMOKE = os.environ.get("MARGIN_REGS_SMOKE") == "1"
 TRAIN_SIZES = (128,) if SMOKE else (128, 256, 512, 1080)
 EPOCHS = 3 if SMOKE else 60
 LAMBDA, LOWER, UPPER = 1e-3, 1e-2, 1e2
-config = experiment.TrainConfig(model="mlp", epochs=EPOCHS, batch_size=32)
+config = training.TrainConfig(model="mlp", epochs=EPOCHS, batch_size=32)
 full = load_digits()
 
 # %% [markdown]
@@ -56,7 +57,7 @@ full = load_digits()
 
 # %%
 def adareg_recipe(coeff):
-    return experiment.Recipe(
+    return Recipe(
         "matrix-normal prior on the classifier's kernel, re-solved every epoch",
         "Zhao et al. Alg. 1, last layer only (App. B.3)",
         coeff=coeff,
@@ -71,8 +72,8 @@ def adareg_recipe(coeff):
 
 
 recipes = {
-    "vanilla": experiment.RECIPES["vanilla"],
-    "weight decay": experiment.Recipe(
+    "vanilla": RECIPES["vanilla"],
+    "weight decay": Recipe(
         "L2 on the classifier's kernel",
         "Zhao et al. Fig. 4 baseline",
         coeff=LAMBDA,
@@ -82,7 +83,7 @@ recipes = {
     "AdaReg λ=1e-4": adareg_recipe(1e-4),
 }
 runs = {
-    (size, name): experiment.run(
+    (size, name): training.run(
         name, prepare(full, train_size=size, seed=0), config=config, recipes=recipes
     )
     for size in TRAIN_SIZES

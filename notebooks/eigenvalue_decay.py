@@ -38,9 +38,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import margin_regs as mr
-from margin_regs import bench, experiment
-from margin_regs.data import load_digits, prepare
-from margin_regs.models import logits_fn, make_model
+from margin_regs.experiments import bench, training
+from margin_regs.experiments.data import load_digits, prepare
+from margin_regs.experiments.models import logits_fn, make_model
+from margin_regs.experiments.recipes import RECIPES, Recipe
 
 # The test suite sets MARGIN_REGS_SMOKE=1 to run every notebook on tiny settings.
 SMOKE = os.environ.get("MARGIN_REGS_SMOKE") == "1"
@@ -49,7 +50,7 @@ SEEDS = (0,) if SMOKE else (0, 1)
 C = 0.03
 
 data = prepare(load_digits(), seed=0)
-config = experiment.TrainConfig(model="mlp", epochs=EPOCHS, batch_size=32)
+config = training.TrainConfig(model="mlp", epochs=EPOCHS, batch_size=32)
 
 # %% [markdown]
 # ## Two recipes for the same regularizer
@@ -59,8 +60,8 @@ config = experiment.TrainConfig(model="mlp", epochs=EPOCHS, batch_size=32)
 
 # %%
 recipes = {
-    **experiment.RECIPES,
-    "eigenvalue_decay_fast": experiment.Recipe(
+    **RECIPES,
+    "eigenvalue_decay_fast": Recipe(
         "Eigenvalue Decay as an optax transform: adds C·u vᵀ, 1 persisted power iteration",
         "Ludwig et al.; margin_regs.eigenvalue_decay",
         coeff=C,
@@ -70,7 +71,7 @@ recipes = {
 }
 methods = {"vanilla": None, "eigenvalue_decay": C, "eigenvalue_decay_fast": C}
 runs = {
-    (name, seed): experiment.run(
+    (name, seed): training.run(
         name, data, seed=seed, config=config, coeff=coeff, recipes=recipes
     )
     for name, coeff in methods.items()
@@ -110,7 +111,7 @@ for name in methods:
 # ## Cost
 #
 # An epoch on the digits takes milliseconds, too little to time reliably on a
-# shared CPU. `margin_regs.bench` times training steps side by side instead, at the
+# shared CPU. `margin_regs.experiments.bench` times training steps side by side instead, at the
 # MNIST scale of the papers (a 784-392-392-10 MLP, batch 128): blocks of plain SGD
 # steps (`A`), regularized steps (`B`) and a second copy of plain SGD (`A'`, the null
 # control) run interleaved in random order; the figure is the median paired ratio

@@ -31,16 +31,17 @@ import numpy as np
 import optax
 
 import margin_regs as mr
-from margin_regs import experiment
-from margin_regs.data import load_digits, prepare
-from margin_regs.models import classifier_kernel
+from margin_regs.experiments import training
+from margin_regs.experiments.data import load_digits, prepare
+from margin_regs.experiments.models import classifier_kernel
+from margin_regs.experiments.recipes import Recipe
 
 # The test suite sets MARGIN_REGS_SMOKE=1 to run every notebook on tiny settings.
 SMOKE = os.environ.get("MARGIN_REGS_SMOKE") == "1"
 TRAIN_SIZES = (64,) if SMOKE else (128, 256, 512)
 SEEDS = (0,) if SMOKE else (0, 1)
 EPOCHS = 3 if SMOKE else 100
-config = experiment.TrainConfig(
+config = training.TrainConfig(
     model="mlp", epochs=EPOCHS, batch_size=32, learning_rate=0.05
 )
 full = load_digits()
@@ -69,8 +70,8 @@ def large_margin_penalty(ctx, coeff):
 
 
 recipes = {
-    "no reg.": experiment.Recipe("hinge loss", "Sokolić et al. Table I", loss=hinge),
-    "WD": experiment.Recipe(
+    "no reg.": Recipe("hinge loss", "Sokolić et al. Table I", loss=hinge),
+    "WD": Recipe(
         "hinge + weight decay",
         "Sokolić et al. Table I",
         coeff=1e-3,
@@ -79,7 +80,7 @@ recipes = {
             c, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
         ),
     ),
-    "LM": experiment.Recipe(
+    "LM": Recipe(
         "hinge + Jacobian large-margin penalty",
         "Sokolić et al. eq. (26), Table I",
         coeff=0.3,
@@ -88,7 +89,7 @@ recipes = {
     ),
 }
 runs = {
-    (size, name, seed): experiment.run(
+    (size, name, seed): training.run(
         name,
         prepare(full, train_size=size, seed=seed),
         seed=seed,

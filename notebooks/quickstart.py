@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 
 import margin_regs as mr
-from margin_regs.data import load_digits, prepare
+from margin_regs.experiments.data import load_digits, prepare
 
 # The test suite sets MARGIN_REGS_SMOKE=1 to run every notebook on tiny settings.
 SMOKE = os.environ.get("MARGIN_REGS_SMOKE") == "1"

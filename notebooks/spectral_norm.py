@@ -21,7 +21,7 @@
 # spectral, one power iteration per step), its optimizer (Nesterov SGD, momentum
 # 0.9, learning rate ÷10 after 1/2 and 3/4 of training) and its two regimes, a small
 # batch (64) and a large one (512, with a 10× larger learning rate, as the paper
-# does). Every run uses the shared training loop of `margin_regs.experiment`.
+# does). Every run uses the shared training loop of `margin_regs.experiments.training`.
 
 # %%
 import os
@@ -33,8 +33,9 @@ import numpy as np
 import optax
 
 import margin_regs as mr
-from margin_regs import experiment
-from margin_regs.data import load_digits, prepare
+from margin_regs.experiments import training
+from margin_regs.experiments.data import load_digits, prepare
+from margin_regs.experiments.recipes import RECIPES
 
 # The test suite sets MARGIN_REGS_SMOKE=1 to run every notebook on tiny settings.
 SMOKE = os.environ.get("MARGIN_REGS_SMOKE") == "1"
@@ -50,7 +51,7 @@ print(
 # %% [markdown]
 # ## Training, with the input-gradient norm measured after every epoch
 #
-# `experiment.get_trainer` returns the shared jitted epoch (one `lax.scan` over the
+# `training.get_trainer` returns the shared jitted epoch (one `lax.scan` over the
 # minibatches) and evaluator for a recipe; stepping it epoch by epoch lets us
 # measure `‖∇ₓ L‖` on the training and test sets at each epoch (Fig. 2).
 
@@ -71,11 +72,11 @@ def make_gradient_norm(model):
 
 
 def train(method, batch_size, learning_rate, seed=0):
-    config = experiment.TrainConfig(
+    config = training.TrainConfig(
         model="mlp", epochs=EPOCHS, batch_size=batch_size, learning_rate=learning_rate
     )
-    recipe = experiment.RECIPES[method]
-    trainer = experiment.get_trainer(
+    recipe = RECIPES[method]
+    trainer = training.get_trainer(
         recipe, recipe.coeff, config, data.num_classes, len(data.x_train)
     )
     gradient_norm = make_gradient_norm(trainer.model)

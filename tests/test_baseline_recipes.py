@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 import margin_regs as mr
-from margin_regs import experiment as ex
-from margin_regs.data import load_digits, prepare
+from margin_regs.experiments import training as ex
+from margin_regs.experiments.data import load_digits, prepare
 
 # ---------------------------------------------------------------- recipes end to end
-# The setting of tests/test_experiment.py, so that in one pytest process the cached
+# The setting of tests/test_training.py, so that in one pytest process the cached
 # vanilla Trainer and the Evaluator compile once for both modules. max_norm and
 # early_stopping are tested there, every recipe's run through `compare` in test_cli.
 

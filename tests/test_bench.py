@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from margin_regs import bench
+from margin_regs.experiments import bench
 
 
 def matmul_stepper(repeats):

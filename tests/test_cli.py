@@ -3,11 +3,14 @@
 import contextlib
 import io
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from margin_regs import cli, experiment
+import margin_regs
+from margin_regs.experiments import cli, recipes
 
 TINY = ["--train-size", "64", "--epochs", "2", "--batch-size", "16", "--no-progress"]
 
@@ -138,7 +141,7 @@ def test_help_documents_every_option_and_regularizer(capsys):
         assert option in text
     for option in ("--seeds", "--regularizers", "--coeff", "--patience", "--out"):
         assert option in text
-    for name, recipe in experiment.RECIPES.items():
+    for name, recipe in recipes.RECIPES.items():
         assert f"  {name}" in text
         assert recipe.reference.split()[0] in text
 
@@ -148,3 +151,52 @@ def test_bench_is_handed_to_the_harness(capsys):
         cli.main(["bench", "--help"])
     assert info.value.code == 0
     assert "--quick" in capsys.readouterr().out
+
+
+# A child interpreter in which the experiments extra's modules cannot be imported.
+WITHOUT_EXTRAS = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ImportError(name)
+sys.meta_path.insert(0, Block())
+import margin_regs
+from margin_regs.experiments import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _without_extras(*argv):
+    blocked = (*cli.EXTRA_MODULES, "pandas")
+    return subprocess.run(
+        [sys.executable, "-c", WITHOUT_EXTRAS.format(blocked=blocked), *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_core_install_names_the_extra_and_prints_the_version():
+    result = _without_extras("compare", "--epochs", "1")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "margin-regs compare needs the experiments extra (missing: "
+        + ", ".join(cli.EXTRA_MODULES)
+        + "): pip install 'margin_regs[experiments]'"
+    ]
+    assert "Traceback" not in result.stderr
+    version = _without_extras("--version")
+    assert version.returncode == 0
+    assert version.stdout.strip() == f"margin-regs {margin_regs.__version__}"
+
+
+def test_the_module_runs_as_a_script():
+    result = subprocess.run(
+        [sys.executable, "-m", "margin_regs.experiments.cli", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"margin-regs {margin_regs.__version__}"

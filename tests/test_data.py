@@ -10,7 +10,7 @@ import pytest
 from mnist1d.data import get_dataset_args, make_dataset
 from sklearn.datasets import load_digits as sk_load_digits
 
-from margin_regs import data
+from margin_regs.experiments import data
 
 
 def _rows(x):

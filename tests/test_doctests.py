@@ -8,10 +8,11 @@ import pytest
 
 import margin_regs
 
+# The harness subpackage's modules too (walk_packages recurses into it).
 MODULES = sorted(
     m.name
-    for m in pkgutil.iter_modules(margin_regs.__path__, "margin_regs.")
-    if m.name != "margin_regs.__main__"
+    for m in pkgutil.walk_packages(margin_regs.__path__, "margin_regs.")
+    if not m.name.endswith("__main__")
 )
 
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from margin_regs import models
+from margin_regs.experiments import models
 
 SHAPES = {"mnist1d": (40, 1), "digits": (8, 8, 1), "mnist": (28, 28, 1)}
 

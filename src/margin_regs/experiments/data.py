@@ -94,7 +94,7 @@ def load_digits(*, test_size: int = 597) -> Dataset:
       A :class:`Dataset` with inputs ``(n, 8, 8, 1)``.
 
     Example:
-      >>> from margin_regs.data import load_digits
+      >>> from margin_regs.experiments.data import load_digits
       >>> ds = load_digits()
       >>> ds.x_train.shape, ds.x_test.shape, ds.num_classes
       ((1200, 8, 8, 1), (597, 8, 8, 1), 10)
@@ -126,7 +126,7 @@ def load_mnist1d(*, num_samples: int = 5000, seed: int = 42) -> Dataset:
       A :class:`Dataset` with inputs ``(n, 40, 1)``.
 
     Example:
-      >>> from margin_regs.data import load_mnist1d
+      >>> from margin_regs.experiments.data import load_mnist1d
       >>> ds = load_mnist1d(num_samples=100)
       >>> ds.x_train.shape, ds.x_test.shape
       ((80, 40, 1), (20, 40, 1))
@@ -199,7 +199,7 @@ def load_idx(path: str) -> np.ndarray:
 
     Example:
       >>> import numpy as np, tempfile, os
-      >>> from margin_regs.data import load_idx
+      >>> from margin_regs.experiments.data import load_idx
       >>> path = os.path.join(tempfile.mkdtemp(), "labels-idx1-ubyte")
       >>> with open(path, "wb") as f:
       ...     _ = f.write(bytes([0, 0, 8, 1, 0, 0, 0, 3, 7, 1, 4]))
@@ -269,11 +269,11 @@ def load_mnist_idx(directory: str) -> Dataset:
 
     Example:
       >>> import numpy as np, tempfile
-      >>> from margin_regs.data import load_mnist_idx
+      >>> from margin_regs.experiments.data import load_mnist_idx
       >>> load_mnist_idx(tempfile.mkdtemp())  # doctest: +ELLIPSIS
       Traceback (most recent call last):
       ...
-      margin_regs.data.DatasetError: .../train-images-idx3-ubyte: missing ...
+      margin_regs.experiments.data.DatasetError: .../train-images-idx3-ubyte: missing ...
     """
     arrays = {}
     for key, stem in _IDX_NAMES.items():
@@ -375,11 +375,11 @@ def load_cifar10(directory: str) -> Dataset:
 
     Example:
       >>> import tempfile
-      >>> from margin_regs.data import load_cifar10
+      >>> from margin_regs.experiments.data import load_cifar10
       >>> load_cifar10(tempfile.mkdtemp())  # doctest: +ELLIPSIS
       Traceback (most recent call last):
       ...
-      margin_regs.data.DatasetError: ...test_batch: missing ...
+      margin_regs.experiments.data.DatasetError: ...test_batch: missing ...
     """
     nested = os.path.join(directory, "cifar-10-batches-py")
     if os.path.isdir(nested):
@@ -431,7 +431,7 @@ def load_npz(path: str, *, test_fraction: float = 0.2) -> Dataset:
 
     Example:
       >>> import numpy as np, tempfile, os
-      >>> from margin_regs.data import load_npz
+      >>> from margin_regs.experiments.data import load_npz
       >>> path = os.path.join(tempfile.mkdtemp(), "toy.npz")
       >>> np.savez(path, x=np.zeros((10, 3)), y=np.arange(10) % 2)
       >>> ds = load_npz(path)
@@ -512,7 +512,7 @@ def load(source: str) -> Dataset:
       DatasetError: if the path does not exist or holds no known format.
 
     Example:
-      >>> from margin_regs.data import load
+      >>> from margin_regs.experiments.data import load
       >>> load("digits").input_shape
       (8, 8, 1)
     """
@@ -570,7 +570,7 @@ def prepare(
       ValueError: if ``train_size`` exceeds what is left after the validation split.
 
     Example:
-      >>> from margin_regs.data import load_digits, prepare
+      >>> from margin_regs.experiments.data import load_digits, prepare
       >>> ds = prepare(load_digits(), train_size=256, seed=0)
       >>> len(ds.x_train), len(ds.x_val), len(ds.x_test)
       (256, 120, 597)

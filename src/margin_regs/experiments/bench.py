@@ -31,26 +31,17 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from margin_regs._adareg import adareg, mask_by_path
-from margin_regs.jacobian import (
-    adversarial_loss,
-    input_gradient_penalty,
-    jacobian_frobenius_penalty,
-    jacobian_margin_penalty,
+import margin_regs as mr
+from margin_regs.experiments.models import (
+    classifier_kernel,
+    classifier_mask,
+    make_model,
 )
-from margin_regs.linalg import singular_values
-from margin_regs.penalties import (
-    eigenvalue_decay_penalty,
-    init_power_iteration,
-    spectral_norm_penalty,
-)
-from margin_regs.transforms import eigenvalue_decay, spectral_norm_regularization
 
 __all__ = [
     "CASES",
@@ -74,29 +65,10 @@ LEARNING_RATE = 0.01
 COEFF = 0.01
 
 
-class MLP(nn.Module):
-    """784-392-392-10 with ReLU (Yoshida & Miyato's and Sokolić's MNIST sizes)."""
-
-    @nn.compact
-    def __call__(self, x):
-        x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(392)(x))
-        x = nn.relu(nn.Dense(392)(x))
-        return nn.Dense(10)(x)
-
-
-class CNN(nn.Module):
-    """conv32 5×5 → pool → conv32 5×5 → pool → dense10, on 28×28×1 inputs."""
-
-    @nn.compact
-    def __call__(self, x):
-        for _ in range(2):
-            x = nn.relu(nn.Conv(32, (5, 5))(x))
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        return nn.Dense(10)(x.reshape(x.shape[0], -1))
-
-
-MODELS: dict[str, nn.Module] = {"mlp": MLP(), "cnn": CNN()}
+# The reference models on MNIST shapes: "mlp" is Sokolić et al.'s and Yoshida &
+# Miyato's 784-392-392-10, "cnn" Sokolić et al.'s two conv-pool stages.
+MODELS: tuple[str, ...] = ("mlp", "cnn")
+NUM_CLASSES = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +76,8 @@ class Problem:
     """One model on one synthetic batch: what a case builds its step from.
 
     Attributes:
-      model: the name in :data:`MODELS`.
+      model: the name in :data:`MODELS` (a :mod:`~margin_regs.experiments.models`
+        reference model).
       apply: ``(params, x) -> logits``.
       params: the initial parameters (a flax linen dict).
       x: inputs ``(batch, 28, 28, 1)``.
@@ -140,10 +113,10 @@ class Stepper:
 
 def make_problem(model: str, seed: int = 0) -> Problem:
     """The named model, initialised, on a synthetic batch of 128 (MNIST shapes)."""
-    module = MODELS[model]
+    module = make_model(model, NUM_CLASSES)
     kx, ky, kp = jax.random.split(jax.random.key(seed), 3)
     x = jax.random.normal(kx, (BATCH_SIZE, 28, 28, 1), jnp.float32)
-    y = jax.random.randint(ky, (BATCH_SIZE,), 0, 10)
+    y = jax.random.randint(ky, (BATCH_SIZE,), 0, NUM_CLASSES)
     params = module.init(kp, x[:1])["params"]
     return Problem(model, lambda p, x: module.apply({"params": p}, x), params, x, y)
 
@@ -228,25 +201,27 @@ def register(
 @register("spectral_norm_regularization")
 def _spectral_transform(problem: Problem) -> Stepper:
     return train_step(
-        problem, tx=optax.chain(spectral_norm_regularization(COEFF), problem.sgd())
+        problem, tx=optax.chain(mr.spectral_norm_regularization(COEFF), problem.sgd())
     )
 
 
 @register("eigenvalue_decay")
 def _eigenvalue_decay_transform(problem: Problem) -> Stepper:
-    return train_step(problem, tx=optax.chain(eigenvalue_decay(COEFF), problem.sgd()))
+    return train_step(
+        problem, tx=optax.chain(mr.eigenvalue_decay(COEFF), problem.sgd())
+    )
 
 
 @register("spectral_norm_penalty")
 def _spectral_penalty(problem: Problem) -> Stepper:
     def penalty(params, vectors, x, y):
-        value, vectors = spectral_norm_penalty(params, vectors)
+        value, vectors = mr.spectral_norm_penalty(params, vectors)
         return COEFF * value, vectors
 
     return train_step(
         problem,
         penalty=penalty,
-        penalty_state=init_power_iteration(problem.params, 0),
+        penalty_state=mr.init_power_iteration(problem.params, 0),
     )
 
 
@@ -255,7 +230,7 @@ def _eigenvalue_decay_in_loss(problem: Problem) -> Stepper:
     return train_step(
         problem,
         penalty=lambda params, aux, x, y: (
-            COEFF * eigenvalue_decay_penalty(params),
+            COEFF * mr.eigenvalue_decay_penalty(params),
             aux,
         ),
     )
@@ -267,28 +242,25 @@ def _exact_svd_penalty(problem: Problem) -> Stepper:
 
     def penalty(params, aux, x, y):
         kernels = [k for k in jax.tree.leaves(params) if k.ndim >= 2]
-        value = sum(0.5 * singular_values(k)[0] ** 2 for k in kernels)
+        value = sum(0.5 * mr.singular_values(k)[0] ** 2 for k in kernels)
         return COEFF * value, aux
 
     return train_step(problem, penalty=penalty)
-
-
-# AdaReg on the softmax layer, as in all of Zhao et al. 2019's experiments.
-_LAST_LAYER = {"mlp": r"Dense_2/kernel$", "cnn": r"Dense_0/kernel$"}
 
 
 @register("adareg_last_layer")
 def _adareg_last_layer(problem: Problem) -> Stepper:
     """Steady-state step cost: a block rarely holds one of the re-solves (every 500
     steps); ``benchmarks/adareg.py`` times the amortised cost with them."""
-    mask = mask_by_path(_LAST_LAYER[problem.model])
-    return train_step(problem, tx=optax.chain(adareg(COEFF, mask=mask), problem.sgd()))
+    # AdaReg on the softmax layer, as in all of Zhao et al. 2019's experiments.
+    tx = optax.chain(mr.adareg(COEFF, mask=classifier_mask), problem.sgd())
+    return train_step(problem, tx=tx)
 
 
 @register("adareg_all_layers", models=("mlp",), by_default=False)
 def _adareg_all_layers(problem: Problem) -> Stepper:
     """Every kernel: d²p + dp² multiply-adds per kernel and step."""
-    return train_step(problem, tx=optax.chain(adareg(COEFF), problem.sgd()))
+    return train_step(problem, tx=optax.chain(mr.adareg(COEFF), problem.sgd()))
 
 
 @register("jacobian_margin_vjp", models=("mlp",))
@@ -312,9 +284,8 @@ def _jacobian_margin_all(problem: Problem) -> Stepper:
 def _jacobian_margin_case(problem: Problem, classes: str, method: str) -> Stepper:
     def penalty(params, key, x, y):
         key, sub = jax.random.split(key)
-        # the last layer's kernel: leaves come in key order, the output Dense last
-        classifier = [k for k in jax.tree.leaves(params) if k.ndim == 2][-1]
-        value = jacobian_margin_penalty(
+        classifier = classifier_kernel(params)
+        value = mr.jacobian_margin_penalty(
             lambda b: problem.apply(params, b),
             x,
             classes=classes,
@@ -333,7 +304,7 @@ def _jacobian_frobenius(problem: Problem) -> Stepper:
 
     def penalty(params, key, x, y):
         key, sub = jax.random.split(key)
-        value = jacobian_frobenius_penalty(
+        value = mr.jacobian_frobenius_penalty(
             lambda b: problem.apply(params, b), x, key=sub
         )
         return COEFF * value, key
@@ -352,7 +323,7 @@ def _input_gradient(problem: Problem) -> Stepper:
     return train_step(
         problem,
         penalty=lambda params, aux, x, y: (
-            COEFF * input_gradient_penalty(_per_sample_loss(problem, params), x, y),
+            COEFF * mr.input_gradient_penalty(_per_sample_loss(problem, params), x, y),
             aux,
         ),
     )
@@ -363,7 +334,7 @@ class _AdversarialProblem(Problem):
     """The same model and batch, with Yoshida's eq. (3) (α = 0.5, ε = 1) as the loss."""
 
     def loss(self, params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
-        return adversarial_loss(_per_sample_loss(self, params), x, y, epsilon=1.0)
+        return mr.adversarial_loss(_per_sample_loss(self, params), x, y, epsilon=1.0)
 
 
 @register("adversarial_loss", models=("mlp",))
@@ -434,8 +405,11 @@ def measure(
     """Median paired ratios ``B/A`` and ``A'/A`` over interleaved random-order blocks.
 
     Args:
-      baseline, null, case: the steppers ``A``, ``A'`` and ``B``.
-      x, y: the batch every step sees.
+      baseline: the stepper ``A`` (plain SGD).
+      null: ``A'``, a separately compiled copy of ``A``.
+      case: the stepper ``B`` being measured.
+      x: the batch's inputs, seen by every step.
+      y: the batch's labels.
       rounds: paired rounds; each times one block of each stepper, in random order.
       block_seconds: the target length of a baseline block, which sets the steps
         per block (at least one).
@@ -479,7 +453,7 @@ def measure(
 
 def run(
     cases: Sequence[str] = ("*",),
-    models: Sequence[str] = tuple(MODELS),
+    models: Sequence[str] = MODELS,
     *,
     rounds: int = 40,
     block_seconds: float = 0.05,

@@ -27,6 +27,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+import margin_regs as mr
+
 __all__ = [
     "CLASSIFIER_PATH",
     "MODELS",
@@ -35,6 +37,7 @@ __all__ = [
     "SokolicMLP",
     "classifier_kernel",
     "classifier_mask",
+    "kernel_mask",
     "logits_fn",
     "make_model",
 ]
@@ -57,7 +60,7 @@ class SokolicMLP(nn.Module):
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> from margin_regs.models import SokolicMLP
+      >>> from margin_regs.experiments.models import SokolicMLP
       >>> model = SokolicMLP(num_classes=10)
       >>> x = jnp.zeros((1, 8, 8, 1))
       >>> params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]  # shapes only
@@ -104,7 +107,7 @@ class SokolicCNN(nn.Module):
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> from margin_regs.models import SokolicCNN
+      >>> from margin_regs.experiments.models import SokolicCNN
       >>> model = SokolicCNN(num_classes=10)
       >>> x = jnp.zeros((1, 28, 28, 1))
       >>> params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]  # shapes only
@@ -151,7 +154,7 @@ class AdaRegCNN(nn.Module):
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> from margin_regs.models import AdaRegCNN
+      >>> from margin_regs.experiments.models import AdaRegCNN
       >>> model = AdaRegCNN(num_classes=10)
       >>> x = jnp.zeros((1, 28, 28, 1))
       >>> params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]  # shapes only
@@ -216,7 +219,7 @@ def make_model(name: str, num_classes: int, *, dropout_rate: float = 0.0) -> nn.
       ValueError: for an unknown name.
 
     Example:
-      >>> from margin_regs.models import make_model
+      >>> from margin_regs.experiments.models import make_model
       >>> make_model("cnn", 10).features
       32
     """
@@ -230,7 +233,7 @@ def classifier_kernel(params: Any) -> jax.Array:
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> from margin_regs.models import SokolicMLP, classifier_kernel
+      >>> from margin_regs.experiments.models import SokolicMLP, classifier_kernel
       >>> params = SokolicMLP(3).init(jax.random.key(0), jnp.zeros((1, 40, 1)))["params"]
       >>> classifier_kernel(params).shape
       (20, 3)
@@ -241,6 +244,10 @@ def classifier_kernel(params: Any) -> jax.Array:
     return tree
 
 
+_CLASSIFIER_MASK = mr.mask_by_path("(^|/)" + "/".join(CLASSIFIER_PATH) + "$")
+_KERNEL_MASK = mr.mask_by_path("(^|/)kernel$")
+
+
 def classifier_mask(params: Any) -> Any:
     """A mask (as in ``optax.masked``) selecting only the classifier's kernel.
 
@@ -249,17 +256,25 @@ def classifier_mask(params: Any) -> Any:
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> from margin_regs.models import SokolicMLP, classifier_mask
+      >>> from margin_regs.experiments.models import SokolicMLP, classifier_mask
       >>> params = SokolicMLP(3).init(jax.random.key(0), jnp.zeros((1, 40, 1)))["params"]
       >>> sorted(k for k, v in classifier_mask(params).items() if v["kernel"])
       ['classifier']
     """
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: (
-            tuple(getattr(k, "key", k) for k in path[-2:]) == CLASSIFIER_PATH
-        ),
-        params,
-    )
+    return _CLASSIFIER_MASK(params)
+
+
+def kernel_mask(params: Any) -> Any:
+    """A mask selecting every layer's kernel (no biases): what weight decay decays.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from margin_regs.experiments.models import SokolicMLP, kernel_mask
+      >>> params = SokolicMLP(3).init(jax.random.key(0), jnp.zeros((1, 40, 1)))["params"]
+      >>> kernel_mask(params)["hidden_0"]
+      {'bias': False, 'kernel': True}
+    """
+    return _KERNEL_MASK(params)
 
 
 def logits_fn(model: nn.Module, params: Any) -> Callable[[jax.Array], jax.Array]:
@@ -267,7 +282,7 @@ def logits_fn(model: nn.Module, params: Any) -> Callable[[jax.Array], jax.Array]
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> from margin_regs.models import SokolicMLP, logits_fn
+      >>> from margin_regs.experiments.models import SokolicMLP, logits_fn
       >>> model = SokolicMLP(3)
       >>> params = model.init(jax.random.key(0), jnp.zeros((1, 40, 1)))["params"]
       >>> logits_fn(model, params)(jnp.zeros((5, 40, 1))).shape
