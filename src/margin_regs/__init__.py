@@ -11,6 +11,7 @@ from margin_regs._adareg import (
     init_adareg_precisions,
     mask_by_path,
 )
+from margin_regs._conv_operator import ConvOperator
 from margin_regs.baselines import (
     L1PenaltyState,
     activation_l1_penalty,
@@ -61,6 +62,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaRegPrecisions",
     "AdaRegState",
+    "ConvOperator",
     "L1PenaltyState",
     "PowerIterationState",
     "activation_l1_penalty",
