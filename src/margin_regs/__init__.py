@@ -19,6 +19,7 @@ from margin_regs._baselines import (
     max_norm_constraint,
     perturb_weights,
 )
+from margin_regs._conv_operator import ConvOperator
 from margin_regs._eigenvalue_decay import eigenvalue_decay, eigenvalue_decay_penalty
 from margin_regs._jacobian import (
     adversarial_loss,
@@ -58,6 +59,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaRegPrecisions",
     "AdaRegState",
+    "ConvOperator",
     "L1PenaltyState",
     "PowerIterationState",
     "activation_l1_penalty",

@@ -1,0 +1,257 @@
+"""ConvOperator: the spec's normalisation and validation, and the operator's maths
+against the dense matrix of the convolution (every basis input pushed through)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import margin_regs as mr
+
+
+def test_spec_normalises_to_one_canonical_value():
+    equinox = mr.ConvOperator((3, 6, 6), dimension_numbers=("NCHW", "OIHW", "NCHW"))
+    numbers = lax.conv_dimension_numbers(
+        (1, 3, 6, 6), (4, 3, 3, 3), ("NCHW", "OIHW", "NCHW")
+    )
+    assert mr.ConvOperator((3, 6, 6), dimension_numbers=numbers) == equinox
+    assert equinox.in_channels == 3
+    renamed = mr.ConvOperator((6, 6, 2), dimension_numbers=("NXYC", "XYIO", "NXYC"))
+    assert renamed == mr.ConvOperator((6, 6, 2))
+    assert renamed.dimension_numbers == ("NHWC", "HWIO", "NHWC")
+    one_d = mr.ConvOperator((6, 2), strides=2, padding=[[1, 2]], rhs_dilation=(3,))
+    assert (one_d.strides, one_d.padding, one_d.rhs_dilation) == ((2,), ((1, 2),), (3,))
+    assert one_d.dimension_numbers == ("NWC", "WIO", "NWC")
+    assert mr.ConvOperator((4, 4, 4, 2)).dimension_numbers[1] == "DHWIO"
+    assert mr.ConvOperator((6, 6, 2), padding="same").padding == "SAME"
+    # A pytree leaf (not a container), hashable, so usable as a static layout.
+    assert jax.tree.leaves({"w": equinox}) == [equinox]
+    assert hash(equinox) == hash(
+        mr.ConvOperator((3, 6, 6), (1, 1), "SAME", 1, 1, numbers)
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"input_shape": (6,)}, "input_shape"),
+        ({"input_shape": (6, 6, 0)}, "input_shape"),
+        ({"input_shape": (6, 6, 2), "strides": 0}, "strides"),
+        ({"input_shape": (6, 6, 2), "strides": (1, 2, 1)}, "strides"),
+        ({"input_shape": (6, 6, 2), "rhs_dilation": 1.5}, "rhs_dilation"),
+        ({"input_shape": (6, 6, 2), "padding": "FULL"}, "padding"),
+        ({"input_shape": (6, 6, 2), "padding": [(1, 1)]}, "padding"),
+        ({"input_shape": (6, 6, 2), "padding": [(1, -1), (0, 0)]}, "padding"),
+        ({"input_shape": (6, 6, 3), "feature_group_count": 2}, "feature_group_count"),
+        ({"input_shape": (6, 6, 2), "feature_group_count": 0}, "feature_group_count"),
+        (
+            {"input_shape": (6, 6, 2), "dimension_numbers": ("NWC",) * 3},
+            "dimension_numbers",
+        ),
+        ({"input_shape": (6, 6, 2), "dimension_numbers": "NHWC"}, "dimension_numbers"),
+    ],
+)
+def test_spec_rejects_bad_arguments_by_name(kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        mr.ConvOperator(**kwargs)
+
+
+# (spec kwargs, kernel shape): every layout and convolution option the operator
+# must get right, at sizes whose dense operator matrix is tiny.
+CASES = {
+    "same": ({"input_shape": (6, 6, 2)}, (3, 3, 2, 3)),
+    "valid_stride2": (
+        {"input_shape": (6, 6, 2), "strides": 2, "padding": "VALID"},
+        (3, 3, 2, 3),
+    ),
+    "same_stride2_even_kernel": (
+        {"input_shape": (6, 6, 2), "strides": (2, 1)},
+        (2, 2, 2, 3),
+    ),
+    "dilated_explicit": (
+        {"input_shape": (6, 6, 2), "rhs_dilation": 2, "padding": [(2, 1), (0, 2)]},
+        (3, 3, 2, 2),
+    ),
+    "grouped": ({"input_shape": (6, 6, 4), "feature_group_count": 2}, (3, 3, 2, 4)),
+    "depthwise": ({"input_shape": (6, 6, 2), "feature_group_count": 2}, (3, 3, 1, 2)),
+    "oihw_dilated_grouped": (
+        {
+            "input_shape": (2, 6, 6),
+            "rhs_dilation": 2,
+            "feature_group_count": 2,
+            "dimension_numbers": ("NCHW", "OIHW", "NCHW"),
+        },
+        (4, 1, 3, 3),
+    ),
+    "1d_same": (
+        {"input_shape": (12, 2), "dimension_numbers": ("NWC", "WIO", "NWC")},
+        (3, 2, 3),
+    ),
+    "1d_valid_stride2": (
+        {"input_shape": (12, 2), "strides": 2, "padding": "VALID"},
+        (4, 2, 3),
+    ),
+    "3d_same": ({"input_shape": (4, 4, 4, 2)}, (2, 3, 2, 2, 2)),
+    "3d_ncdhw_stride2": (
+        {
+            "input_shape": (2, 4, 4, 4),
+            "strides": 2,
+            "dimension_numbers": ("NCDHW", "OIDHW", "NCDHW"),
+        },
+        (3, 2, 3, 3, 3),
+    ),
+}
+
+
+def _dense_matrix(kwargs, kernel):
+    """The ``(m, n)`` operator matrix: lax's convolution of every basis input.
+
+    Built from the user's own arguments (not the spec's normalised ones), so a
+    normalisation mistake in ``ConvOperator`` shows up as a mismatch.
+    """
+    spec = mr.ConvOperator(**kwargs)
+    lhs, _, out = kwargs.get("dimension_numbers", spec.dimension_numbers)
+    n = int(np.prod(kwargs["input_shape"]))
+    basis = jnp.eye(n).reshape(n, *kwargs["input_shape"])
+    y = lax.conv_general_dilated(
+        jnp.moveaxis(basis, 0, lhs.index("N")),
+        kernel,
+        window_strides=spec.strides,
+        padding=kwargs.get("padding", "SAME"),
+        rhs_dilation=spec.rhs_dilation,
+        dimension_numbers=kwargs.get("dimension_numbers", spec.dimension_numbers),
+        feature_group_count=kwargs.get("feature_group_count", 1),
+    )
+    return jnp.moveaxis(y, out.index("N"), 0).reshape(n, -1).T
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _operator_values(spec, kernel):
+    op = spec.operator(kernel.shape)
+    return op.singular_values(kernel), op.singular_values(kernel, 3, method="krylov")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _operator_products(spec, kernel, v, u):
+    op = spec.operator(kernel.shape)
+    return (
+        op.matvec(kernel, v),
+        op.rmatvec(kernel, u),
+        op.outer(kernel, u, v),
+        op.frobenius_norm(kernel),
+    )
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_operator_matches_the_dense_convolution_matrix(name, rng):
+    kwargs, kernel_shape = CASES[name]
+    spec = mr.ConvOperator(**kwargs)
+    kernel = jnp.asarray(rng.normal(size=kernel_shape), jnp.float32)
+    dense = np.asarray(_dense_matrix(kwargs, kernel), np.float64)
+    op = spec.operator(kernel_shape)
+    assert dense.shape == (np.prod(op.out_shape), np.prod(op.in_shape))
+    expected = np.linalg.svd(dense, compute_uv=False)
+
+    values, top = _operator_values(spec, kernel)
+    np.testing.assert_allclose(values, expected, rtol=0, atol=1e-3 * expected[0])
+    np.testing.assert_allclose(top, expected[:3], rtol=1e-3)
+
+    v = rng.normal(size=op.in_shape).astype(np.float32)
+    u = rng.normal(size=op.out_shape).astype(np.float32)
+    av, atu, grad, frobenius = _operator_products(spec, kernel, v, u)
+    np.testing.assert_allclose(av.ravel(), dense @ v.ravel(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(atu.ravel(), dense.T @ u.ravel(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(frobenius, np.linalg.norm(dense), rtol=1e-5)
+    # outer: d/dK <u, A(K) v>, differentiated through the dense matrix's construction.
+    bilinear = lambda k: u.ravel() @ _dense_matrix(kwargs, k) @ v.ravel()  # noqa: E731
+    np.testing.assert_allclose(grad, jax.grad(bilinear)(kernel), rtol=1e-4, atol=1e-4)
+
+
+def test_krylov_top_values_on_a_clustered_spectrum(rng):
+    # SAME padding on a larger input: the top singular values sample |K̂(ω)| near its
+    # maximum and come in near-equal pairs, where power iteration stalls.
+    kwargs = {"input_shape": (16, 16, 2)}
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)
+    expected = np.linalg.svd(np.asarray(_dense_matrix(kwargs, kernel), np.float64))[1]
+    op = mr.ConvOperator(**kwargs).operator(kernel.shape)
+    top = jax.jit(lambda k: op.singular_values(k, 4, method="krylov"))(kernel)
+    np.testing.assert_allclose(top, expected[:4], rtol=1e-4)
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-20, 1e20])
+def test_singular_values_are_scale_safe(scale, rng):
+    spec, kernel_shape = mr.ConvOperator(**CASES["same"][0]), CASES["same"][1]
+    kernel = jnp.asarray(rng.normal(size=kernel_shape), jnp.float32)
+    values, top = _operator_values(spec, kernel)
+    scaled_values, scaled_top = _operator_values(spec, kernel * scale)
+    np.testing.assert_allclose(scaled_values, values * scale, rtol=1e-5)
+    np.testing.assert_allclose(scaled_top, top * scale, rtol=1e-5)
+    frobenius = spec.operator(kernel_shape).frobenius_norm
+    np.testing.assert_allclose(
+        frobenius(kernel * scale), frobenius(kernel) * scale, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "kernel_shape", "match"),
+    [
+        ({"input_shape": (6, 6, 2)}, (3, 3, 3, 4), "input channels"),
+        ({"input_shape": (6, 6, 2)}, (3, 3, 2), "axes"),
+        (
+            {"input_shape": (6, 6, 4), "feature_group_count": 2},
+            (3, 3, 4, 4),
+            "input channels",
+        ),
+        (
+            {"input_shape": (6, 6, 4), "feature_group_count": 2},
+            (3, 3, 2, 3),
+            "multiple",
+        ),
+        ({"input_shape": (6, 6, 2), "padding": "VALID"}, (7, 3, 2, 4), "empty"),
+        (
+            {"input_shape": (2, 6, 6), "dimension_numbers": ("NCHW", "OIHW", "NCHW")},
+            (3, 3, 2, 4),
+            "input channels",
+        ),
+    ],
+)
+def test_kernel_that_does_not_fit_the_spec_is_rejected(kwargs, kernel_shape, match):
+    with pytest.raises(ValueError, match=match):
+        mr.ConvOperator(**kwargs).operator(kernel_shape)
+
+
+def test_bad_operator_arguments_are_rejected():
+    op = mr.ConvOperator((6, 6, 2)).operator((3, 3, 2, 3))
+    kernel = jnp.ones((3, 3, 2, 3))
+    for k in (0, 73, 1.5):
+        with pytest.raises(ValueError, match="k must be"):
+            op.singular_values(kernel, k)
+    with pytest.raises(ValueError, match="method"):
+        op.singular_values(kernel, 1, method="lanczos")
+    with pytest.raises(ValueError, match="shape"):
+        op.matvec(kernel, jnp.ones((6, 6, 3)))
+
+
+def test_operator_is_the_flax_and_equinox_layer_without_bias(rng):
+    import equinox as eqx
+    import flax.linen as nn
+
+    x = rng.normal(size=(7, 7, 2)).astype(np.float32)
+    layer = nn.Conv(4, (3, 3), strides=2, kernel_dilation=2, feature_group_count=2)
+    params = layer.init(jax.random.key(0), x[None])["params"]
+    spec = mr.ConvOperator(x.shape, strides=2, rhs_dilation=2, feature_group_count=2)
+    op = spec.operator(params["kernel"].shape)
+    flax_out = layer.apply({"params": params}, x[None])[0] - params["bias"]
+    np.testing.assert_allclose(op.matvec(params["kernel"], x), flax_out, atol=1e-5)
+
+    conv = eqx.nn.Conv2d(
+        2, 4, 3, stride=2, padding=1, use_bias=False, key=jax.random.key(1)
+    )
+    x_chw = np.moveaxis(x, -1, 0)
+    numbers = ("NCHW", "OIHW", "NCHW")
+    spec = mr.ConvOperator(x_chw.shape, 2, [(1, 1)] * 2, dimension_numbers=numbers)
+    op = spec.operator(conv.weight.shape)
+    np.testing.assert_allclose(op.matvec(conv.weight, x_chw), conv(x_chw), atol=1e-5)
