@@ -11,6 +11,7 @@ from margin_regs._adareg import (
     init_adareg_precisions,
     mask_by_path,
 )
+from margin_regs._infer import infer_weight_dimension_numbers
 from margin_regs.baselines import (
     L1PenaltyState,
     activation_l1_penalty,
@@ -75,6 +76,7 @@ __all__ = [
     "eigenvalue_decay_penalty",
     "generalization_gap",
     "hessian_max_eigenvalue",
+    "infer_weight_dimension_numbers",
     "init_adareg_precisions",
     "init_power_iteration",
     "input_gradient_norms",
