@@ -186,18 +186,18 @@ def test_linen_dense_general_multi_axis_and_batch_dims():
         np.testing.assert_allclose(got, y[b], rtol=1e-5, atol=2e-5)
 
 
-def _attention_from_layouts(q_in, kv_in, kernels, dims, heads):
-    """Multi-head attention rebuilt from the layouts' matrices alone."""
+def _attention(x, matrices, heads):
+    """Multi-head self-attention rebuilt from the layouts' matrices alone."""
 
-    def project(x, name):
+    def project(name):
         rows = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
-        y = rows @ _matrix(kernels[name], dims[name])
+        y = rows @ matrices[name]
         return jnp.asarray(y.reshape(*x.shape[:-1], heads, -1), jnp.float32)
 
-    q, k, v = project(q_in, "query"), project(kv_in, "key"), project(kv_in, "value")
-    h = nn.dot_product_attention(q, k, v)
+    h = nn.dot_product_attention(project("query"), project("key"), project("value"))
     rows = np.asarray(h, np.float64).reshape(-1, h.shape[-2] * h.shape[-1])
-    return rows @ _matrix(kernels["out"], dims["out"])
+    y = rows @ matrices["out"]
+    return y.reshape(*x.shape[:-1], -1)
 
 
 def test_linen_multi_head_attention():
@@ -216,8 +216,9 @@ def test_linen_multi_head_attention():
     kernels = {n: p["kernel"] for n, p in params["params"].items()}
     y = no_bias.apply({"params": {n: {"kernel": k} for n, k in kernels.items()}}, X)
     layouts = {n: d["kernel"] for n, d in dims.items()}
-    want = _attention_from_layouts(X, X, kernels, layouts, heads=2)
-    np.testing.assert_allclose(want, np.asarray(y).reshape(-1, 5), rtol=1e-4, atol=1e-5)
+    matrices = {n: _matrix(kernels[n], layouts[n]) for n in kernels}
+    want = _attention(X, matrices, heads=2)
+    np.testing.assert_allclose(want, y, rtol=1e-4, atol=1e-5)
 
 
 IMAGES = _normal((2, 5, 5, 4), 8)  # NHWC
@@ -317,14 +318,91 @@ def test_linen_scan_stack():
     }
 
 
+class _AttentionLayer(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return nn.MultiHeadDotProductAttention(num_heads=2, use_bias=False)(x), None
+
+
+class _Block(nn.Module):
+    """A pre-norm transformer block."""
+
+    @nn.compact
+    def __call__(self, x, _):
+        x = x + nn.MultiHeadDotProductAttention(num_heads=2)(nn.LayerNorm()(x))
+        x = x + nn.Dense(4)(nn.gelu(nn.Dense(8)(nn.LayerNorm()(x))))
+        return x, None
+
+
+def _scanned(layer, length=2):
+    return nn.scan(
+        layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=length
+    )(name="layers")
+
+
+def test_linen_attention_inside_scan():
+    class Stack(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return _scanned(_AttentionLayer)(x, None)[0]
+
+    model = Stack()
+    params = model.init(jax.random.key(0), X)
+    layers = infer(model.apply, params, X)["params"]["layers"]
+    dims = layers["MultiHeadDotProductAttention_0"]
+    layouts = {n: dims[n]["kernel"] for n in ("query", "key", "value", "out")}
+    qkv, out = Dims((1,), (2, 3)), Dims((1, 2), (3,))  # axis 0: the layer
+    assert layouts == {"query": qkv, "key": qkv, "value": qkv, "out": out}
+    kernels = params["params"]["layers"]["MultiHeadDotProductAttention_0"]
+    matrices = {n: _matrix(kernels[n]["kernel"], layouts[n]) for n in layouts}
+    want = X
+    for layer in range(2):
+        want = _attention(want, {n: m[layer] for n, m in matrices.items()}, 2)
+    np.testing.assert_allclose(want, model.apply(params, X), rtol=1e-4, atol=2e-5)
+
+
+def test_linen_remat_transformer_blocks_inside_scan_from_shapes_only():
+    class Transformer(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return _scanned(nn.remat(_Block))(x, None)[0]
+
+    model = Transformer()
+    shapes = jax.eval_shape(model.init, jax.random.key(0), X)  # no arrays needed
+    layers = infer(model.apply, shapes, X)["params"]["layers"]
+    qkv, out = Dims((1,), (2, 3)), Dims((1, 2), (3,))
+    dense = {"kernel": Dims((1,), (2,)), "bias": None}
+    norm = {"scale": None, "bias": None}
+    assert layers == {
+        "MultiHeadDotProductAttention_0": {
+            name: {"kernel": layout, "bias": None}
+            for name, layout in [
+                ("query", qkv),
+                ("key", qkv),
+                ("value", qkv),
+                ("out", out),
+            ]
+        },
+        "Dense_0": dense,
+        "Dense_1": dense,
+        "LayerNorm_0": norm,
+        "LayerNorm_1": norm,
+    }
+
+
 # flax nnx: split the model, infer on the state.
 
 
 def _nnx_infer(model, *args, conv="matrix"):
+    return _nnx_infer_fn(model, lambda m, *a: m(*a), *args, conv=conv)
+
+
+def _nnx_infer_fn(model, call, *args, conv="matrix"):
+    """Infer on the model's ``nnx.Param`` state; ``call(model, *args)`` runs it."""
     graphdef, state = nnx.split(model, nnx.Param)
 
     def fn(s, *a):
-        return nnx.merge(graphdef, s)(*a)
+        return call(nnx.merge(graphdef, s), *a)
 
     return infer(fn, state, *args, conv=conv)
 
@@ -371,9 +449,9 @@ def test_nnx_multi_head_attention():
     }
     assert layouts == {"query": qkv, "key": qkv, "value": qkv, "out": out}
     kernels = {n: getattr(model, n).kernel[...] for n in layouts}
-    want = _attention_from_layouts(X, X, kernels, layouts, heads=2)
+    matrices = {n: _matrix(kernels[n], layouts[n]) for n in kernels}
     np.testing.assert_allclose(
-        want, np.asarray(model(X)).reshape(-1, 5), rtol=1e-4, atol=1e-5
+        _attention(X, matrices, 2), model(X), rtol=1e-4, atol=1e-5
     )
 
 
@@ -386,6 +464,25 @@ def test_nnx_conv():
     op = _nnx_infer(model, IMAGES, conv="operator")["kernel"].get_value()
     assert op == mr.ConvOperator((5, 5, 4), padding=((0, 0), (0, 0)))
     _assert_operator_applies(op, model.kernel[...], IMAGES, model(IMAGES))
+
+
+def test_nnx_scan_stack():
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(key):
+        return nnx.Linear(4, 4, use_bias=False, rngs=nnx.Rngs(key))
+
+    stack = make(jax.random.split(jax.random.key(0), 3))  # kernel (3, 4, 4)
+
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def forward(x, layer):
+        return layer(x)
+
+    x = _normal((2, 4), 3)
+    dims = _nnx_infer_fn(stack, lambda m, x: forward(x, m), x)["kernel"].get_value()
+    assert dims == Dims((1,), (2,))
+    matrices = _matrix(stack.kernel[...], dims)
+    want = np.asarray(x, np.float64) @ matrices[0] @ matrices[1] @ matrices[2]
+    np.testing.assert_allclose(forward(x, stack), want, rtol=1e-5, atol=2e-5)
 
 
 # equinox: partition, infer on the arrays, vmap over the batch.
