@@ -151,6 +151,29 @@ def test_tied_weight_used_the_same_way_twice():
     assert dims == {"tied": Dims((0,), (1,))}
 
 
+def test_vmap_over_a_weight_stack():
+    params = {"w": _normal((3, 4, 5))}
+    xs = _normal((3, 2, 4), 1)
+
+    def mapped(p, xs):  # each layer its own input: separate matrices
+        return jax.vmap(lambda w, x: x @ w)(p["w"], xs)
+
+    dims = infer(mapped, params, xs)["w"]
+    assert dims == Dims((1,), (2,))
+    y = mapped(params, xs)
+    for b in range(3):
+        got = np.asarray(xs[b], np.float64) @ _matrix(params["w"], dims)[b]
+        np.testing.assert_allclose(got, y[b], rtol=1e-5, atol=2e-5)
+
+    def shared(p, x):  # one input for all: the stack is one wide (4, 3*5) map
+        return jax.vmap(lambda w: x @ w)(p["w"])
+
+    dims = infer(shared, params, xs[0])["w"]
+    assert dims == Dims((1,), (0, 2))
+    y = shared(params, xs[0])  # (3, 2, 5)
+    _assert_maps(xs[0], params["w"], dims, y.transpose(1, 0, 2).reshape(2, -1))
+
+
 # flax linen.
 
 X = _normal((2, 3, 4), 7)  # (batch, length, features)

@@ -116,6 +116,13 @@ def infer_weight_dimension_numbers(
     applied through ``jnp.einsum``, ``@``, ``jnp.dot`` or ``jnp.matmul`` compile to
     ``dot_general`` and are read like any other.
 
+    What it cannot see: a ``vmap`` over a stack of weights whose input is *not*
+    mapped compiles to one matmul with the stack folded into the free axes, and is
+    read as that one wide matrix (the map the model applies); use ``scan`` or map
+    the input too for separate matrices. Primitives other than those listed above
+    (``shard_map``, ``pallas_call``, ...) are not entered: a weight consumed only
+    inside one gives ``None``.
+
     For flax nnx, pass the state and a function of it:
     ``graphdef, state = nnx.split(model, nnx.Param)`` then
     ``infer_weight_dimension_numbers(lambda s, x: nnx.merge(graphdef, s)(x), state,
@@ -125,9 +132,10 @@ def infer_weight_dimension_numbers(
 
     Args:
       fn: the model's forward function, called as ``fn(params, *args)``; it is only
-        traced, so ``args`` may be ``jax.ShapeDtypeStruct``s.
+        traced, so nothing is computed.
       params: the parameter pytree (flax linen dict, ``nnx.State``, equinox module,
-        plain dict).
+        plain dict); its leaves may be ``jax.ShapeDtypeStruct``s, e.g.
+        ``jax.eval_shape(model.init, key, x)``, as may ``args``.
       *args: the remaining inputs of ``fn`` (one small batch suffices; a
         ``ConvOperator``'s ``input_shape`` is read from it).
       conv: ``"matrix"`` (the reshaped kernel) or ``"operator"`` (the convolution as
@@ -167,15 +175,16 @@ def infer_weight_dimension_numbers(
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     paths = [path_name(path) for path, _ in flat]
     closed = jax.make_jaxpr(fn)(params, *args)
+    # make_jaxpr flattens (params, *args) in order: params' leaves come first.
+    invars = closed.jaxpr.invars
     views = [
         None
         if _last_key(path) in _NOT_WEIGHTS
-        else _View(i, tuple(frozenset({a}) for a in range(jax.numpy.ndim(leaf))))
-        for i, (path, leaf) in enumerate(flat)
+        else _View(i, tuple(frozenset({a}) for a in range(invars[i].aval.ndim)))
+        for i, (path, _) in enumerate(flat)
     ]
-    extra = len(closed.jaxpr.invars) - len(views)
     reader = _Reader(paths, conv)
-    reader.run(closed.jaxpr, views + [None] * extra)
+    reader.run(closed.jaxpr, views + [None] * (len(invars) - len(views)))
     layouts = [reader.layout(i) for i in range(len(flat))]
     return jax.tree_util.tree_unflatten(treedef, layouts)
 
