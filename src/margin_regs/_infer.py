@@ -121,7 +121,10 @@ def infer_weight_dimension_numbers(
     read as that one wide matrix (the map the model applies); use ``scan`` or map
     the input too for separate matrices. Primitives other than those listed above
     (``shard_map``, ``pallas_call``, ...) are not entered: a weight consumed only
-    inside one gives ``None``.
+    inside one gives ``None``. Every matmul in ``fn`` counts, not only those applied
+    to the input: a power iteration inside the model (flax's ``SpectralNorm``
+    multiplies by ``W`` and ``Wᵀ``) or a Gram matrix in a loss makes a leaf's uses
+    conflict, so trace the plain forward pass.
 
     For flax nnx, pass the state and a function of it:
     ``graphdef, state = nnx.split(model, nnx.Param)`` then
