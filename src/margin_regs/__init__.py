@@ -21,6 +21,7 @@ from margin_regs._baselines import (
 )
 from margin_regs._conv_operator import ConvOperator
 from margin_regs._eigenvalue_decay import eigenvalue_decay, eigenvalue_decay_penalty
+from margin_regs._infer import infer_weight_dimension_numbers
 from margin_regs._jacobian import (
     adversarial_loss,
     input_gradient_penalty,
@@ -74,6 +75,7 @@ __all__ = [
     "eigenvalue_decay_penalty",
     "generalization_gap",
     "hessian_max_eigenvalue",
+    "infer_weight_dimension_numbers",
     "init_adareg_precisions",
     "init_power_iteration",
     "input_gradient_norms",
