@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax import lax
@@ -411,6 +412,25 @@ def test_linen_remat_transformer_blocks_inside_scan_from_shapes_only():
         "LayerNorm_0": norm,
         "LayerNorm_1": norm,
     }
+
+
+def test_result_drives_optax_muon_per_layer():
+    """The inferred tree is a weight_dimension_numbers value optax itself accepts:
+    muon on the scanned stack orthogonalises each layer's gradient separately."""
+    x = _normal((2, 4), 3)
+    model = _ScanStack()
+    params = model.init(jax.random.key(0), x)
+    dims = infer(model.apply, params, x)
+    grads = jax.grad(lambda p: jnp.sum(model.apply(p, x) ** 2))(params)
+    opt = optax.contrib.muon(0.1, muon_weight_dimension_numbers=dims)
+    update = opt.update(grads, opt.init(params), params)[0]
+    stacked = update["params"]["layers"]["Dense_0"]["kernel"]
+    kernel_grads = grads["params"]["layers"]["Dense_0"]["kernel"]
+    per_layer = optax.contrib.muon(0.1)  # a 2-D leaf: the default (0, 1) layout
+    for layer in range(3):
+        one = {"k": kernel_grads[layer]}
+        want = per_layer.update(one, per_layer.init(one), one)[0]["k"]
+        np.testing.assert_allclose(stacked[layer], want, rtol=1e-5, atol=1e-6)
 
 
 # flax nnx: split the model, infer on the state.
