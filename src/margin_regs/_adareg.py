@@ -3,7 +3,8 @@
 Zhao et al. 2019 place the prior ``W ~ MN(0, Σ_r, Σ_c)`` on a weight matrix and
 learn its precisions with the weights, by block coordinate descent (Alg. 1):
 gradient steps on the weights with the penalty ``tr(Ω_in K Ω_out Kᵀ)`` for fixed
-precisions, then each precision in closed form by :func:`~margin_regs.inv_threshold`.
+precisions, then each precision in closed form by INVTHRESHOLD
+(:func:`~margin_regs.inv_threshold`, here read off SVDs of the factors).
 With ``K = as_matrix(kernel)`` of shape ``(d, p) = (fan_in, fan_out)`` (the paper's
 ``W`` is ``Kᵀ``, its ``Ω_r`` our ``Ω_out``, its ``Ω_c`` our ``Ω_in``), the
 precisions minimise the prior's negative log-density (eq. 4, 8–9)::
@@ -39,36 +40,39 @@ paper.
 **Which layers.** The paper applies AdaReg to the last (softmax) layer in all its
 experiments and found that best in its ablation (appendix B.3: all layers, conv
 only, FC only, last only); select it with a mask, e.g.
-``mask=mask_by_path(r"Dense_2/kernel$")``. Hidden layers cost, per kernel, an
-``eigh`` of a ``d × d`` and a ``p × p`` matrix at each re-solve and ``d²p + dp²``
-multiply-adds per step for ``Ω_in K Ω_out`` (a 1024 × 1024 layer: two 1024²
-``eigh`` per re-solve and 2·10⁹ multiply-adds a step, two thirds of the layer's own
-forward and backward pass at batch 1024; the MLP 784-392-392-10 regularized
-everywhere: 4.8·10⁸ a step against 1.8·10⁸ for the whole network's forward and
-backward at batch 128).
-Conv kernels ``(kh, kw, in, out)`` are viewed as ``(kh·kw·in, out)`` (appendix B.3).
+``mask=mask_by_path(r"Dense_2/kernel$")``. Hidden layers cost, per kernel, two
+SVDs of ``d × p`` matrices with full bases at each re-solve and
+``2 (d²p + dp²)`` multiply-adds per step for ``Ω_in K Ω_out`` in the precisions'
+eigenbases (a 1024 × 1024 layer: 4·10⁹ a step, more than the layer's own forward
+and backward pass at batch 1024). Conv kernels ``(kh, kw, in, out)`` are viewed as
+``(kh·kw·in, out)`` (appendix B.3).
 
-**CPU threads.** On the CPU, ``jnp.linalg.eigh`` runs LAPACK from OpenBLAS, whose
-worker threads compete with XLA's own: on a shared 2-core machine a 1024² INVTHRESHOLD
-took 3.8 s with OpenBLAS's default threads and 0.44 s with one, and a re-solving MLP
-step (a 392 × 10 last layer) cost 35–40× a plain step instead of 3–3.5× (amortised
-over 500 steps: +8% against +0.4%). On small or shared CPUs set ``OPENBLAS_NUM_THREADS=1``
-in the environment before Python starts (numpy and scipy read it when they load);
-``benchmarks/adareg.py`` measures both settings.
+**Float32.** A re-solve leaves ``Ω_in`` of a ``d > p`` kernel at ``upper`` on the
+``d − p`` directions ``K`` does not reach and near ``p / σ²`` on its range. Dense,
+``Ω_in K`` multiplies the rounding noise of ``K``'s component on those directions
+(zero in exact arithmetic) by ``upper``: relative errors of 2e-2 to 0.5 on
+392 × 10 and 500 × 10 kernels at ``[1e-3, 1e3]``. :class:`AdaRegPrecisions` keeps
+eigenbases instead and rotates only the kernel's change since the re-solve (the
+same on ``Ω_out`` when ``d < p``); penalty, gradient and precisions stay within
+1e-5 (measured ≤ 2.2e-6) of float64 Alg. 1 on those shapes.
+
+**CPU threads.** On the CPU, ``jnp.linalg.svd`` runs LAPACK from OpenBLAS, whose
+worker threads compete with XLA's own: on a shared 2-core machine a 1024² ``eigh``
+took 3.8 s with OpenBLAS's default threads and 0.44 s with one. On small or shared
+CPUs set ``OPENBLAS_NUM_THREADS=1`` in the environment before Python starts (numpy
+and scipy read it when they load); ``benchmarks/adareg.py`` measures both settings.
 """
 
 from __future__ import annotations
 
 import functools
-import re
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from margin_regs import _tree
+from margin_regs import _common, _tree
 from margin_regs.linalg import as_matrix
 
 __all__ = [
@@ -78,7 +82,6 @@ __all__ = [
     "adareg_penalty",
     "adareg_update_precisions",
     "init_adareg_precisions",
-    "mask_by_path",
 ]
 
 # A singular value at most this many eps times the largest is rounding noise of a
@@ -197,13 +200,6 @@ def _select_all(params: Any) -> Any:
     # marking all of them (instead of the default ndim >= 2 mask) makes a selected
     # bias an error rather than a silent skip.
     return jax.tree.map(lambda _: True, params)
-
-
-def _check_bounds(lower: Any, upper: Any) -> None:
-    # Traced bounds (under inject_hyperparams) cannot be checked here.
-    if isinstance(lower, int | float) and isinstance(upper, int | float):
-        if not 0 < lower <= upper:
-            raise ValueError(f"adareg needs 0 < lower <= upper, got {lower}, {upper}")
 
 
 def _matrix(kernel: jax.Array) -> jax.Array:
@@ -507,7 +503,7 @@ def adareg_update_precisions(
       Zhao et al., "Learning Neural Networks with Adaptive Regularization", 2019,
       Algorithm 1 and Corollary 1.
     """
-    _check_bounds(lower, upper)
+    _common.check_bounds(lower, upper, "adareg_update_precisions")
     return _solve(_tree.select(params, mask), precisions, lower, upper)
 
 
@@ -596,15 +592,9 @@ def adareg(
       Zhao, Tsai, Salakhutdinov & Gordon, "Learning Neural Networks with Adaptive
       Regularization", NeurIPS 2019, Algorithm 1.
     """
-    _check_bounds(lower, upper)
-    if (
-        isinstance(update_every, bool)
-        or not isinstance(update_every, int)
-        or update_every < 1
-    ):
-        raise ValueError(
-            f"adareg needs a Python int update_every >= 1, got {update_every!r}"
-        )
+    _common.check_coeff(coeff, "coeff", "adareg")
+    _common.check_bounds(lower, upper, "adareg")
+    _common.check_positive_int(update_every, "update_every", "adareg")
 
     def init_fn(params):
         return AdaRegState(
@@ -615,9 +605,7 @@ def adareg(
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         if params is None:
-            raise ValueError(
-                "adareg: update() needs params (tx.update(grads, state, params))"
-            )
+            raise _common.needs_params("adareg")
         selected = _tree.select(params, _select_all)
         resolve = (state.count > 0) & (state.count % update_every == 0)
         precisions = jax.lax.cond(
@@ -625,7 +613,7 @@ def adareg(
             lambda: _solve(selected, state.precisions, lower, upper),
             lambda: state.precisions,
         )
-        c = coeff(state.count) if callable(coeff) else coeff
+        c = _common.coeff_at(coeff, state.count)
 
         def add(g, kernel, *factors):
             term = _preconditioned(_matrix(kernel), AdaRegPrecisions(*factors))
@@ -636,37 +624,3 @@ def adareg(
 
     inner = optax.GradientTransformationExtraArgs(init_fn, update_fn)
     return optax.masked(inner, _tree.default_mask if mask is None else mask)
-
-
-def mask_by_path(pattern: str) -> Callable[[Any], Any]:
-    """A callable mask selecting the weight matrices whose path matches ``pattern``.
-
-    A leaf is selected when ``re.search(pattern, path)`` matches its readable path
-    (``'Dense_2/kernel'``; flax linen dicts, ``nnx.State`` and plain dicts alike)
-    and it has ``ndim >= 2``, so a layer's name selects its kernel, not its bias.
-
-    Args:
-      pattern: a regular expression, searched in each leaf's path.
-
-    Returns:
-      A callable ``params -> pytree of bools``, usable as any ``mask`` argument.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> import margin_regs as mr
-      >>> params = {"Dense_0": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)},
-      ...           "Dense_1": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
-      >>> mr.mask_by_path(r"Dense_1/")(params)
-      {'Dense_0': {'bias': False, 'kernel': False}, 'Dense_1': {'bias': False, 'kernel': True}}
-    """
-    regex = re.compile(pattern)
-
-    def mask(params: Any) -> Any:
-        return jax.tree_util.tree_map_with_path(
-            lambda path, x: (
-                jnp.ndim(x) >= 2 and regex.search(_tree.path_name(path)) is not None
-            ),
-            params,
-        )
-
-    return mask
