@@ -3,33 +3,44 @@
 1. INVTHRESHOLD on a d × d Gram matrix, d = 64, 256, 512, 1024: the jitted
    ``margin_regs.inv_threshold`` (``jnp.linalg.eigh``) against the authors'
    approach, an SVD of the Gram matrix (numpy, float32), then ``U diag(·) Uᵀ``.
-2. A training step of the 784-392-392-10 MLP (batch 128, ``margin_regs.bench``)
-   with ``adareg`` on the last layer only (392 × 10, ``update_every=500``)
-   against plain SGD. Every timed block is exactly ``update_every`` steps, so it
-   holds exactly one re-solve: the ratio is the amortised overhead.
+   (``adareg`` itself no longer forms Gram matrices: its re-solve is two SVDs of
+   ``d × p`` factors.)
+2. A training step of the 784-392-392-10 MLP (batch 128,
+   ``margin_regs.experiments.bench``) with ``adareg`` on the last layer only
+   (392 × 10, ``update_every=500``) against plain SGD. Every timed block is exactly
+   ``update_every`` steps, so it holds exactly one re-solve: the ratio is the
+   amortised overhead.
 
-Method (as ``margin_regs.bench``): the candidates run in blocks, in a random order
-each round; a block ends in ``block_until_ready``; the figure is the median over
-rounds of the paired ratio. A second, separately compiled copy of the reference
-(the null control) shows the noise floor of the (shared) machine.
+Method (as ``margin_regs.experiments.bench``): the candidates run in blocks, in a
+random order each round; a block ends in ``block_until_ready``; the figure is the
+median over rounds of the paired ratio. A second, separately compiled copy of the
+reference (the null control) shows the noise floor of the (shared) machine.
 
 OpenBLAS worker threads left spinning after a LAPACK call can slow the XLA code
 that follows; the whole measurement therefore runs twice, in subprocesses with
 ``OPENBLAS_NUM_THREADS`` unset and set to 1 (it must be set before numpy loads).
 
-Measured on the shared 2-core CPU (load ≈ 10, jax 0.10.2; null controls 0.8–1.04):
+Measured on the shared 2-core CPU with the factored precisions (issue 17),
+``OPENBLAS_NUM_THREADS=1 python benchmarks/adareg.py --child --parts mlp
+--step-rounds 20 --long-rounds 3``:
+
+    MLP last layer         amortised 1.018x (goal <= 1.05x)
+      steady state         1.018x (IQR 0.08, null 1.005x)
+      update alone         0.048 of a plain step (4.8 ms/step plain)
+      re-solving step      1.00x (IQR 0.16): two SVDs of 392 x 10 factors; the
+                           dense 392² eigh it replaces cost 3.2x
+      500-step blocks      1.022x (IQR 0.07, null 1.024x)
+
+The INVTHRESHOLD figures from the previous measurement (load ≈ 10, jax 0.10.2;
+null controls 0.8–1.04; x = speedup of jitted eigh over numpy's SVD, * = IQR
+larger than the figure):
 
     OPENBLAS_NUM_THREADS   unset                  1
     INVTHRESHOLD d=64      eigh 1.0 ms, 71x*      eigh 1.0 ms, 1.7x
                  d=256     eigh 494 ms, 1.1x*     eigh 13.7 ms, 3.0x
                  d=512     eigh 591 ms, 2.7x*     eigh 64 ms, 3.9x
                  d=1024    eigh 3.8 s, 3.1x       eigh 0.44 s, 3.3x (IQR 0.63)
-    MLP last layer         amortised 1.084x       amortised 1.045x
-      steady state         1.006x (IQR 0.24)      1.041x (IQR 0.21)
-      re-solving step      40x                    3.2x
-      500-step blocks      1.33x (IQR 0.50)       1.02x (IQR 0.27)
 
-(x = speedup of jitted eigh over numpy's SVD; * = IQR larger than the figure.)
 With OpenBLAS's default threads both LAPACK paths slow down by 2–30x on this
 machine; set ``OPENBLAS_NUM_THREADS=1`` before Python starts on small or shared CPUs.
 
@@ -54,7 +65,7 @@ import numpy as np
 import optax
 
 import margin_regs as mr
-from margin_regs import bench
+from margin_regs.experiments import bench
 
 M, LOWER, UPPER = 10.0, 1e-3, 1e3
 UPDATE_EVERY = 500

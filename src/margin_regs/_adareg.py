@@ -3,7 +3,8 @@
 Zhao et al. 2019 place the prior ``W ~ MN(0, Σ_r, Σ_c)`` on a weight matrix and
 learn its precisions with the weights, by block coordinate descent (Alg. 1):
 gradient steps on the weights with the penalty ``tr(Ω_in K Ω_out Kᵀ)`` for fixed
-precisions, then each precision in closed form by :func:`~margin_regs.inv_threshold`.
+precisions, then each precision in closed form by INVTHRESHOLD
+(:func:`~margin_regs.inv_threshold`, here read off SVDs of the factors).
 With ``K = as_matrix(kernel)`` of shape ``(d, p) = (fan_in, fan_out)`` (the paper's
 ``W`` is ``Kᵀ``, its ``Ω_r`` our ``Ω_out``, its ``Ω_c`` our ``Ω_in``), the
 precisions minimise the prior's negative log-density (eq. 4, 8–9)::
@@ -39,36 +40,40 @@ paper.
 **Which layers.** The paper applies AdaReg to the last (softmax) layer in all its
 experiments and found that best in its ablation (appendix B.3: all layers, conv
 only, FC only, last only); select it with a mask, e.g.
-``mask=mask_by_path(r"Dense_2/kernel$")``. Hidden layers cost, per kernel, an
-``eigh`` of a ``d × d`` and a ``p × p`` matrix at each re-solve and ``d²p + dp²``
-multiply-adds per step for ``Ω_in K Ω_out`` (a 1024 × 1024 layer: two 1024²
-``eigh`` per re-solve and 2·10⁹ multiply-adds a step, two thirds of the layer's own
-forward and backward pass at batch 1024; the MLP 784-392-392-10 regularized
-everywhere: 4.8·10⁸ a step against 1.8·10⁸ for the whole network's forward and
-backward at batch 128).
-Conv kernels ``(kh, kw, in, out)`` are viewed as ``(kh·kw·in, out)`` (appendix B.3).
+``mask=mask_by_path(r"Dense_2/kernel$")``. Hidden layers cost, per kernel, two
+SVDs of ``d × p`` matrices with full bases at each re-solve and
+``2 (d²p + dp²)`` multiply-adds per step for ``Ω_in K Ω_out`` in the precisions'
+eigenbases (a 1024 × 1024 layer: 4·10⁹ a step, more than the layer's own forward
+and backward pass at batch 1024). Conv kernels ``(kh, kw, in, out)`` are viewed as
+``(kh·kw·in, out)`` (appendix B.3).
 
-**CPU threads.** On the CPU, ``jnp.linalg.eigh`` runs LAPACK from OpenBLAS, whose
-worker threads compete with XLA's own: on a shared 2-core machine a 1024² INVTHRESHOLD
-took 3.8 s with OpenBLAS's default threads and 0.44 s with one, and a re-solving MLP
-step (a 392 × 10 last layer) cost 35–40× a plain step instead of 3–3.5× (amortised
-over 500 steps: +8% against +0.4%). On small or shared CPUs set ``OPENBLAS_NUM_THREADS=1``
-in the environment before Python starts (numpy and scipy read it when they load);
-``benchmarks/adareg.py`` measures both settings.
+**Float32.** A re-solve leaves ``Ω_in`` of a ``d > p`` kernel at ``upper`` on the
+``d − p`` directions ``K`` does not reach and near ``p / σ²`` on its range. Dense,
+``Ω_in K`` multiplies the rounding noise of ``K``'s component on those directions
+(zero in exact arithmetic) by ``upper``: relative errors of 2e-2 to 0.5 on
+392 × 10 and 500 × 10 kernels at ``[1e-3, 1e3]``. :class:`AdaRegPrecisions` keeps
+eigenbases instead and rotates only the kernel's change since the re-solve (the
+same on ``Ω_out`` when ``d < p``); penalty, gradient and precisions stay within
+1e-5 (measured ≤ 2.2e-6) of float64 Alg. 1 on those shapes.
+
+**CPU threads.** On the CPU, ``jnp.linalg.svd`` runs LAPACK from OpenBLAS, whose
+worker threads compete with XLA's own: on a shared 2-core machine a 1024² ``eigh``
+took 3.8 s with OpenBLAS's default threads and 0.44 s with one. On small or shared
+CPUs set ``OPENBLAS_NUM_THREADS=1`` in the environment before Python starts (numpy
+and scipy read it when they load); ``benchmarks/adareg.py`` measures both settings.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from margin_regs import _tree
-from margin_regs.linalg import as_matrix, inv_threshold
+from margin_regs import _common, _tree
+from margin_regs.linalg import as_matrix
 
 __all__ = [
     "AdaRegPrecisions",
@@ -77,24 +82,105 @@ __all__ = [
     "adareg_penalty",
     "adareg_update_precisions",
     "init_adareg_precisions",
-    "mask_by_path",
 ]
+
+# A singular value at most this many eps times the largest is rounding noise of a
+# rank-deficient matrix (LAPACK's SVD leaves about 1-2 eps · s_max there): it counts
+# as zero and its precision eigenvalue is ``upper``.
+_NOISE = 8
+
+
+def _mT(x: jax.Array) -> jax.Array:
+    return jnp.swapaxes(x, -1, -2)
+
+
+def _dense(basis: jax.Array, values: jax.Array) -> jax.Array:
+    return (basis * values[..., None, :]) @ _mT(basis)
 
 
 class AdaRegPrecisions(NamedTuple):
-    """The precision factors of every selected kernel, float32.
+    """The precisions of every selected kernel, in factored form.
 
-    Two pytrees in the params' structure (``optax.MaskedNode`` at masked-out
-    leaves), like the moments of ``optax.adam``, so that they survive
-    ``flax.nnx.Optimizer``'s state handling.
+    Each field is a pytree in the params' structure (``optax.MaskedNode`` at
+    masked-out leaves), like the moments of ``optax.adam``. For a kernel viewed as
+    ``K`` of shape ``(*batch, d, p)``::
+
+        Ω_in  = basis_in  diag(values_in)  basis_inᵀ       (d × d)
+        Ω_out = basis_out diag(values_out) basis_outᵀ      (p × p)
+
+    After a re-solve, ``Ω_in`` of a ``d > p`` kernel holds ``upper`` on the
+    ``d − p`` directions that ``K`` does not reach and ``≈ p / σ²`` on its range
+    (condition number up to ``upper / lower``); stored densely in float32, the
+    product ``Ω_in K`` would multiply the rounding noise of ``K``'s null-space
+    component by ``upper``. Here ``K`` enters only as
+    ``T = basis_inᵀ (K − anchor) basis_out + rotated``: the kernel at the last
+    re-solve (``anchor``) is rotated into the eigenbases once, with the entries on
+    directions where it is exactly zero in exact arithmetic set to exact zeros
+    (``rotated``), and only the change since then is rotated at each step. Then
+    ``Ω_in K Ω_out = basis_in (values_in values_outᵀ ⊙ T) basis_outᵀ`` with no
+    cancellation (Zhao et al.'s maths, evaluated stably; the same for ``Ω_out``
+    when ``d < p``).
 
     Attributes:
-      omega_in: ``Ω_in``, ``(fan_in, fan_in)`` per kernel: the paper's ``Ω_c``.
-      omega_out: ``Ω_out``, ``(fan_out, fan_out)`` per kernel: the paper's ``Ω_r``.
+      basis_in: orthogonal, ``(*batch, d, d)``; eigenvectors of ``Ω_in``.
+      values_in: ``(*batch, d)``; eigenvalues of ``Ω_in`` (the paper's ``Ω_c``).
+      basis_out: orthogonal, ``(*batch, p, p)``; eigenvectors of ``Ω_out``.
+      values_out: ``(*batch, p)``; eigenvalues of ``Ω_out`` (the paper's ``Ω_r``).
+      anchor: ``(*batch, d, p)``; the kernel at the last re-solve (zeros before).
+      rotated: ``(*batch, d, p)``; ``basis_inᵀ anchor basis_out``, exact zeros on
+        the directions where the anchor has no component.
     """
 
-    omega_in: Any
-    omega_out: Any
+    basis_in: Any
+    values_in: Any
+    basis_out: Any
+    values_out: Any
+    anchor: Any
+    rotated: Any
+
+    @property
+    def omega_in(self) -> Any:
+        """The dense ``Ω_in`` of every kernel, ``(*batch, d, d)`` (for plots)."""
+        return jax.tree.map(_dense, self.basis_in, self.values_in)
+
+    @property
+    def omega_out(self) -> Any:
+        """The dense ``Ω_out`` of every kernel, ``(*batch, p, p)`` (for plots)."""
+        return jax.tree.map(_dense, self.basis_out, self.values_out)
+
+    @classmethod
+    def from_dense(cls, omega_in: Any, omega_out: Any) -> AdaRegPrecisions:
+        """Precisions from dense symmetric positive definite ``Ω_in``, ``Ω_out``.
+
+        Args:
+          omega_in: a pytree of ``(*batch, d, d)`` matrices (``MaskedNode`` where
+            not selected), e.g. a start for :func:`adareg_update_precisions`.
+          omega_out: the matching pytree of ``(*batch, p, p)`` matrices.
+
+        Returns:
+          :class:`AdaRegPrecisions` whose ``omega_in``, ``omega_out`` are the
+          given matrices (symmetrised).
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> import margin_regs as mr
+          >>> prec = mr.AdaRegPrecisions.from_dense(
+          ...     {"w": jnp.diag(jnp.array([2.0, 1.0]))}, {"w": 3 * jnp.eye(3)})
+          >>> jnp.diag(prec.omega_in["w"]).tolist(), prec.anchor["w"].shape
+          ([2.0, 1.0], (2, 3))
+        """
+
+        def factor(o_in, o_out):
+            dtype = jnp.promote_types(jnp.result_type(o_in, o_out), jnp.float32)
+            o_in, o_out = jnp.asarray(o_in, dtype), jnp.asarray(o_out, dtype)
+            c_in, q_in = jnp.linalg.eigh(0.5 * (o_in + _mT(o_in)))
+            c_out, q_out = jnp.linalg.eigh(0.5 * (o_out + _mT(o_out)))
+            zeros = jnp.zeros((*q_in.shape[:-1], q_out.shape[-1]), dtype)
+            return cls(q_in, c_in, q_out, c_out, zeros, zeros)
+
+        leaves, treedef = jax.tree.flatten(omega_in)
+        pairs = zip(leaves, jax.tree.leaves(omega_out), strict=True)
+        return _unflatten(treedef, [factor(a, b) for a, b in pairs])
 
 
 class AdaRegState(NamedTuple):
@@ -116,66 +202,196 @@ def _select_all(params: Any) -> Any:
     return jax.tree.map(lambda _: True, params)
 
 
-def _check_bounds(lower: Any, upper: Any) -> None:
-    # Traced bounds (under inject_hyperparams) cannot be checked here.
-    if isinstance(lower, int | float) and isinstance(upper, int | float):
-        if not 0 < lower <= upper:
-            raise ValueError(f"adareg needs 0 < lower <= upper, got {lower}, {upper}")
+def _matrix(kernel: jax.Array) -> jax.Array:
+    """The kernel as ``(d, p)`` in the precisions' dtype (float32, or float64)."""
+    k = as_matrix(kernel)
+    return k.astype(jnp.promote_types(k.dtype, jnp.float32))
 
 
-def _preconditioned(
-    kernel: jax.Array, omega_in: jax.Array, omega_out: jax.Array
-) -> jax.Array:
-    """``Ω_in K Ω_out``, ``(fan_in, fan_out)`` float32: half the penalty's gradient.
+# ------------------------------------------------------------- per-kernel maths
+# Every function below takes K of shape (*batch, d, p) and one kernel's
+# AdaRegPrecisions of arrays, and broadcasts over the batch axes.
 
-    Costs ``d²p + dp²`` flops; neither ``Ω_in ⊗ Ω_out`` nor ``K Ω_out Kᵀ`` is formed.
+
+def _rotate(k: jax.Array, f: AdaRegPrecisions) -> jax.Array:
+    """``T = Q_inᵀ K Q_out``, rotating only the change since the last re-solve."""
+    return (_mT(f.basis_in) @ (k - f.anchor)) @ f.basis_out + f.rotated
+
+
+def _scaled(t: jax.Array, f: AdaRegPrecisions) -> jax.Array:
+    return f.values_in[..., :, None] * t * f.values_out[..., None, :]
+
+
+def _preconditioned(k: jax.Array, f: AdaRegPrecisions) -> jax.Array:
+    """``Ω_in K Ω_out``, ``(*batch, d, p)``: half the penalty's gradient.
+
+    Costs ``2 (d²p + dp²)`` flops; neither ``Ω_in ⊗ Ω_out`` nor a dense ``Ω`` is
+    formed.
     """
-    k = as_matrix(kernel).astype(jnp.float32)
-    return (omega_in @ k) @ omega_out
+    return (f.basis_in @ _scaled(_rotate(k, f), f)) @ _mT(f.basis_out)
 
 
-def _flatten(selected: Any, precisions: Any) -> tuple[list, list, list]:
-    """Selected kernels and their ``Ω_in``, ``Ω_out``, as three aligned lists."""
-    kernels = jax.tree.leaves(selected)
-    ins = jax.tree.leaves(getattr(precisions, "omega_in", None))
-    outs = jax.tree.leaves(getattr(precisions, "omega_out", None))
-    shapes = [as_matrix(k).shape for k in kernels]
-    if [o.shape for o in ins] != [(d, d) for d, _ in shapes] or [
-        o.shape for o in outs
-    ] != [(p, p) for _, p in shapes]:
-        raise ValueError(
-            "adareg: precisions do not match the selected kernels; build them with "
-            "init_adareg_precisions(params, mask=...) using the same mask"
+def _value(k: jax.Array, f: AdaRegPrecisions) -> jax.Array:
+    """``tr(Ω_in K Ω_out Kᵀ) = Σ c_in c_out T²``, summed over batch axes."""
+    t = _rotate(k, f)
+    return jnp.sum(_scaled(t, f) * t)
+
+
+_prior = jax.custom_jvp(_value)
+
+
+@_prior.defjvp
+def _prior_jvp(primals, tangents):
+    # Autodiff of Σ c c T² would differentiate the anchor's zeros away: the exact
+    # derivative in K is 2 Ω_in K Ω_out, from the stable product.
+    k, f = primals
+    k_dot, f_dot = tangents
+    value, from_f = jax.jvp(lambda g: _value(k, g), (f,), (f_dot,))
+    return value, from_f + 2 * jnp.sum(_preconditioned(k, f) * k_dot)
+
+
+def _inverse_clipped(s, scale, m, n, lower, upper):
+    """``clip(m / (scale·s)², lower, upper)`` padded with ``upper`` to length n.
+
+    ``s``: singular values of a matrix divided by ``scale``, descending; those at
+    the noise floor count as zero. Returns the values and the nonzero mask, never
+    forming ``(scale·s)²``, which overflows float32 for kernels ≳ 2⁶⁴.
+    """
+    eps = jnp.finfo(s.dtype).eps
+    positive = s > _NOISE * eps * s[..., :1]
+    root = jnp.sqrt(jnp.asarray(m, s.dtype)) / (scale * jnp.where(positive, s, 1))
+    values = jnp.clip(jnp.where(positive, root * root, upper), lower, upper)
+    pad = [(0, 0)] * (s.ndim - 1) + [(0, n - s.shape[-1])]
+    return (
+        jnp.pad(values, pad, constant_values=upper).astype(s.dtype),
+        jnp.pad(positive, pad, constant_values=False),
+    )
+
+
+def _sweep(k: jax.Array, f: AdaRegPrecisions, lower, upper) -> AdaRegPrecisions:
+    """Alg. 1, lines 3–4, on ``(n, d, p)`` kernels, by SVDs of the factors.
+
+    ``Ω_out ← INVTHRESHOLD(Kᵀ Ω_in K, d)`` is read off the SVD of ``Ω_in^½ K`` and
+    ``Ω_in ← INVTHRESHOLD(K Ω_out Kᵀ, p)`` off that of ``K Ω_out^½``: never a Gram
+    matrix, whose eigenvalues float32 resolves only to ``eps · max r``. ``K`` is
+    divided by a power of two near ``max |K|`` first (exact), and the scale is
+    folded into the eigenvalues.
+    """
+    d, p = k.shape[-2:]
+    top = jnp.max(jnp.abs(k), axis=(-2, -1), keepdims=True)
+    exponent = jnp.frexp(jnp.where(top > 0, top, 1))[1]
+    scale = jnp.ldexp(jnp.ones_like(top), exponent)
+    unit = f._replace(anchor=f.anchor / scale, rotated=f.rotated / scale)
+    # Ω_in^½ K in Ω_in's eigenbasis: the rotation on the left keeps its right
+    # singular vectors, which are Ω_out's eigenvectors.
+    half_in = jnp.sqrt(f.values_in)[..., :, None] * (
+        _rotate(k / scale, unit) @ _mT(f.basis_out)
+    )
+    _, s_out, vh = jnp.linalg.svd(half_in, full_matrices=True)
+    basis_out = _mT(vh)
+    values_out, positive_out = _inverse_clipped(
+        s_out, scale[..., 0], d, p, lower, upper
+    )
+    # K Ω_out^½; the columns on K's null space are exactly zero in exact arithmetic.
+    weights = jnp.sqrt(jnp.where(positive_out, values_out, 0))
+    half_out = ((k / scale) @ basis_out) * weights[..., None, :]
+    basis_in, s_in, _ = jnp.linalg.svd(half_out, full_matrices=True)
+    values_in, positive_in = _inverse_clipped(s_in, scale[..., 0], p, d, lower, upper)
+    rotated = (_mT(basis_in) @ k) @ basis_out
+    rotated = jnp.where(
+        positive_in[..., :, None] & positive_out[..., None, :], rotated, 0
+    )
+    return AdaRegPrecisions(basis_in, values_in, basis_out, values_out, k, rotated)
+
+
+def _identity(k: jax.Array) -> AdaRegPrecisions:
+    *batch, d, p = k.shape
+
+    def eye(n):
+        return jnp.broadcast_to(jnp.eye(n, dtype=k.dtype), (*batch, n, n))
+
+    zeros = jnp.zeros(k.shape, k.dtype)
+    ones = jnp.ones((*batch, d), k.dtype), jnp.ones((*batch, p), k.dtype)
+    return AdaRegPrecisions(eye(d), ones[0], eye(p), ones[1], zeros, zeros)
+
+
+# --------------------------------------------------------------- over pytrees
+
+
+def _unflatten(treedef: Any, factors: list[AdaRegPrecisions]) -> AdaRegPrecisions:
+    """Per-kernel factors (in leaf order) -> :class:`AdaRegPrecisions` of pytrees."""
+    return AdaRegPrecisions(
+        *(
+            jax.tree.unflatten(treedef, [f[j] for f in factors])
+            for j in range(len(AdaRegPrecisions._fields))
         )
-    return kernels, ins, outs
+    )
+
+
+def _shapes(k: jax.Array) -> list[tuple[int, ...]]:
+    *batch, d, p = k.shape
+    return [(*batch, d, d), (*batch, d), (*batch, p, p), (*batch, p), k.shape, k.shape]
+
+
+def _flatten(selected: Any, precisions: Any) -> tuple[list, list]:
+    """Selected kernels as ``(*batch, d, p)`` matrices and their factors, aligned."""
+    kernels = [_matrix(k) for k in jax.tree.leaves(selected)]
+    if isinstance(precisions, AdaRegPrecisions):
+        fields = [jax.tree.leaves(x) for x in precisions]
+        factors = [AdaRegPrecisions(*f) for f in zip(*fields, strict=True)]
+        shapes = [[jnp.shape(x) for x in f] for f in factors]
+        if shapes == [_shapes(k) for k in kernels]:
+            return kernels, factors
+    raise ValueError(
+        "adareg: precisions do not match the selected kernels; build them with "
+        "init_adareg_precisions(params, mask=...) using the same mask"
+    )
+
+
+def _unbatch(k: jax.Array, f: AdaRegPrecisions) -> tuple[jax.Array, Any]:
+    batch = k.ndim - 2
+    return k.reshape(-1, *k.shape[-2:]), jax.tree.map(
+        lambda x: x.reshape(-1, *x.shape[batch:]), f
+    )
+
+
+def _guarded(k: jax.Array, old: AdaRegPrecisions, new: AdaRegPrecisions) -> Any:
+    # A non-finite kernel (a diverged step) keeps its old precisions, so one bad
+    # step cannot leave NaN in the optimizer state for good.
+    finite = jnp.all(jnp.isfinite(k), axis=(-2, -1))
+    for x in new:
+        finite &= jnp.all(jnp.isfinite(x.reshape(len(k), -1)), axis=-1)
+    return jax.tree.map(
+        lambda a, b: jnp.where(finite.reshape(-1, *[1] * (a.ndim - 1)), a, b), new, old
+    )
 
 
 def _solve(selected: Any, precisions: AdaRegPrecisions, lower: Any, upper: Any) -> Any:
-    """One block-coordinate sweep (Alg. 1, lines 3–4), batched by kernel shape."""
-    kernels, ins, outs = _flatten(selected, precisions)
-    matrices = [as_matrix(k).astype(jnp.float32) for k in kernels]
-    new_ins, new_outs = list(ins), list(outs)
-    for indices in _tree.group_by_shape(matrices).values():
-        k = jnp.stack([matrices[i] for i in indices])
-        omega_in = jnp.stack([ins[i] for i in indices])
-        omega_out = jnp.stack([outs[i] for i in indices])
-        d, p = k.shape[-2:]
-        kt = jnp.swapaxes(k, -1, -2)
-        new_out = inv_threshold(kt @ omega_in @ k, d, lower, upper)
-        new_in = inv_threshold(k @ new_out @ kt, p, lower, upper)
-        # A non-finite kernel (a diverged step) keeps its old precisions, so one bad
-        # step cannot leave NaN in the optimizer state for good.
-        finite = jnp.all(jnp.isfinite(new_out), (-2, -1)) & jnp.all(
-            jnp.isfinite(new_in), (-2, -1)
-        )
-        new_out = jnp.where(finite[:, None, None], new_out, omega_out)
-        new_in = jnp.where(finite[:, None, None], new_in, omega_in)
-        for j, i in enumerate(indices):
-            new_ins[i], new_outs[i] = new_in[j], new_out[j]
-    return AdaRegPrecisions(
-        jax.tree.unflatten(jax.tree.structure(precisions.omega_in), new_ins),
-        jax.tree.unflatten(jax.tree.structure(precisions.omega_out), new_outs),
-    )
+    """One sweep for every selected kernel.
+
+    Same-shaped matrices, batch slices included, share one batched SVD per side.
+    """
+    kernels, factors = _flatten(selected, precisions)
+    new = list(factors)
+    groups: dict[tuple, list[int]] = {}
+    for i, k in enumerate(kernels):
+        groups.setdefault((k.shape[-2:], k.dtype), []).append(i)
+    for indices in groups.values():
+        flat = [_unbatch(kernels[i], factors[i]) for i in indices]
+        stack = jnp.concatenate([k for k, _ in flat])
+        old = jax.tree.map(lambda *xs: jnp.concatenate(xs), *[f for _, f in flat])
+        solved = _guarded(stack, old, _sweep(stack, old, lower, upper))
+        start = 0
+        for i, (k, _) in zip(indices, flat, strict=True):
+            new[i] = jax.tree.map(
+                functools.partial(_take, start=start, n=len(k)), solved, factors[i]
+            )
+            start += len(k)
+    return _unflatten(jax.tree.structure(precisions.basis_in), new)
+
+
+def _take(x: jax.Array, like: jax.Array, *, start: int, n: int) -> jax.Array:
+    return x[start : start + n].reshape(like.shape)
 
 
 def init_adareg_precisions(params: Any, *, mask: _tree.Mask = None) -> Any:
@@ -189,8 +405,9 @@ def init_adareg_precisions(params: Any, *, mask: _tree.Mask = None) -> Any:
         ``optax.masked``); default: every leaf with ``ndim >= 2``.
 
     Returns:
-      :class:`AdaRegPrecisions`: two pytrees in the params' structure with float32
-      identities at the selected kernels and ``optax.MaskedNode()`` elsewhere.
+      :class:`AdaRegPrecisions` with the params' structure: identity factors at the
+      selected kernels (float32; float64 for float64 kernels) and
+      ``optax.MaskedNode()`` elsewhere.
 
     Example:
       >>> import jax.numpy as jnp
@@ -200,14 +417,8 @@ def init_adareg_precisions(params: Any, *, mask: _tree.Mask = None) -> Any:
       ((5, 5), (3, 3), MaskedNode())
     """
     selected = _tree.select(params, mask)
-
-    def eye(n):
-        return jnp.eye(n, dtype=jnp.float32)
-
-    return AdaRegPrecisions(
-        jax.tree.map(lambda k: eye(as_matrix(k).shape[0]), selected),
-        jax.tree.map(lambda k: eye(as_matrix(k).shape[1]), selected),
-    )
+    leaves, treedef = jax.tree.flatten(selected)
+    return _unflatten(treedef, [_identity(_matrix(k)) for k in leaves])
 
 
 def adareg_penalty(
@@ -216,8 +427,11 @@ def adareg_penalty(
     """The matrix-normal prior's penalty ``Σ tr(Ω_in K Ω_out Kᵀ)``.
 
     Equals ``Σ ‖Ω_in^½ K Ω_out^½‖_F²``; its gradient with respect to each kernel is
-    ``2 Ω_in K Ω_out``, the term :func:`adareg` adds. The log-determinant terms do not
-    depend on the weights and are left out. Add ``coeff`` times this to the loss.
+    ``2 Ω_in K Ω_out``, the term :func:`adareg` adds, computed from the factored
+    precisions without cancellation (a custom JVP; plain autodiff would multiply
+    the rounding noise of ``K``'s null-space component by ``upper``). The
+    log-determinant terms do not depend on the weights and are left out. Add
+    ``coeff`` times this to the loss.
 
     Args:
       params: a pytree of parameters.
@@ -226,7 +440,7 @@ def adareg_penalty(
       mask: which leaves to regularize; default: every leaf with ``ndim >= 2``.
 
     Returns:
-      A float32 scalar.
+      A float32 scalar (float64 for float64 kernels).
 
     Example:
       >>> import jax.numpy as jnp
@@ -238,14 +452,9 @@ def adareg_penalty(
     References:
       Zhao et al., "Learning Neural Networks with Adaptive Regularization", 2019, eq. 4.
     """
-    total = jnp.zeros((), jnp.float32)
-    for k, o_in, o_out in zip(
-        *_flatten(_tree.select(params, mask), precisions), strict=True
-    ):
-        total += jnp.sum(
-            _preconditioned(k, o_in, o_out) * as_matrix(k).astype(jnp.float32)
-        )
-    return total
+    kernels, factors = _flatten(_tree.select(params, mask), precisions)
+    terms = [_prior(k, f) for k, f in zip(kernels, factors, strict=True)]
+    return sum(terms, jnp.zeros((), jnp.float32))
 
 
 def adareg_update_precisions(
@@ -265,8 +474,11 @@ def adareg_update_precisions(
 
     Each solve is exact, so the objective
     ``tr(Ω_in K Ω_out Kᵀ) − d log det Ω_out − p log det Ω_in`` never increases.
-    Same-shaped kernels share one batched ``eigh``. A kernel with non-finite
-    entries keeps its old precisions.
+    The eigenpairs come from SVDs of ``Ω_in^½ K`` and ``K Ω_out^½`` (not from the
+    Gram matrices, whose small eigenvalues float32 loses), after dividing ``K`` by
+    a power of two near ``max |K|``; singular values below ``8 · eps`` times the
+    largest count as zero (their precision is ``upper``). Same-shaped kernels share
+    one batched SVD. A kernel with non-finite entries keeps its old precisions.
 
     Args:
       params: a pytree of parameters.
@@ -276,7 +488,7 @@ def adareg_update_precisions(
       mask: which leaves to regularize; default: every leaf with ``ndim >= 2``.
 
     Returns:
-      The new :class:`AdaRegPrecisions`, float32, structured as ``precisions``.
+      The new :class:`AdaRegPrecisions`, structured as ``precisions``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -284,22 +496,22 @@ def adareg_update_precisions(
       >>> params = {"w": jnp.diag(jnp.array([1.0, 2.0]))}
       >>> prec = mr.init_adareg_precisions(params)
       >>> prec = mr.adareg_update_precisions(params, prec, lower=1e-3, upper=1e3)
-      >>> jnp.diag(prec.omega_out["w"]).tolist()   # d / r = 2 / [1, 4]
+      >>> jnp.diag(prec.omega_out["w"]).round(4).tolist()   # d / r = 2 / [1, 4]
       [2.0, 0.5]
 
     References:
       Zhao et al., "Learning Neural Networks with Adaptive Regularization", 2019,
       Algorithm 1 and Corollary 1.
     """
-    _check_bounds(lower, upper)
+    _common.check_bounds(lower, upper, "adareg_update_precisions")
     return _solve(_tree.select(params, mask), precisions, lower, upper)
 
 
 def adareg(
     coeff: optax.ScalarOrSchedule,
     *,
-    lower: float = 1e-3,
-    upper: float = 1e3,
+    lower: float = 0.1,
+    upper: float = 10.0,
     update_every: int = 500,
     mask: _tree.Mask = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -315,30 +527,36 @@ def adareg(
     re-solved from the params passed to ``update`` (the weights after
     ``update_every`` steps at fixed precisions) by
     :func:`adareg_update_precisions`; that step and the next ``update_every − 1``
-    use them. The re-solve runs under ``lax.cond``, so other steps skip the ``eigh``.
+    use them. The re-solve runs under ``lax.cond``, so other steps skip the SVDs.
+    The term is computed from factored precisions (:class:`AdaRegPrecisions`):
+    float32 stays within 1e-5 of float64 Alg. 1 whichever side is ill-conditioned.
 
     The default period, 500 steps, is the paper's inner block in steps: it trains
     30–50 epochs per outer loop on training sets of 600–6,000 samples at batch 256,
     i.e. 150–1,200 steps (Fig. 3; the authors' code: 30 epochs); 500 steps is about
-    one MNIST epoch at batch 128 and 16 epochs of MNIST-1D. Shorter periods make the
-    precisions track the weights more closely; each re-solve costs two ``eigh``.
+    one MNIST epoch at batch 128 and 16 epochs of MNIST-1D.
 
-    Stability: the added term is linear in ``K`` with curvature up to
-    ``2 · coeff · upper²``, so plain SGD at learning rate ``lr`` needs
-    ``lr · 2 · coeff · upper² < 2``. With the default bounds that is ``coeff · lr <
-    1e-6``: measured on digits, coeff 1e-4 at lr 0.01 diverges (σ ≈ 2.5e4), while
-    bounds ``[1e-2, 1e2]`` train normally (``margin-regs compare`` uses those).
-    On a classifier kernel (fan_in > fan_out) the paper's update order drives the
-    class precision ``Ω_out`` to ``upper · I`` (measured on 392×10: every eigenvalue
-    at 1e3), so the learned class covariance sits at its lower bound, as the paper
-    notes.
+    **Default bounds.** The added term is linear in ``K`` with curvature (the
+    largest eigenvalue of ``2 · coeff · Ω_out ⊗ Ω_in``) up to ``2 · coeff ·
+    upper²``, reached whenever both precisions hit ``upper`` (which a re-solve
+    does on a classifier kernel: ``Ω_in`` on the directions ``K`` does not reach,
+    ``Ω_out`` when ``d/σ² > upper``). Plain SGD at learning rate ``lr`` is stable
+    on that term iff ``lr · 2 · coeff · upper² < 2``, i.e. ``coeff · lr <
+    1 / upper²`` (momentum β relaxes it to ``(1 + β) / upper²``). The paper sets
+    ``lower · upper = 1`` (u·v = 1, eq. 4; "only for the ease of presentation",
+    footnote 3), which keeps the prior's identity start in the middle of the box;
+    the defaults keep that reading with ``upper = 10``: stable for ``coeff · lr <
+    1e-2``, a margin of 20 over ``coeff = 0.01, lr = 0.05`` and of 10⁴ over the
+    authors' ``coeff = 1e-4`` at ``lr = 0.01``, while leaving the precisions two
+    decades to adapt in. The paper's experiments' box ``[1e-3, 1e3]`` needs
+    ``coeff · lr < 1e-6``: pass it explicitly with a matching step size.
 
     Args:
       coeff: the penalty's weight (the paper's λ, the authors' ``rho``, 1e-4 by
         default there): a float, array or an optax schedule evaluated at the count.
-      lower: lower eigenvalue bound of the precisions (the paper's ``u``).
-      upper: upper eigenvalue bound (the paper's ``v``); ``lower · upper = 1`` in
-        the paper, any ``0 < lower ≤ upper`` works here.
+      lower: lower eigenvalue bound of the precisions (the paper's ``u``), > 0.
+      upper: upper eigenvalue bound (the paper's ``v``), ≥ ``lower``; any box
+        works, ``lower · upper = 1`` is the paper's.
       update_every: a Python int ≥ 1, the re-solve period in steps.
       mask: which leaves to regularize (pytree of bools or callable, applied with
         ``optax.masked``); default every leaf with ``ndim >= 2``. The paper
@@ -374,15 +592,9 @@ def adareg(
       Zhao, Tsai, Salakhutdinov & Gordon, "Learning Neural Networks with Adaptive
       Regularization", NeurIPS 2019, Algorithm 1.
     """
-    _check_bounds(lower, upper)
-    if (
-        isinstance(update_every, bool)
-        or not isinstance(update_every, int)
-        or update_every < 1
-    ):
-        raise ValueError(
-            f"adareg needs a Python int update_every >= 1, got {update_every!r}"
-        )
+    _common.check_coeff(coeff, "coeff", "adareg")
+    _common.check_bounds(lower, upper, "adareg")
+    _common.check_positive_int(update_every, "update_every", "adareg")
 
     def init_fn(params):
         return AdaRegState(
@@ -393,9 +605,7 @@ def adareg(
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         if params is None:
-            raise ValueError(
-                "adareg: update() needs params (tx.update(grads, state, params))"
-            )
+            raise _common.needs_params("adareg")
         selected = _tree.select(params, _select_all)
         resolve = (state.count > 0) & (state.count % update_every == 0)
         precisions = jax.lax.cond(
@@ -403,54 +613,14 @@ def adareg(
             lambda: _solve(selected, state.precisions, lower, upper),
             lambda: state.precisions,
         )
-        c = coeff(state.count) if callable(coeff) else coeff
-        updates = jax.tree.map(
-            lambda g, k, o_in, o_out: (
-                g
-                + (2 * c * _preconditioned(k, o_in, o_out))
-                .reshape(g.shape)
-                .astype(g.dtype)
-            ),
-            updates,
-            selected,
-            precisions.omega_in,
-            precisions.omega_out,
-        )
+        c = _common.coeff_at(coeff, state.count)
+
+        def add(g, kernel, *factors):
+            term = _preconditioned(_matrix(kernel), AdaRegPrecisions(*factors))
+            return g + (2 * c * term).reshape(g.shape).astype(g.dtype)
+
+        updates = jax.tree.map(add, updates, selected, *precisions)
         return updates, AdaRegState(optax.safe_increment(state.count), precisions)
 
     inner = optax.GradientTransformationExtraArgs(init_fn, update_fn)
     return optax.masked(inner, _tree.default_mask if mask is None else mask)
-
-
-def mask_by_path(pattern: str) -> Callable[[Any], Any]:
-    """A callable mask selecting the weight matrices whose path matches ``pattern``.
-
-    A leaf is selected when ``re.search(pattern, path)`` matches its readable path
-    (``'Dense_2/kernel'``; flax linen dicts, ``nnx.State`` and plain dicts alike)
-    and it has ``ndim >= 2``, so a layer's name selects its kernel, not its bias.
-
-    Args:
-      pattern: a regular expression, searched in each leaf's path.
-
-    Returns:
-      A callable ``params -> pytree of bools``, usable as any ``mask`` argument.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> import margin_regs as mr
-      >>> params = {"Dense_0": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)},
-      ...           "Dense_1": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
-      >>> mr.mask_by_path(r"Dense_1/")(params)
-      {'Dense_0': {'bias': False, 'kernel': False}, 'Dense_1': {'bias': False, 'kernel': True}}
-    """
-    regex = re.compile(pattern)
-
-    def mask(params: Any) -> Any:
-        return jax.tree_util.tree_map_with_path(
-            lambda path, x: (
-                jnp.ndim(x) >= 2 and regex.search(_tree.path_name(path)) is not None
-            ),
-            params,
-        )
-
-    return mask
