@@ -122,13 +122,13 @@ def test_gradient_keeps_a_bfloat16_kernel_dtype(rng):
 def test_masks_select_kernels_as_optax_masked_does(rng):
     params = {
         "a": jnp.asarray(rng.standard_normal((5, 4)), jnp.float32),
-        "b": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32),
+        "k": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32),
         "bias": jnp.ones(3),
     }
-    only_a = {"a": True, "b": False, "bias": False}
-    for mask in (only_a, lambda p: {"a": True, "b": False, "bias": False}):
+    only_a = {"a": True, "k": False, "bias": False}
+    for mask in (only_a, lambda p: {"a": True, "k": False, "bias": False}):
         state = mr.init_power_iteration(params, 0, mask=mask)
-        assert isinstance(state["b"], optax.MaskedNode)
+        assert isinstance(state["k"], optax.MaskedNode)
         value, new_state = mr.spectral_norm_penalty(params, state, mask=mask)
         np.testing.assert_allclose(
             np.sqrt(2 * value), top_sigma(params["a"]), rtol=1e-4
@@ -139,7 +139,7 @@ def test_masks_select_kernels_as_optax_masked_does(rng):
             mr.eigenvalue_decay_penalty({"a": params["a"]}),
         )
     with pytest.raises(ValueError, match="bias"):
-        mr.init_power_iteration(params, 0, mask={"a": True, "b": True, "bias": True})
+        mr.init_power_iteration(params, 0, mask={"a": True, "k": True, "bias": True})
     state = mr.init_power_iteration(params, 0)
     with pytest.raises(ValueError, match="does not match"):
         mr.spectral_norm_penalty(params, state, mask=only_a)

@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from margin_regs import _common, _tree, linalg
+from margin_regs import _common, _layouts, _tree, linalg
+from margin_regs._layouts import WeightDimensionNumbers
 
 __all__ = [
     "L1PenaltyState",
@@ -144,11 +145,15 @@ def add_l1_penalty(
 
 
 def max_norm_constraint(
-    max_norm: float | jax.Array, *, mask: _tree.Mask = None
+    max_norm: float | jax.Array,
+    *,
+    mask: _tree.Mask = None,
+    weight_dimension_numbers: WeightDimensionNumbers = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Replace the updates so that every unit's incoming weights have norm ≤ c.
 
-    With ``W = as_matrix(params + updates)`` of shape ``(fan_in, fan_out)``, each
+    With ``W = as_matrix(params + updates)`` of shape ``(fan_in, fan_out)`` (per
+    batch slice of a batched layout), each
     column ``W[:, j]`` (the weights into unit ``j``; for a conv kernel
     ``(kh, kw, in, out)`` the ``kh·kw·in`` weights of filter ``j``) is projected on
     the l2 ball, ``W[:, j] ← W[:, j] · c / max(‖W[:, j]‖, c)`` (what
@@ -165,8 +170,11 @@ def max_norm_constraint(
     Args:
       max_norm: the radius ``c > 0`` (Srivastava et al. use 3 to 4).
       mask: pytree of bools or callable, as in ``optax.masked``; ``None`` selects
-        every leaf with ``ndim >= 2``. The columns are those of the flax layout
-        (fan-out last); a selected 1-D leaf raises ``ValueError``.
+        the weight matrices (``ndim >= 2``, not ``bias``/``scale``/``embedding``);
+        a selected 1-D leaf raises ``ValueError``.
+      weight_dimension_numbers: which matrix each leaf is, as in
+        :func:`margin_regs.spectral_norm_regularization`; the columns are its
+        output axes (by default the last axis, the flax layout).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -193,37 +201,32 @@ def max_norm_constraint(
     """
     _common.check_positive(max_norm, "max_norm", "max_norm_constraint")
 
-    def init_fn(params):
-        del params
+    def init(params, layouts):
+        del params, layouts
         return optax.EmptyState()
 
-    def project(path, u, w):
-        if jnp.ndim(w) < 2:
-            raise ValueError(
-                f"max_norm_constraint: the mask selects {_tree.path_name(path)!r} of "
-                f"shape {jnp.shape(w)}, which has no columns (ndim < 2); mask it out"
-            )
+    def project(op, u, w):
         c = jnp.asarray(max_norm, jnp.float32)
-        w32 = linalg.as_matrix(w.astype(jnp.float32))
-        new = w32 + linalg.as_matrix(u.astype(jnp.float32))
-        norms = linalg.safe_norm(new, axis=0)
-        inside = norms <= c
+        w32 = op.view(w.astype(jnp.float32))
+        new = w32 + op.view(u.astype(jnp.float32))
+        norms = linalg.safe_norm(new, axis=-2)
+        inside = (norms <= c)[..., None, :]
         # optax.projections.projection_l2_ball per column, with a norm that
         # neither overflows nor underflows.
-        step = new * (c / jnp.maximum(norms, c)) - w32
+        step = new * (c / jnp.maximum(norms, c))[..., None, :] - w32
         # The exact original update where no projection is needed, so the
         # constraint leaves inside columns as the optimizer made them.
-        step = jnp.where(inside, linalg.as_matrix(u), step.astype(u.dtype))
-        return step.reshape(u.shape)
+        step = jnp.where(inside, op.view(u), step.astype(u.dtype))
+        return op.unview(step)
 
-    def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
-        if params is None:
-            raise _common.needs_params("max_norm_constraint")
-        return jax.tree.map_with_path(project, updates, params), state
+    def update(updates, state, params, layouts):
+        kernels, _, ops, treedef = _layouts.flatten_selected(params, layouts)
+        grads = treedef.flatten_up_to(updates)
+        new = [project(op, u, w) for op, u, w in zip(ops, grads, kernels, strict=True)]
+        return treedef.unflatten(new), state
 
-    return optax.masked(
-        optax.GradientTransformationExtraArgs(init_fn, update_fn), _selected_mask(mask)
+    return _layouts.masked_transform(
+        "max_norm_constraint", init, update, weight_dimension_numbers, mask
     )
 
 

@@ -9,44 +9,54 @@ methods differing only in the weight of ``u vᵀ`` (1 here, σ there).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from margin_regs import _common, _tree
-from margin_regs._spectral import batched, power_iteration_transform
-from margin_regs.linalg import as_matrix, power_iteration_step, safe_norm
+from margin_regs import _common, _layouts, _tree
+from margin_regs._layouts import WeightDimensionNumbers
+from margin_regs._spectral import grouped, iterate, power_iteration_transform
+from margin_regs.linalg import safe_norm
 
 __all__ = ["eigenvalue_decay", "eigenvalue_decay_penalty"]
 
 
-def _eigenvalue_decay_sigma(
-    matrices: list[jax.Array], n_power_iterations: int
+def _seed_sigma(
+    op: Any, kernels: list[jax.Array], n_power_iterations: int
 ) -> jax.Array:
-    """``sqrt(λ_dom(KᵀK))`` of same-shaped matrices by the seed's power method,
-    normalised per iteration."""
-    fan_out = matrices[0].shape[-1]
-    ones = jnp.full((len(matrices), fan_out), fan_out**-0.5, jnp.float32)
+    """``sqrt(λ_dom(AᵀA))`` per batch slice of same-shaped kernels, by the seed's
+    power method from the all-ones vector, normalised per iteration."""
+    start = (len(kernels), *op.batch_shape, *op.in_shape)
+    ones = jnp.full(start, math.prod(op.in_shape) ** -0.5, jnp.float32)
     # σ(K) = s·σ(K/s) with s = max|K| held constant: the backward pass through the
     # normalised iterations multiplies 1/‖K v‖-sized factors, which overflow float32
     # for tiny kernels (σ ≈ 1e-12) unless the iterations see K at unit scale.
     scales = [
-        jax.lax.stop_gradient(jnp.max(jnp.abs(m))).astype(jnp.float32) for m in matrices
+        jax.lax.stop_gradient(jnp.max(jnp.abs(k))).astype(jnp.float32) for k in kernels
     ]
     scales = [jnp.where(s > 0, s, 1.0) for s in scales]
-    unit = [m.astype(jnp.float32) / s for m, s in zip(matrices, scales, strict=True)]
-    # v ← normalize(Kᵀ normalize(K v)) points along M v = Kᵀ(K v): the seed's
+    unit = [k.astype(jnp.float32) / s for k, s in zip(kernels, scales, strict=True)]
+    # v ← normalize(Aᵀ normalize(A v)) points along M v = Aᵀ(A v): the seed's
     # iterate M^p 1, rescaled so that no float32 power of λ can overflow or vanish.
-    v = power_iteration_step(unit, ones, n_power_iterations).v
-    kv = jnp.stack([m @ v[i] for i, m in enumerate(unit)])
-    # The Rayleigh quotient (Mv·v)/(v·v) = ‖Kv‖²/‖v‖², square-rooted.
-    return jnp.stack(scales) * safe_norm(kv) / safe_norm(v)
+    v = iterate(op, unit, ones, n_power_iterations).v
+    av = jnp.stack([op.matvec(k, v[i]) for i, k in enumerate(unit)])
+    # The Rayleigh quotient (Mv·v)/(v·v) = ‖Av‖²/‖v‖², square-rooted.
+    lead = v.ndim - len(op.in_shape)
+    av_norm = safe_norm(av.reshape(*av.shape[:lead], -1))
+    v_norm = safe_norm(v.reshape(*v.shape[:lead], -1))
+    scale = jnp.stack(scales).reshape((-1,) + (1,) * (lead - 1))
+    return scale * av_norm / v_norm
 
 
 def eigenvalue_decay_penalty(
-    params: Any, *, n_power_iterations: int = 9, mask: _tree.Mask = None
+    params: Any,
+    *,
+    n_power_iterations: int = 9,
+    mask: _tree.Mask = None,
+    weight_dimension_numbers: WeightDimensionNumbers = None,
 ) -> jax.Array:
     """Eigenvalue Decay: the sum of each kernel's estimated ``sqrt(λ_dom(KᵀK))``.
 
@@ -64,7 +74,11 @@ def eigenvalue_decay_penalty(
       params: a pytree of arrays.
       n_power_iterations: ``p``, a Python int ≥ 1 (the paper: 9).
       mask: a pytree of bools or a callable, as in ``optax.masked``; by default
-        every leaf with ``ndim >= 2``.
+        the weight matrices (``ndim >= 2``, not ``bias``/``scale``/``embedding``).
+      weight_dimension_numbers: which matrix each leaf is: one
+        ``optax.contrib.MuonDimensionNumbers``, a pytree of them with ``None`` for
+        non-weights, or a callable ``params -> such a pytree``, as in
+        ``optax.contrib.muon``; each batch slice is its own matrix.
 
     Returns:
       A float32 scalar; add ``C · value`` to the loss.
@@ -87,10 +101,12 @@ def eigenvalue_decay_penalty(
     _common.check_positive_int(
         n_power_iterations, "n_power_iterations", "eigenvalue_decay_penalty"
     )
-    kernels = jax.tree.leaves(_tree.select(params, mask))
-    matrices = [as_matrix(k) for k in kernels]
-    sigmas = batched(lambda m: _eigenvalue_decay_sigma(m, n_power_iterations), matrices)
-    return sum(sigmas, jnp.zeros([], jnp.float32))
+    layouts = _layouts.resolve_layouts(params, weight_dimension_numbers, mask)
+    kernels, _, ops, _ = _layouts.flatten_selected(params, layouts)
+    sigmas = grouped(
+        lambda op, ks: _seed_sigma(op, ks, n_power_iterations), kernels, ops
+    )
+    return sum((jnp.sum(s) for s in sigmas), jnp.zeros([], jnp.float32))
 
 
 def _unit_weight(sigma: jax.Array) -> jax.Array:
@@ -105,6 +121,7 @@ def eigenvalue_decay(
     n_power_iterations: int = 1,
     mask: _tree.Mask = None,
     key: jax.Array | int = 0,
+    weight_dimension_numbers: WeightDimensionNumbers = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Eigenvalue Decay, fast form: add ``coeff · u vᵀ`` to each kernel's update.
 
@@ -121,14 +138,18 @@ def eigenvalue_decay(
         count, as in ``optax.add_decayed_weights``.
       n_power_iterations: iterations per step, a Python int ≥ 1.
       mask: a pytree of bools or a callable, as in ``optax.masked``; by default
-        every leaf with ``ndim >= 2`` (kernels, not biases).
+        the weight matrices (``ndim >= 2``, not ``bias``/``scale``/``embedding``).
       key: a ``jax.random`` key or an int seed for the starting vectors.
+      weight_dimension_numbers: which matrix each leaf is: one
+        ``optax.contrib.MuonDimensionNumbers``, a pytree of them with ``None`` for
+        non-weights, or a callable ``params -> such a pytree``, as in
+        ``optax.contrib.muon``; each batch slice is its own matrix.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` wrapped in ``optax.masked``; its
-      inner state is a :class:`PowerIterationState`. Under
+      An ``optax.GradientTransformationExtraArgs`` whose state is an
+      ``optax.MaskedState`` around a :class:`PowerIterationState`. Under
       ``optax.inject_hyperparams`` pass ``static_args=("n_power_iterations",
-      "key", "mask")``.
+      "key", "mask", "weight_dimension_numbers")``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -154,5 +175,6 @@ def eigenvalue_decay(
         n_power_iterations,
         mask,
         key,
+        weight_dimension_numbers,
         weight=_unit_weight,
     )

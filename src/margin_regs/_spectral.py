@@ -12,6 +12,8 @@ of many identical layers costs one small call per shape, not one per layer.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -19,13 +21,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from margin_regs import _common, _tree
-from margin_regs.linalg import (
-    SingularTriple,
-    as_matrix,
-    converged_singular_triple,
-    power_iteration_step,
-)
+from margin_regs import _common, _layouts, _tree
+from margin_regs._layouts import WeightDimensionNumbers
+from margin_regs.linalg import SingularTriple, normalize
 
 __all__ = [
     "PowerIterationState",
@@ -34,85 +32,166 @@ __all__ = [
     "spectral_norm_regularization",
 ]
 
-# One compiled warm start per (batch, fan_in, fan_out), shared by every caller.
-_converged_batch = jax.jit(jax.vmap(converged_singular_triple))
+_MAX_WARM_ITERATIONS = 1000
+_WARM_TOLERANCE = 1e-6
 
 
-def batched(fn, matrices: list[jax.Array], *args: list[jax.Array]) -> list[Any]:
-    """``fn`` applied once per (shape, dtype) group of matrices, results per matrix.
+def iterate(
+    op: Any, kernels: list[jax.Array], v: jax.Array, n_iterations: int
+) -> SingularTriple:
+    """``n`` normalised power iterations on a group of kernels sharing one operator.
 
-    ``fn`` gets the group's matrices as a list and the matching ``args`` stacked
-    along a new first axis: the vector work is batched while the kernels are never
-    stacked, which would copy each of them every step.
+    Each iteration is Yoshida & Miyato 2017, Alg. 1, line 7, on every batch slice::
+
+        u ← A v / ‖A v‖,   v ← Aᵀ u / ‖Aᵀ u‖,   σ ← ‖Aᵀ u‖ = uᵀ A v
+
+    The matvecs run kernel by kernel (a kernel is never copied into a stack, a full
+    extra pass per step), the vector work for the whole group at once. Where
+    ``A v`` or ``Aᵀ u`` vanishes (a zero kernel) the old vector is kept and σ = 0.
+
+    Args:
+      op: the operator of every kernel in the group (:func:`make_operator`).
+      kernels: ``g`` same-shaped kernels.
+      v: ``(g, *batch, *in_shape)`` start vectors.
+      n_iterations: a Python int ≥ 1.
+
+    Returns:
+      float32 ``(σ (g, *batch), u (g, *batch, *out_shape), v)``.
     """
-    out: list[Any] = [None] * len(matrices)
-    for idx in _tree.group_by_shape(matrices).values():
-        batch = fn(
-            [matrices[i] for i in idx], *(jnp.stack([a[i] for i in idx]) for a in args)
-        )
+    n_in, n_out = len(op.in_shape), len(op.out_shape)
+
+    def matvec(x):
+        return jnp.stack([op.matvec(k, x[i]) for i, k in enumerate(kernels)])
+
+    def rmatvec(y):
+        return jnp.stack([op.rmatvec(k, y[i]) for i, k in enumerate(kernels)])
+
+    v = v.astype(jnp.float32)
+    lead = v.shape[: v.ndim - n_in]
+    sigma = jnp.zeros(lead, jnp.float32)
+    u = jnp.zeros(lead + tuple(op.out_shape), jnp.float32)
+    for _ in range(n_iterations):
+        u, _ = normalize(matvec(v), u, n_out)
+        v, sigma = normalize(rmatvec(u), v, n_in)
+    return SingularTriple(sigma, u, v)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def warm_start(op: Any, kernel: jax.Array, v0: jax.Array) -> SingularTriple:
+    """Power iteration run to convergence from ``v0``, on every batch slice at once.
+
+    Iterates on ``kernel / max|kernel|`` (so no product overflows) until no vector
+    entry moves by more than 1e-6 or 1000 iterations, then takes one step at the
+    true scale for a consistent ``(σ, u, v)``. A cold start needs 20–250
+    iterations for 1e-3 relative accuracy on realistic matrices; afterwards one
+    iteration per training step tracks σ. A non-finite kernel keeps ``v0``.
+    """
+    n_in = len(op.in_shape)
+    scale = jnp.max(jnp.abs(kernel)).astype(jnp.float32)
+    unit = kernel.astype(jnp.float32) / jnp.where(scale > 0, scale, 1.0)
+    v0 = v0.astype(jnp.float32)
+    v0 = normalize(v0, jnp.full_like(v0, math.prod(op.in_shape) ** -0.5), n_in)[0]
+
+    def body(carry):
+        i, v, _ = carry
+        new = iterate(op, [unit], v[None], 1).v[0]
+        return i + 1, new, jnp.max(jnp.abs(new - v))
+
+    def not_done(carry):
+        i, _, change = carry
+        return (i < _MAX_WARM_ITERATIONS) & (change > _WARM_TOLERANCE)
+
+    _, v, _ = jax.lax.while_loop(not_done, body, (0, v0, jnp.float32(jnp.inf)))
+    finite = jnp.all(jnp.isfinite(v), axis=tuple(range(v.ndim - n_in, v.ndim)))
+    v = jnp.where(finite.reshape(finite.shape + (1,) * n_in), v, v0)
+    return jax.tree.map(lambda x: x[0], iterate(op, [kernel], v[None], 1))
+
+
+def grouped(
+    fn: Callable[..., Any], kernels: list[jax.Array], ops: list[Any], *args: list
+) -> list[Any]:
+    """``fn(op, kernels, *stacked args)`` once per group of same operator and dtype.
+
+    Same-shaped leaves with the same layout share one call: their vector work is
+    one batched op, and a network of many identical layers costs one small call
+    per shape. Results come back per leaf.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, (k, op) in enumerate(zip(kernels, ops, strict=True)):
+        groups.setdefault((op, jnp.dtype(k.dtype)), []).append(i)
+    out: list[Any] = [None] * len(kernels)
+    for (op, _), idx in groups.items():
+        stacked = (jnp.stack([a[i] for i in idx]) for a in args)
+        batch = fn(op, [kernels[i] for i in idx], *stacked)
         for j, i in enumerate(idx):
             out[i] = jax.tree.map(lambda x, j=j: x[j], batch)
     return out
 
 
-def _flatten_state(selected: Any, state: Any) -> tuple[list, list, Any]:
-    """Kernels and vectors as aligned lists, and the tree structure they share."""
-    kernels, treedef = jax.tree.flatten(selected)
+def _state_vectors(state: Any, treedef: Any, ops: list[Any]) -> list[jax.Array]:
+    """The persisted vectors, checked against the selected kernels' operators."""
     vectors, state_def = jax.tree.flatten(state)
     if treedef != state_def:
         raise ValueError(
             "the power-iteration state does not match the selected kernels: build "
-            "it with init_power_iteration(params, key, mask=...) using the same mask"
+            "it with init_power_iteration(params, key, ...) using the same mask and "
+            "weight_dimension_numbers"
         )
-    for k, v in zip(kernels, vectors, strict=True):
-        if v.shape != (k.shape[-1],):
+    for v, op in zip(vectors, ops, strict=True):
+        expected = tuple(op.batch_shape) + tuple(op.in_shape)
+        if v.shape != expected:
             raise ValueError(
                 f"a state vector of shape {v.shape} does not fit a kernel of shape "
-                f"{k.shape}; expected ({k.shape[-1]},)"
+                f"{op.kernel_shape}; expected {expected}"
             )
-    return kernels, vectors, treedef
+    return vectors
 
 
 def spectral_triples(
-    selected: Any, vectors: Any, n_power_iterations: int
-) -> tuple[list[jax.Array], list[SingularTriple], Any]:
-    """The shared core: ``n`` power iterations on each selected kernel.
+    kernels: list[jax.Array], ops: list[Any], vectors: list[jax.Array], n: int
+) -> list[SingularTriple]:
+    """The shared core: ``n`` power iterations per selected kernel, from ``vectors``."""
+    return grouped(lambda op, ks, v: iterate(op, ks, v, n), kernels, ops, vectors)
 
-    Args:
-      selected: params with unselected leaves replaced by ``optax.MaskedNode()``.
-      vectors: the persisted right vectors, same structure as ``selected``.
-      n_power_iterations: a Python int ≥ 1.
 
-    Returns:
-      ``(kernels, triples, treedef)``: the kernels and their float32
-      :class:`SingularTriple` as aligned lists, and the structure to rebuild
-      trees with.
+def rank_one(
+    op: Any, update: jax.Array, scale: jax.Array, triple: SingularTriple
+) -> jax.Array:
+    """``Σ_b scale_b · u_b v_bᵀ`` (the operator's ``outer``) in the update's dtype.
+
+    A broadcast product, never materialised on its own under ``jit``: XLA fuses it
+    into the elementwise update that consumes it, so adding it costs no extra pass
+    over the weights.
     """
-    kernels, vectors, treedef = _flatten_state(selected, vectors)
-    matrices = [as_matrix(k) for k in kernels]
-    triples = batched(
-        lambda m, v: power_iteration_step(m, v, n_power_iterations), matrices, vectors
-    )
-    return kernels, triples, treedef
+    u = triple.u * scale.reshape(scale.shape + (1,) * len(op.out_shape))
+    return op.outer(update, u, triple.v).astype(update.dtype)
 
 
-def rank_one(kernel: jax.Array, scale: jax.Array, triple: SingularTriple) -> jax.Array:
-    """``scale · u vᵀ`` in the kernel's shape and dtype.
-
-    Built as a broadcast product, never materialised on its own under ``jit``: XLA
-    fuses it into the elementwise update that consumes it, so adding it costs no
-    extra pass over the weights.
-    """
-    term = (scale * triple.u)[:, None] * triple.v[None, :]
-    return term.reshape(kernel.shape).astype(kernel.dtype)
+def _init_vectors(params: Any, layouts: Any, key: jax.Array) -> Any:
+    kernels, _, ops, treedef = _layouts.flatten_selected(params, layouts)
+    vectors = [
+        warm_start(
+            op,
+            k,
+            jax.random.normal(
+                jax.random.fold_in(key, i), tuple(op.batch_shape) + tuple(op.in_shape)
+            ),
+        ).v
+        for i, (k, op) in enumerate(zip(kernels, ops, strict=True))
+    ]
+    return treedef.unflatten(vectors)
 
 
 def init_power_iteration(
-    params: Any, key: jax.Array | int, *, mask: _tree.Mask = None
+    params: Any,
+    key: jax.Array | int,
+    *,
+    mask: _tree.Mask = None,
+    weight_dimension_numbers: WeightDimensionNumbers = None,
 ) -> Any:
     """Persisted power-iteration vectors, warm-started to convergence.
 
-    For each selected kernel ``K (fan_in, fan_out)`` a Gaussian ``v₀``
+    For each selected matrix ``K (fan_in, fan_out)`` a Gaussian ``v₀``
     (Yoshida & Miyato 2017, Alg. 1, line 2) is iterated ``v ← KᵀK v / ‖KᵀK v‖``
     until converged, so that one iteration per training step afterwards tracks
     σ(K) (a cold start needs 20–250 iterations for 1e-3 relative accuracy).
@@ -121,11 +200,18 @@ def init_power_iteration(
       params: a pytree of arrays (flax linen dict, ``nnx.State``, plain dict).
       key: a ``jax.random`` key or an int seed.
       mask: a pytree of bools or a callable, as in ``optax.masked``; by default
-        every leaf with ``ndim >= 2``.
+        the weight matrices: ``ndim >= 2`` and not named ``bias``, ``scale`` or
+        ``embedding`` (see :mod:`margin_regs._layouts`).
+      weight_dimension_numbers: which matrix each leaf is: one
+        ``optax.contrib.MuonDimensionNumbers``, a pytree of them with ``None`` for
+        non-weights (a prefix of params allowed), or a callable ``params -> such a
+        pytree``, as in ``optax.contrib.muon``. Batch axes give separate matrices,
+        each with its own σ, vector and rank-one term. Default: the
+        ``(-1, last)`` view of the leaves ``mask`` selects.
 
     Returns:
-      A pytree like ``params`` holding a unit float32 ``(fan_out,)`` vector at each
-      selected kernel and ``optax.MaskedNode()`` elsewhere.
+      A pytree like ``params`` holding a unit float32 ``(*batch, fan_out)`` vector
+      at each selected kernel and ``optax.MaskedNode()`` elsewhere.
 
     Example:
       >>> import jax.numpy as jnp
@@ -139,23 +225,8 @@ def init_power_iteration(
       Yoshida & Miyato, "Spectral Norm Regularization for Improving the
       Generalizability of Deep Learning", 2017, Algorithm 1.
     """
-    selected = _tree.select(params, mask)
-    kernels, treedef = jax.tree.flatten(selected)
-    key = _common.as_key(key)
-    matrices = [as_matrix(k) for k in kernels]
-    vectors: list[jax.Array] = [None] * len(matrices)  # type: ignore[list-item]
-    for idx in _tree.group_by_shape(matrices).values():
-        stacked = jnp.stack([matrices[i] for i in idx])
-        starts = jnp.stack(
-            [
-                jax.random.normal(jax.random.fold_in(key, i), stacked.shape[-1:])
-                for i in idx
-            ]
-        )
-        v = _converged_batch(stacked, starts).v
-        for j, i in enumerate(idx):
-            vectors[i] = v[j]
-    return treedef.unflatten(vectors)
+    layouts = _layouts.resolve_layouts(params, weight_dimension_numbers, mask)
+    return _init_vectors(params, layouts, _common.as_key(key))
 
 
 def spectral_norm_penalty(
@@ -164,6 +235,7 @@ def spectral_norm_penalty(
     *,
     n_power_iterations: int = 1,
     mask: _tree.Mask = None,
+    weight_dimension_numbers: WeightDimensionNumbers = None,
 ) -> tuple[jax.Array, Any]:
     """Spectral norm regularization's penalty, with its power-iteration step.
 
@@ -172,15 +244,25 @@ def spectral_norm_penalty(
 
         value = ½ Σ_K (uᵀ K v)² = ½ Σ_K σ(K)²,    ∂value/∂K = σ(K) u vᵀ
 
+    summed over every batch slice of a batched layout.
+
     Add ``coeff · value`` to the loss (the paper's λ/2 · Σ σ² with ``coeff = λ``)
     and carry ``new_state`` to the next step.
 
     Args:
       params: a pytree of arrays.
-      state: the vectors from :func:`init_power_iteration` (same ``mask``).
+      state: the vectors from :func:`init_power_iteration` (same ``mask`` and
+        ``weight_dimension_numbers``).
       n_power_iterations: iterations per call, a Python int ≥ 1 (the paper: 1).
       mask: a pytree of bools or a callable, as in ``optax.masked``; by default
-        every leaf with ``ndim >= 2``.
+        the weight matrices: ``ndim >= 2`` and not named ``bias``, ``scale`` or
+        ``embedding`` (see :mod:`margin_regs._layouts`).
+      weight_dimension_numbers: which matrix each leaf is: one
+        ``optax.contrib.MuonDimensionNumbers``, a pytree of them with ``None`` for
+        non-weights (a prefix of params allowed), or a callable ``params -> such a
+        pytree``, as in ``optax.contrib.muon``. Batch axes give separate matrices,
+        each with its own σ, vector and rank-one term. Default: the
+        ``(-1, last)`` view of the leaves ``mask`` selects.
 
     Returns:
       ``(value, new_state)``: a float32 scalar and the advanced vectors.
@@ -207,15 +289,17 @@ def spectral_norm_penalty(
     _common.check_positive_int(
         n_power_iterations, "n_power_iterations", "spectral_norm_penalty"
     )
-    kernels, triples, treedef = spectral_triples(
-        _tree.select(params, mask), state, n_power_iterations
-    )
+    layouts = _layouts.resolve_layouts(params, weight_dimension_numbers, mask)
+    kernels, _, ops, treedef = _layouts.flatten_selected(params, layouts)
+    vectors = _state_vectors(state, treedef, ops)
+    triples = spectral_triples(kernels, ops, vectors, n_power_iterations)
     value = jnp.zeros([], jnp.float32)
-    for k, t in zip(kernels, triples, strict=True):
+    for k, op, t in zip(kernels, ops, triples, strict=True):
         u, v = jax.lax.stop_gradient((t.u, t.v))
-        # uᵀ K v equals σ in value, and its gradient is exactly u vᵀ.
-        sigma = u @ as_matrix(k).astype(jnp.float32) @ v
-        value = value + 0.5 * sigma**2
+        # uᵀ A v equals σ in value, and its gradient is exactly u vᵀ.
+        out_axes = tuple(range(u.ndim - len(op.out_shape), u.ndim))
+        sigma = jnp.sum(u * op.matvec(k, v), axis=out_axes)
+        value = value + 0.5 * jnp.sum(sigma**2)
     return value, treedef.unflatten([t.v for t in triples])
 
 
@@ -224,8 +308,9 @@ class PowerIterationState(NamedTuple):
 
     Attributes:
       count: int32 number of updates so far (the argument of a ``coeff`` schedule).
-      vectors: the persisted unit right singular vectors, float32 ``(fan_out,)`` per
-        selected kernel, as built by :func:`margin_regs.init_power_iteration`.
+      vectors: the persisted unit right singular vectors, float32
+        ``(*batch, fan_out)`` per selected kernel, as built by
+        :func:`margin_regs.init_power_iteration`.
     """
 
     count: jax.Array
@@ -238,34 +323,30 @@ def power_iteration_transform(
     n_power_iterations: int,
     mask: _tree.Mask,
     key: jax.Array | int,
+    weight_dimension_numbers: WeightDimensionNumbers,
     weight: Callable[[jax.Array], jax.Array],
 ) -> optax.GradientTransformationExtraArgs:
-    """Adds ``coeff · weight(σ) · u vᵀ`` to each selected kernel's update."""
+    """Adds ``coeff · weight(σ_b) · u_b v_bᵀ`` to each selected matrix's update."""
     _common.check_coeff(coeff, "coeff", name)
     _common.check_positive_int(n_power_iterations, "n_power_iterations", name)
     # Converted here, so that a bad key fails where the transform is built.
     key = _common.as_key(key)
 
-    def init_fn(params):
-        # Inside optax.masked every leaf present is selected; `True` still rejects
-        # a 1-D leaf that a user's mask picked.
+    def init(params, layouts):
         return PowerIterationState(
             count=jnp.zeros([], jnp.int32),
-            vectors=init_power_iteration(params, key, mask=True),
+            vectors=_init_vectors(params, layouts, key),
         )
 
-    def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
-        if params is None:
-            raise _common.needs_params(name)
-        _, triples, treedef = spectral_triples(
-            params, state.vectors, n_power_iterations
-        )
+    def update(updates, state, params, layouts):
+        kernels, _, ops, treedef = _layouts.flatten_selected(params, layouts)
+        vectors = _state_vectors(state.vectors, treedef, ops)
+        triples = spectral_triples(kernels, ops, vectors, n_power_iterations)
         c = _common.coeff_at(coeff, state.count)
         grads = treedef.flatten_up_to(updates)
         new_updates = [
-            g + rank_one(g, c * weight(t.sigma), t)
-            for g, t in zip(grads, triples, strict=True)
+            g + rank_one(op, g, c * weight(t.sigma), t)
+            for g, op, t in zip(grads, ops, triples, strict=True)
         ]
         new_state = PowerIterationState(
             count=optax.safe_increment(state.count),
@@ -273,8 +354,7 @@ def power_iteration_transform(
         )
         return treedef.unflatten(new_updates), new_state
 
-    inner = optax.GradientTransformationExtraArgs(init_fn, update_fn)
-    return optax.masked(inner, _tree.default_mask if mask is None else mask)
+    return _layouts.masked_transform(name, init, update, weight_dimension_numbers, mask)
 
 
 def spectral_norm_regularization(
@@ -283,6 +363,7 @@ def spectral_norm_regularization(
     n_power_iterations: int = 1,
     mask: _tree.Mask = None,
     key: jax.Array | int = 0,
+    weight_dimension_numbers: WeightDimensionNumbers = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Spectral norm regularization: add ``coeff · σ u vᵀ`` to each kernel's update.
 
@@ -300,14 +381,22 @@ def spectral_norm_regularization(
         count, as in ``optax.add_decayed_weights``.
       n_power_iterations: iterations per step, a Python int ≥ 1 (the paper: 1).
       mask: a pytree of bools or a callable, as in ``optax.masked``; by default
-        every leaf with ``ndim >= 2`` (kernels, not biases).
+        the weight matrices: ``ndim >= 2`` and not named ``bias``, ``scale`` or
+        ``embedding`` (see :mod:`margin_regs._layouts`).
       key: a ``jax.random`` key or an int seed for the starting vectors.
+      weight_dimension_numbers: which matrix each leaf is: one
+        ``optax.contrib.MuonDimensionNumbers``, a pytree of them with ``None`` for
+        non-weights (a prefix of params allowed), or a callable ``params -> such a
+        pytree``, as in ``optax.contrib.muon``. Batch axes give separate matrices,
+        each with its own σ, vector and rank-one term. Default: the
+        ``(-1, last)`` view of the leaves ``mask`` selects.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` wrapped in ``optax.masked``; its
-      inner state is a :class:`PowerIterationState`. Under
-      ``optax.inject_hyperparams`` pass ``static_args=("n_power_iterations",
-      "key", "mask")``.
+      An ``optax.GradientTransformationExtraArgs`` whose state is an
+      ``optax.MaskedState`` around a :class:`PowerIterationState`, as inside
+      ``optax.masked``. Under ``optax.inject_hyperparams`` pass
+      ``static_args=("n_power_iterations", "key", "mask",
+      "weight_dimension_numbers")``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -333,5 +422,6 @@ def spectral_norm_regularization(
         n_power_iterations,
         mask,
         key,
+        weight_dimension_numbers,
         weight=lambda sigma: sigma,
     )

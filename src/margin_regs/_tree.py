@@ -9,6 +9,7 @@ wrapped in ``optax.masked`` does, so the two forms share one state layout.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,7 +18,10 @@ import optax
 
 Mask = Any | Callable[[Any], Any] | None
 
+NON_WEIGHT_NAMES = frozenset({"bias", "b", "scale", "embedding", "embeddings"})
+
 __all__ = [
+    "NON_WEIGHT_NAMES",
     "Mask",
     "default_mask",
     "group_by_shape",
@@ -29,13 +33,38 @@ __all__ = [
 ]
 
 
-def default_mask(params: Any) -> Any:
-    """``True`` for every leaf with ``ndim >= 2`` (kernels), ``False`` otherwise.
+def _last_key(path: Sequence[Any]) -> str:
+    name = path_name(path)
+    return name.rsplit("/", 1)[-1]
 
-    Biases, norm scales and other 1-D leaves are not weight matrices and are never
-    regularized by default (Goodfellow et al., Deep Learning, §7.1).
+
+def _is_equinox_embedding(x: Any) -> bool:
+    # equinox is imported only if the user uses it, and then params may hold one.
+    eqx = sys.modules.get("equinox")
+    return eqx is not None and isinstance(x, eqx.nn.Embedding)
+
+
+def default_mask(params: Any) -> Any:
+    """``True`` at the weight matrices of ``params``, ``False`` elsewhere.
+
+    A leaf is selected iff ``ndim >= 2``, its last path key is not in
+    :data:`NON_WEIGHT_NAMES` (``bias``, ``b``, ``scale``, ``embedding``,
+    ``embeddings``) and it is not inside an ``equinox.nn.Embedding``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from margin_regs._tree import default_mask
+      >>> default_mask({"kernel": jnp.ones((2, 3)), "bias": jnp.ones((4, 3)),
+      ...               "embedding": jnp.ones((9, 3)), "w": jnp.ones(3)})
+      {'bias': False, 'embedding': False, 'kernel': True, 'w': False}
     """
-    return jax.tree.map(lambda x: jax.numpy.ndim(x) >= 2, params)
+
+    def pick(path, x):
+        if _is_equinox_embedding(x):
+            return jax.tree.map(lambda _: False, x)
+        return jax.numpy.ndim(x) >= 2 and _last_key(path) not in NON_WEIGHT_NAMES
+
+    return jax.tree_util.tree_map_with_path(pick, params, is_leaf=_is_equinox_embedding)
 
 
 def is_masked_node(x: Any) -> bool:

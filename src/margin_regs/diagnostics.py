@@ -19,15 +19,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from margin_regs import _common, _tree
+from margin_regs import _common, _layouts, _tree
 from margin_regs._jacobian import _check_input, per_sample_input_gradients
-from margin_regs.linalg import (
-    as_matrix,
-    safe_norm,
-    singular_values,
-    spectral_norm,
-    stable_rank,
-)
+from margin_regs._layouts import WeightDimensionNumbers
+from margin_regs.linalg import as_matrix, safe_norm, stable_rank_of
 
 __all__ = [
     "generalization_gap",
@@ -43,20 +38,36 @@ __all__ = [
 
 
 def _per_matrix(
-    fn: Callable[[jax.Array], jax.Array], params: Any, mask: _tree.Mask
+    fn: Callable[[Any, jax.Array], jax.Array],
+    params: Any,
+    mask: _tree.Mask,
+    weight_dimension_numbers: WeightDimensionNumbers,
 ) -> dict[str, jax.Array]:
-    """``{path: fn(kernel)}`` over the weight matrices that ``mask`` selects."""
-    selected = _tree.select(params, mask)
+    """``{path: fn(operator, kernel)}`` over the weight matrices selected."""
+    layouts = _layouts.resolve_layouts(params, weight_dimension_numbers, mask)
+    masked = jax.tree.map(
+        lambda spec, x: optax.MaskedNode() if spec is None else x,
+        layouts,
+        params,
+        is_leaf=_layouts.is_spec,
+    )
+    _, _, ops, _ = _layouts.flatten_selected(params, layouts)
+    paths = jax.tree_util.tree_flatten_with_path(masked)[0]
     out: dict[str, jax.Array] = {}
-    for path, kernel in jax.tree_util.tree_flatten_with_path(selected)[0]:
+    for (path, kernel), op in zip(paths, ops, strict=True):
         name = _tree.path_name(path)
         if name in out:
             raise ValueError(f"two parameters share the readable path {name!r}")
-        out[name] = fn(kernel)
+        out[name] = fn(op, kernel)
     return out
 
 
-def spectral_norms(params: Any, *, mask: _tree.Mask = None) -> dict[str, jax.Array]:
+def spectral_norms(
+    params: Any,
+    *,
+    mask: _tree.Mask = None,
+    weight_dimension_numbers: WeightDimensionNumbers = None,
+) -> dict[str, jax.Array]:
     """Exact spectral norm ``σ_max(K)`` of every weight matrix, by SVD.
 
     ``K`` is the ``(fan_in, fan_out)`` view of each selected kernel
@@ -64,11 +75,15 @@ def spectral_norms(params: Any, *, mask: _tree.Mask = None) -> dict[str, jax.Arr
 
     Args:
       params: any params pytree (linen dict, ``nnx.State``, plain dict).
-      mask: pytree of bools or callable, as in ``optax.masked``; default: every leaf
-        with ``ndim >= 2``.
+      mask: pytree of bools or callable, as in ``optax.masked``; default: the
+        weight matrices (``ndim >= 2``, not ``bias``/``scale``/``embedding``).
+      weight_dimension_numbers: which matrix each leaf is (one
+        ``optax.contrib.MuonDimensionNumbers``, a pytree of them with ``None`` for
+        non-weights, or a callable ``params -> such a pytree``); batch axes give
+        one result per slice.
 
     Returns:
-      ``{path: σ_max}``, float32 scalars.
+      ``{path: σ_max}``, float32 scalars (``(*batch,)`` for batched layouts).
 
     Example:
       >>> import jax.numpy as jnp
@@ -81,11 +96,19 @@ def spectral_norms(params: Any, *, mask: _tree.Mask = None) -> dict[str, jax.Arr
       Yoshida & Miyato, "Spectral Norm Regularization for Improving the
       Generalizability of Deep Learning", 2017, §4.4.
     """
-    return _per_matrix(spectral_norm, params, mask)
+    return _per_matrix(
+        lambda op, k: op.singular_values(k, 1)[..., 0],
+        params,
+        mask,
+        weight_dimension_numbers,
+    )
 
 
 def singular_value_spectra(
-    params: Any, *, mask: _tree.Mask = None
+    params: Any,
+    *,
+    mask: _tree.Mask = None,
+    weight_dimension_numbers: WeightDimensionNumbers = None,
 ) -> dict[str, jax.Array]:
     """All singular values ``σ_1 ≥ … ≥ σ_r`` of every weight matrix, by SVD.
 
@@ -94,11 +117,16 @@ def singular_value_spectra(
 
     Args:
       params: any params pytree (linen dict, ``nnx.State``, plain dict).
-      mask: pytree of bools or callable, as in ``optax.masked``; default: every leaf
-        with ``ndim >= 2``.
+      mask: pytree of bools or callable, as in ``optax.masked``; default: the
+        weight matrices (``ndim >= 2``, not ``bias``/``scale``/``embedding``).
+      weight_dimension_numbers: which matrix each leaf is (one
+        ``optax.contrib.MuonDimensionNumbers``, a pytree of them with ``None`` for
+        non-weights, or a callable ``params -> such a pytree``); batch axes give
+        one result per slice.
 
     Returns:
-      ``{path: σ}``, float32 arrays ``(min(fan_in, fan_out),)`` in descending order.
+      ``{path: σ}``, float32 arrays ``(*batch, min(fan_in, fan_out))`` in
+      descending order.
 
     Example:
       >>> import jax.numpy as jnp
@@ -111,21 +139,32 @@ def singular_value_spectra(
       Yoshida & Miyato, "Spectral Norm Regularization for Improving the
       Generalizability of Deep Learning", 2017, §4.4, Fig. 4.
     """
-    return _per_matrix(singular_values, params, mask)
+    return _per_matrix(
+        lambda op, k: op.singular_values(k), params, mask, weight_dimension_numbers
+    )
 
 
-def stable_ranks(params: Any, *, mask: _tree.Mask = None) -> dict[str, jax.Array]:
+def stable_ranks(
+    params: Any,
+    *,
+    mask: _tree.Mask = None,
+    weight_dimension_numbers: WeightDimensionNumbers = None,
+) -> dict[str, jax.Array]:
     """Stable rank ``srank(K) = ‖K‖_F² / ‖K‖₂²`` of every weight matrix.
 
     Lies in ``[1, rank K]`` (0 for the zero matrix); AdaReg lowers it.
 
     Args:
       params: any params pytree (linen dict, ``nnx.State``, plain dict).
-      mask: pytree of bools or callable, as in ``optax.masked``; default: every leaf
-        with ``ndim >= 2``.
+      mask: pytree of bools or callable, as in ``optax.masked``; default: the
+        weight matrices (``ndim >= 2``, not ``bias``/``scale``/``embedding``).
+      weight_dimension_numbers: which matrix each leaf is (one
+        ``optax.contrib.MuonDimensionNumbers``, a pytree of them with ``None`` for
+        non-weights, or a callable ``params -> such a pytree``); batch axes give
+        one result per slice.
 
     Returns:
-      ``{path: srank}``, float32 scalars.
+      ``{path: srank}``, float32 scalars (``(*batch,)`` for batched layouts).
 
     Example:
       >>> import jax.numpy as jnp
@@ -138,7 +177,12 @@ def stable_ranks(params: Any, *, mask: _tree.Mask = None) -> dict[str, jax.Array
       Zhao, Tsai, Salakhutdinov & Gordon, "Learning Neural Networks with Adaptive
       Regularization", NeurIPS 2019, §5.
     """
-    return _per_matrix(stable_rank, params, mask)
+    return _per_matrix(
+        lambda op, k: stable_rank_of(op.singular_values(k)),
+        params,
+        mask,
+        weight_dimension_numbers,
+    )
 
 
 def _check_logits(logits: jax.Array, labels: jax.Array) -> tuple[int, int]:
@@ -288,6 +332,7 @@ def margin_lower_bounds(
     *,
     mask: _tree.Mask = None,
     margin_type: Literal["logit", "geometric"] = "logit",
+    weight_dimension_numbers: WeightDimensionNumbers = None,
 ) -> dict[str, jax.Array]:
     """Closed-form lower bounds on the input margin from an output margin.
 
@@ -326,6 +371,10 @@ def margin_lower_bounds(
       mask: which kernels enter the product (see above); default every leaf with
         ``ndim >= 2``.
       margin_type: ``"logit"`` or ``"geometric"``.
+      weight_dimension_numbers: which matrix each leaf is (one
+        ``optax.contrib.MuonDimensionNumbers``, a pytree of them with ``None`` for
+        non-weights, or a callable ``params -> such a pytree``); batch axes give
+        one layer per slice (a scanned stack's layers all enter the product).
 
     Returns:
       ``{"spectral": (n,), "frobenius": (n,)}`` lower bounds on each sample's
@@ -354,7 +403,12 @@ def margin_lower_bounds(
     margins = jnp.asarray(margins)
     if margins.ndim != 1:
         raise ValueError(f"margins must be (n,), got shape {margins.shape}")
-    spectra = list(singular_value_spectra(params, mask=mask).values())
+    spectra = [
+        s.reshape(-1, s.shape[-1])
+        for s in singular_value_spectra(
+            params, mask=mask, weight_dimension_numbers=weight_dimension_numbers
+        ).values()
+    ]
     if margin_type == "logit" and not spectra:
         raise ValueError(
             "margin_type='logit' needs the classifier's kernel among the selected "
@@ -362,8 +416,12 @@ def margin_lower_bounds(
         )
     factor = jnp.sqrt(2.0) if margin_type == "logit" else jnp.ones(())
     products = {
-        "spectral": jnp.prod(jnp.stack([s[0] for s in spectra] + [factor])),
-        "frobenius": jnp.prod(jnp.stack([safe_norm(s) for s in spectra] + [factor])),
+        "spectral": jnp.prod(
+            jnp.concatenate([s[:, 0] for s in spectra] + [factor[None]])
+        ),
+        "frobenius": jnp.prod(
+            jnp.concatenate([safe_norm(s) for s in spectra] + [factor[None]])
+        ),
     }
     clipped = jnp.maximum(margins, 0.0)
     # A zero product means a constant network: no boundary at any finite distance.

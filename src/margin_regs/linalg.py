@@ -3,8 +3,8 @@
 A *weight matrix* is any parameter leaf with ``ndim >= 2``, viewed as a 2-D matrix
 ``K`` of shape ``(fan_in, fan_out)``: a Dense kernel as it is, a conv kernel
 ``(kh, kw, in, out)`` reshaped to ``(kh*kw*in, out)`` (Yoshida & Miyato 2017, §3;
-Zhao et al. 2019, appendix). Layouts with fan-out first (equinox) pass their own
-``view``.
+Zhao et al. 2019, appendix). Other layouts (equinox's fan-out first, DenseGeneral,
+scanned stacks) are named by ``weight_dimension_numbers`` (:mod:`margin_regs._layouts`).
 
 Power iteration here is matrix-free (two matvecs per iteration, never ``KᵀK``),
 runs in float32 whatever the kernel's dtype, normalises every vector with a
@@ -15,11 +15,14 @@ and is safe for the zero matrix (σ = 0, finite vectors, no NaN).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from optax.contrib import MuonDimensionNumbers
+
+from margin_regs import _layouts
 
 View = Callable[[jax.Array], jax.Array]
 
@@ -29,11 +32,13 @@ __all__ = [
     "as_matrix",
     "converged_singular_triple",
     "inv_threshold",
+    "normalize",
     "power_iteration_step",
     "safe_norm",
     "singular_values",
     "spectral_norm",
     "stable_rank",
+    "stable_rank_of",
 ]
 
 
@@ -51,29 +56,44 @@ class SingularTriple(NamedTuple):
     v: jax.Array
 
 
-def as_matrix(kernel: jax.Array, view: View | None = None) -> jax.Array:
-    """The ``(fan_in, fan_out)`` matrix view of a kernel.
+def as_matrix(
+    kernel: jax.Array,
+    view: View | None = None,
+    *,
+    weight_dimension_numbers: MuonDimensionNumbers | None = None,
+) -> jax.Array:
+    """The ``(fan_in, fan_out)`` matrix view of a kernel, or its stack of them.
 
-    ``K = kernel.reshape(-1, kernel.shape[-1])``: the flax/haiku layout, where the
-    last axis is fan-out. A conv kernel ``(kh, kw, in, out)`` becomes
+    By default ``K = kernel.reshape(-1, kernel.shape[-1])``: the flax/haiku layout,
+    where the last axis is fan-out. A conv kernel ``(kh, kw, in, out)`` becomes
     ``(kh*kw*in, out)``, the matrix of Yoshida & Miyato 2017 (§3, "Convolutions").
+    With ``weight_dimension_numbers = MuonDimensionNumbers(reduction, output)`` the
+    reduction axes are the rows, the output axes the columns and every other axis
+    a batch axis (as in ``optax.contrib.muon``): the view is
+    ``(*batch, fan_in, fan_out)``.
 
     Args:
       kernel: an array with ``ndim >= 2``.
-      view: optional callable returning the 2-D view for another layout, e.g.
-        ``lambda w: w.reshape(w.shape[0], -1).T`` for equinox's ``(out, in, ...)``.
+      view: optional callable returning the 2-D view for another layout.
+      weight_dimension_numbers: optional layout, see above.
 
     Returns:
-      A 2-D array ``(fan_in, fan_out)``.
+      ``(fan_in, fan_out)``, or ``(*batch, fan_in, fan_out)`` for a batched layout.
 
     Raises:
       ValueError: if ``kernel`` has fewer than two dimensions (biases and scales are
-        not weight matrices), or ``view`` does not return a 2-D array.
+        not weight matrices), ``view`` does not return a 2-D array, or the layout's
+        axes overlap, repeat or are out of range.
 
     Example:
       >>> import jax.numpy as jnp
+      >>> from optax.contrib import MuonDimensionNumbers
       >>> import margin_regs as mr
       >>> mr.as_matrix(jnp.zeros((5, 5, 3, 32))).shape
+      (75, 32)
+      >>> equinox_conv = jnp.zeros((32, 3, 5, 5))   # (out, in, kh, kw)
+      >>> layout = MuonDimensionNumbers((1, 2, 3), 0)
+      >>> mr.as_matrix(equinox_conv, weight_dimension_numbers=layout).shape
       (75, 32)
     """
     kernel = jnp.asarray(kernel)
@@ -87,7 +107,13 @@ def as_matrix(kernel: jax.Array, view: View | None = None) -> jax.Array:
         if matrix.ndim != 2:
             raise ValueError(f"view returned shape {matrix.shape}, expected 2-D")
         return matrix
-    return kernel.reshape(-1, kernel.shape[-1])
+    return _operator(kernel, weight_dimension_numbers).view(kernel)
+
+
+def _operator(kernel: jax.Array, layout: MuonDimensionNumbers | None) -> Any:
+    layout = _layouts.default_layout(kernel.ndim) if layout is None else layout
+    checked = _layouts.check_layout(layout, kernel.shape, "kernel")
+    return _layouts.make_operator(checked, kernel.shape)
 
 
 def safe_norm(x: jax.Array, axis: int = -1, keepdims: bool = False) -> jax.Array:
@@ -107,12 +133,17 @@ def safe_norm(x: jax.Array, axis: int = -1, keepdims: bool = False) -> jax.Array
     return norm if keepdims else jnp.squeeze(norm, axis=axis)
 
 
-def _normalize(x: jax.Array, fallback: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(x / ‖x‖, ‖x‖)``, or ``(fallback, 0)`` where ``x`` is zero."""
-    norm = safe_norm(x, keepdims=True)
+def normalize(
+    x: jax.Array, fallback: jax.Array, n_axes: int = 1
+) -> tuple[jax.Array, jax.Array]:
+    """``(x / ‖x‖, ‖x‖)`` over the ``n_axes`` trailing axes, ``(fallback, 0)`` where
+    ``x`` is zero."""
+    lead = x.shape[: x.ndim - n_axes]
+    norm = safe_norm(x.reshape(*lead, -1), keepdims=True)
+    norm = norm.reshape(lead + (1,) * n_axes)
     ok = norm > 0
     unit = jnp.where(ok, x / jnp.where(ok, norm, 1.0), fallback)
-    return unit, jnp.squeeze(norm, -1)
+    return unit, norm.reshape(lead)
 
 
 def power_iteration_step(
@@ -177,8 +208,8 @@ def power_iteration_step(
     sigma = jnp.zeros(v.shape[:-1], jnp.float32)
     u = jnp.zeros(fan_in, jnp.float32)
     for _ in range(n_iterations):
-        u, _ = _normalize(matvec(v), u)
-        v, sigma = _normalize(rmatvec(u), v)
+        u, _ = normalize(matvec(v), u)
+        v, sigma = normalize(rmatvec(u), v)
     return SingularTriple(sigma, u, v)
 
 
@@ -210,7 +241,7 @@ def converged_singular_triple(
     scale = jnp.max(jnp.abs(k))
     k = k / jnp.where(scale > 0, scale, 1.0)
     v0 = v0.astype(jnp.float32)
-    v0 = _normalize(v0, jnp.ones_like(v0) / jnp.sqrt(v0.shape[-1]))[0]
+    v0 = normalize(v0, jnp.ones_like(v0) / jnp.sqrt(v0.shape[-1]))[0]
     _, v = optax.power_iteration(
         lambda x: k.T @ (k @ x),
         v0=v0,
@@ -221,15 +252,22 @@ def converged_singular_triple(
     return power_iteration_step(matrix, v)
 
 
-def spectral_norm(kernel: jax.Array, view: View | None = None) -> jax.Array:
-    """Exact σ_max of the kernel's matrix view, by SVD.
+def spectral_norm(
+    kernel: jax.Array,
+    view: View | None = None,
+    *,
+    weight_dimension_numbers: MuonDimensionNumbers | None = None,
+) -> jax.Array:
+    """Exact σ_max of the kernel's matrix view (per batch slice), by SVD.
 
     Args:
       kernel: an array with ``ndim >= 2``.
       view: optional layout view, as in :func:`as_matrix`.
+      weight_dimension_numbers: optional layout, as in :func:`as_matrix`.
 
     Returns:
-      A float32 scalar, the largest singular value.
+      A float32 scalar, the largest singular value; ``(*batch,)`` for a batched
+      layout.
 
     Example:
       >>> import jax.numpy as jnp
@@ -237,11 +275,20 @@ def spectral_norm(kernel: jax.Array, view: View | None = None) -> jax.Array:
       >>> float(mr.spectral_norm(jnp.diag(jnp.array([3.0, -4.0]))))
       4.0
     """
-    return singular_values(kernel, view)[0]
+    s = singular_values(kernel, view, weight_dimension_numbers=weight_dimension_numbers)
+    return s[..., 0]
 
 
-def singular_values(kernel: jax.Array, view: View | None = None) -> jax.Array:
+def singular_values(
+    kernel: jax.Array,
+    view: View | None = None,
+    *,
+    weight_dimension_numbers: MuonDimensionNumbers | None = None,
+) -> jax.Array:
     """All singular values of the kernel's matrix view, in descending order (SVD).
+
+    ``(min(fan_in, fan_out),)``, or ``(*batch, min(fan_in, fan_out))`` for a
+    batched layout (see :func:`as_matrix`).
 
     Example:
       >>> import jax.numpy as jnp
@@ -249,14 +296,31 @@ def singular_values(kernel: jax.Array, view: View | None = None) -> jax.Array:
       >>> mr.singular_values(jnp.diag(jnp.array([1.0, 3.0]))).tolist()
       [3.0, 1.0]
     """
-    matrix = as_matrix(kernel, view).astype(jnp.float32)
-    return jnp.linalg.svd(matrix, compute_uv=False)
+    if view is not None:
+        matrix = as_matrix(kernel, view).astype(jnp.float32)
+        return jnp.linalg.svd(matrix, compute_uv=False)
+    kernel = jnp.asarray(kernel)
+    as_matrix(kernel)  # the ndim check and its message
+    return _operator(kernel, weight_dimension_numbers).singular_values(kernel)
 
 
-def stable_rank(kernel: jax.Array, view: View | None = None) -> jax.Array:
+def stable_rank_of(s: jax.Array) -> jax.Array:
+    """``Σ σ_i² / σ_1²`` over the last axis of descending singular values; 0 if σ_1 = 0."""
+    top = s[..., 0]
+    safe_top = jnp.where(top > 0, top, 1.0)
+    return jnp.where(top > 0, jnp.sum((s / safe_top[..., None]) ** 2, axis=-1), 0.0)
+
+
+def stable_rank(
+    kernel: jax.Array,
+    view: View | None = None,
+    *,
+    weight_dimension_numbers: MuonDimensionNumbers | None = None,
+) -> jax.Array:
     """Stable rank ``‖K‖_F² / σ_max(K)²``, in ``[1, rank K]``; 0 for the zero matrix.
 
-    The smooth surrogate of rank that Zhao et al. 2019 (§5) track.
+    The smooth surrogate of rank that Zhao et al. 2019 (§5) track; per batch slice
+    for a batched layout (see :func:`as_matrix`).
 
     Example:
       >>> import jax.numpy as jnp
@@ -264,10 +328,9 @@ def stable_rank(kernel: jax.Array, view: View | None = None) -> jax.Array:
       >>> float(mr.stable_rank(jnp.eye(4)))
       4.0
     """
-    s = singular_values(kernel, view)
-    top = s[0]
-    safe_top = jnp.where(top > 0, top, 1.0)
-    return jnp.where(top > 0, jnp.sum((s / safe_top) ** 2), 0.0)
+    return stable_rank_of(
+        singular_values(kernel, view, weight_dimension_numbers=weight_dimension_numbers)
+    )
 
 
 def inv_threshold(delta: jax.Array, m: float, lower: float, upper: float) -> jax.Array:

@@ -1,0 +1,417 @@
+"""Which linear map each parameter leaf is: layouts, the default mask, operators.
+
+A *layout* names the matrix (or operator) a leaf stands for. For matrices it is
+optax's own ``optax.contrib.MuonDimensionNumbers(reduction_axis, output_axis)``,
+with ``optax.contrib.muon``'s semantics: the reduction axes are the rows
+(fan_in), the output axes the columns (fan_out), and every other axis is a *batch*
+axis whose slices are separate matrices: the view is ``(*batch, fan_in, fan_out)``
+with the batch axes in their original order. The default layout of a leaf of
+``ndim`` n is ``MuonDimensionNumbers(tuple(range(n - 1)), n - 1)``, the
+``reshape(-1, last)`` view of flax and haiku kernels (a conv kernel
+``(kh, kw, in, out)`` becomes ``(kh·kw·in, out)``, Yoshida & Miyato's reshape).
+
+Typical layouts (``M = MuonDimensionNumbers``)::
+
+    flax Dense kernel (in, out)                    default, M(0, 1)
+    DenseGeneral q/k/v kernel (in, heads, head)    M((0,), (1, 2))
+    attention out kernel (heads, head, out)        M((0, 1), (2,))
+    nn.scan stack (layers, in, out)                M((1,), (2,)): per-layer σ
+    equinox Linear weight (out, in)                M(1, 0)
+    equinox Conv2d weight (out, in, kh, kw)        M((1, 2, 3), (0,))
+
+The *default mask* selects a leaf iff ``ndim >= 2`` and its last path key is not
+one of ``bias``, ``b`` (haiku), ``scale`` (norms), ``embedding`` (flax, nnx) or
+``embeddings`` (haiku), and it is not the ``weight`` of an ``equinox.nn.Embedding``
+(:func:`margin_regs._tree.default_mask`): biases, norm scales and embedding tables
+are not weight matrices to regularize, whatever their ndim (Goodfellow et al.,
+Deep Learning, §7.1). A user's ``mask`` or ``weight_dimension_numbers`` overrides
+it.
+
+Every method's maths runs on the operator :func:`make_operator` builds from a
+layout (``matvec``, ``rmatvec``, ``outer``, ``singular_values``), so a new kind of
+layout is one new operator class and one line in :func:`make_operator`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax.contrib import MuonDimensionNumbers
+
+from margin_regs import _common, _tree
+
+__all__ = [
+    "MatrixOperator",
+    "MuonDimensionNumbers",
+    "WeightDimensionNumbers",
+    "check_layout",
+    "default_layout",
+    "flatten_selected",
+    "is_layout",
+    "is_spec",
+    "make_operator",
+    "masked_transform",
+    "resolve_layouts",
+]
+
+WeightDimensionNumbers = Any | Callable[[Any], Any] | None
+
+
+def is_layout(x: Any) -> bool:
+    """Whether ``x`` is one layout value (not a pytree of them)."""
+    return isinstance(x, MuonDimensionNumbers)
+
+
+def is_spec(x: Any) -> bool:
+    """A layout or ``None``: a leaf of a resolved layouts tree."""
+    return x is None or is_layout(x)
+
+
+def default_layout(ndim: int) -> MuonDimensionNumbers:
+    """``MuonDimensionNumbers(tuple(range(ndim - 1)), ndim - 1)``: fan-out last."""
+    return MuonDimensionNumbers(tuple(range(ndim - 1)), ndim - 1)
+
+
+def _first_mismatch(tree: Any, params: Any) -> str:
+    """The readable path of the first place where ``tree`` is no prefix of ``params``."""
+    spec_paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(tree, is_spec)[0]]
+    param_paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+    def covers(prefix, path):
+        return tuple(path[: len(prefix)]) == tuple(prefix)
+
+    for path in param_paths:
+        if not any(covers(s, path) for s in spec_paths):
+            return _tree.path_name(path) or "<root>"
+    for s in spec_paths:
+        if not any(covers(s, path) for path in param_paths):
+            return _tree.path_name(s) or "<root>"
+    return "<root>"
+
+
+def _broadcast(tree: Any, params: Any) -> Any:
+    """A layout-or-None per leaf of ``params`` from the prefix tree ``tree``."""
+    try:
+        return jax.tree.map(
+            lambda spec, sub: jax.tree.map(lambda _: spec, sub),
+            tree,
+            params,
+            is_leaf=is_spec,
+        )
+    except (ValueError, TypeError):
+        raise ValueError(
+            "weight_dimension_numbers does not match the params' tree: first "
+            f"mismatch at {_first_mismatch(tree, params)!r}"
+        ) from None
+
+
+def _normalize_axes(axes: Any, ndim: int, name: str, where: str) -> tuple[int, ...]:
+    axes = (axes,) if isinstance(axes, int) else tuple(axes)
+    for a in axes:
+        if isinstance(a, bool) or not isinstance(a, int) or not -ndim <= a < ndim:
+            raise ValueError(
+                f"weight_dimension_numbers at {where!r}: {name} {a!r} is out of range "
+                f"for a leaf of ndim {ndim}"
+            )
+    normalized = tuple(a % ndim for a in axes)
+    if len(set(normalized)) != len(normalized):
+        raise ValueError(
+            f"weight_dimension_numbers at {where!r}: {name} {axes} repeats an axis"
+        )
+    if not normalized:
+        raise ValueError(
+            f"weight_dimension_numbers at {where!r}: no {name}; a weight matrix needs "
+            "at least one reduction axis and one output axis"
+        )
+    return normalized
+
+
+def check_layout(layout: Any, shape: tuple[int, ...], where: str) -> Any:
+    """``layout`` with its axes normalised, or a ValueError naming ``where``."""
+    if not is_layout(layout):
+        raise TypeError(
+            f"weight_dimension_numbers at {where!r} must be a MuonDimensionNumbers or "
+            f"None, got {layout!r}"
+        )
+    ndim = len(shape)
+    if ndim < 2:
+        raise ValueError(
+            f"{where!r} of shape {shape} is selected but is not a weight matrix "
+            "(ndim < 2); mask it out or give it None"
+        )
+    reduction = _normalize_axes(layout.reduction_axis, ndim, "reduction_axis", where)
+    output = _normalize_axes(layout.output_axis, ndim, "output_axis", where)
+    if set(reduction) & set(output):
+        raise ValueError(
+            f"weight_dimension_numbers at {where!r}: reduction axes {reduction} and "
+            f"output axes {output} overlap"
+        )
+    return MuonDimensionNumbers(reduction, output)
+
+
+def resolve_layouts(
+    params: Any,
+    weight_dimension_numbers: WeightDimensionNumbers = None,
+    mask: _tree.Mask = None,
+) -> Any:
+    """The layout of every leaf of ``params``, ``None`` where not selected.
+
+    * ``weight_dimension_numbers`` None: the leaves ``mask`` selects (by default
+      :func:`margin_regs._tree.default_mask`) get :func:`default_layout`;
+    * one layout value: every leaf the mask selects gets it;
+    * a pytree of layouts and ``None`` (a prefix of params allowed) or a callable
+      ``params -> such a pytree``: the leaves where it is not None (and that a
+      user-given mask selects).
+
+    ``optax.MaskedNode`` leaves (from an outer ``optax.masked``) are never
+    selected.
+
+    Args:
+      params: a pytree of arrays.
+      weight_dimension_numbers: see above; as ``optax.contrib.muon`` takes it.
+      mask: a pytree of bools or a callable, as in ``optax.masked``.
+
+    Returns:
+      A pytree with params' structure holding a normalised layout or ``None``.
+
+    Raises:
+      ValueError: naming the leaf's path, for overlapping, repeated or
+        out-of-range axes, no reduction or output axis, a selected leaf with
+        ``ndim < 2``, or a tree that does not match params (the first mismatch).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from optax.contrib import MuonDimensionNumbers as M
+      >>> from margin_regs._layouts import resolve_layouts
+      >>> params = {"stack": jnp.ones((4, 3, 2)), "bias": jnp.ones((4, 2))}
+      >>> resolve_layouts(params, {"stack": M(1, 2), "bias": None})["stack"]
+      MuonDimensionNumbers(reduction_axis=(1,), output_axis=(2,))
+    """
+    wdn = weight_dimension_numbers
+    if callable(wdn) and not is_layout(wdn):
+        wdn = wdn(params)
+    if wdn is None or is_layout(wdn):
+        selected = _tree.resolve_mask(mask, params)
+        layouts = jax.tree.map(
+            lambda s, p: (
+                (default_layout(jnp.ndim(p)) if wdn is None else wdn) if s else None
+            ),
+            selected,
+            params,
+        )
+    else:
+        layouts = _broadcast(wdn, params)
+        if mask is not None:
+            selected = _tree.resolve_mask(mask, params)
+            layouts = jax.tree.map(
+                lambda s, spec: spec if s else None, selected, layouts, is_leaf=is_spec
+            )
+
+    def check(path, spec, p):
+        if spec is None:
+            return None
+        return check_layout(spec, jnp.shape(p), _tree.path_name(path))
+
+    return jax.tree_util.tree_map_with_path(check, layouts, params, is_leaf=is_spec)
+
+
+@dataclasses.dataclass(frozen=True)
+class MatrixOperator:
+    """A kernel as the stack of matrices ``K_b`` (fan_in × fan_out) a layout names.
+
+    ``A_b = K_b`` maps ``v`` (fan_out) to ``u = K_b v`` (fan_in), as in
+    Yoshida & Miyato's Alg. 1. The kernel is never transposed or copied: every
+    product is one ``einsum`` over its own axes, and :meth:`outer` is a broadcast
+    product that XLA fuses into the update that consumes it.
+
+    Attributes:
+      kernel_shape: the leaf's shape.
+      reduction_axes: the rows' axes, in the order they are flattened.
+      output_axes: the columns' axes, in the order they are flattened.
+    """
+
+    kernel_shape: tuple[int, ...]
+    reduction_axes: tuple[int, ...]
+    output_axes: tuple[int, ...]
+
+    @property
+    def batch_axes(self) -> tuple[int, ...]:
+        used = set(self.reduction_axes) | set(self.output_axes)
+        return tuple(a for a in range(len(self.kernel_shape)) if a not in used)
+
+    def _sizes(self, axes: Sequence[int]) -> tuple[int, ...]:
+        return tuple(self.kernel_shape[a] for a in axes)
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return self._sizes(self.batch_axes)
+
+    @property
+    def fan_in(self) -> int:
+        return math.prod(self._sizes(self.reduction_axes))
+
+    @property
+    def fan_out(self) -> int:
+        return math.prod(self._sizes(self.output_axes))
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return (self.fan_out,)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return (self.fan_in,)
+
+    def _letters(self, axes: Sequence[int]) -> str:
+        return "".join(chr(ord("a") + a) for a in axes)
+
+    def _specs(self) -> tuple[str, str, str, str]:
+        kernel = self._letters(range(len(self.kernel_shape)))
+        return (
+            kernel,
+            self._letters(self.batch_axes),
+            self._letters(self.reduction_axes),
+            self._letters(self.output_axes),
+        )
+
+    def matvec(self, kernel: jax.Array, v: jax.Array) -> jax.Array:
+        """``u_b = K_b v_b``: ``(*batch, fan_out) -> (*batch, fan_in)``, float32."""
+        k, b, r, o = self._specs()
+        v = v.reshape(self.batch_shape + self._sizes(self.output_axes))
+        u = jnp.einsum(f"{k},{b}{o}->{b}{r}", kernel.astype(jnp.float32), v)
+        return u.reshape(self.batch_shape + self.out_shape)
+
+    def rmatvec(self, kernel: jax.Array, u: jax.Array) -> jax.Array:
+        """``v_b = K_bᵀ u_b``: ``(*batch, fan_in) -> (*batch, fan_out)``, float32."""
+        k, b, r, o = self._specs()
+        u = u.reshape(self.batch_shape + self._sizes(self.reduction_axes))
+        v = jnp.einsum(f"{k},{b}{r}->{b}{o}", kernel.astype(jnp.float32), u)
+        return v.reshape(self.batch_shape + self.in_shape)
+
+    def _placed(self, x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+        """``x (*batch, prod(axes))`` laid out on the kernel's axes, 1 elsewhere."""
+        mine = self.batch_axes + axes
+        x = x.reshape(self._sizes(mine))
+        x = jnp.transpose(x, sorted(range(len(mine)), key=lambda i: mine[i]))
+        shape = [1] * len(self.kernel_shape)
+        for a in mine:
+            shape[a] = self.kernel_shape[a]
+        return x.reshape(shape)
+
+    def outer(self, kernel: jax.Array, u: jax.Array, v: jax.Array) -> jax.Array:
+        """``u_b v_bᵀ`` in the kernel's shape: the gradient of ``Σ_b u_bᵀ K_b v_b``."""
+        del kernel
+        return self._placed(u, self.reduction_axes) * self._placed(v, self.output_axes)
+
+    def view(self, kernel: jax.Array) -> jax.Array:
+        """The ``(*batch, fan_in, fan_out)`` matrices (optax muon's reshape)."""
+        order = self.batch_axes + self.reduction_axes + self.output_axes
+        return jnp.transpose(kernel, order).reshape(
+            (*self.batch_shape, self.fan_in, self.fan_out)
+        )
+
+    def unview(self, matrices: jax.Array) -> jax.Array:
+        """The inverse of :meth:`view`."""
+        order = self.batch_axes + self.reduction_axes + self.output_axes
+        x = matrices.reshape(self._sizes(order))
+        return jnp.transpose(x, sorted(range(len(order)), key=lambda i: order[i]))
+
+    def singular_values(self, kernel: jax.Array, k: int | None = None) -> jax.Array:
+        """``(*batch, k or min(fan_in, fan_out))`` singular values, descending."""
+        s = jnp.linalg.svd(self.view(kernel).astype(jnp.float32), compute_uv=False)
+        return s if k is None else s[..., :k]
+
+
+def make_operator(layout: Any, kernel_shape: Sequence[int]) -> Any:
+    """The linear operator a (normalised) ``layout`` makes of a kernel's shape."""
+    if is_layout(layout):
+        reduction, output = (
+            (a,) if isinstance(a, int) else tuple(a)
+            for a in (layout.reduction_axis, layout.output_axis)
+        )
+        ndim = len(kernel_shape)
+        return MatrixOperator(
+            tuple(kernel_shape),
+            tuple(a % ndim for a in reduction),
+            tuple(a % ndim for a in output),
+        )
+    raise TypeError(f"not a layout: {layout!r}")
+
+
+def flatten_selected(
+    tree: Any, layouts: Any
+) -> tuple[list[jax.Array], list[Any], list[Any], Any]:
+    """The selected leaves of ``tree``, their layouts and operators, as aligned lists.
+
+    Returns:
+      ``(leaves, layouts, operators, treedef)``; ``treedef`` is the structure of
+      ``tree`` with ``optax.MaskedNode()`` at every unselected leaf, the structure
+      of penalty and transform state.
+    """
+    masked = jax.tree.map(
+        lambda spec, x: optax.MaskedNode() if spec is None else x,
+        layouts,
+        tree,
+        is_leaf=is_spec,
+    )
+    leaves, treedef = jax.tree.flatten(masked)
+    specs = [s for s in jax.tree.leaves(layouts, is_leaf=is_spec) if s is not None]
+    ops = [make_operator(s, jnp.shape(x)) for s, x in zip(specs, leaves, strict=True)]
+    return leaves, specs, ops, treedef
+
+
+def masked_transform(
+    name: str,
+    init: Callable[[Any, Any], Any],
+    update: Callable[[Any, Any, Any, Any], tuple[Any, Any]],
+    weight_dimension_numbers: WeightDimensionNumbers,
+    mask: _tree.Mask,
+) -> optax.GradientTransformationExtraArgs:
+    """A transform acting on the selected weights only, as ``optax.masked`` does.
+
+    Layouts are resolved once per call on the full params (so a callable
+    ``weight_dimension_numbers`` sees what the user passed); ``init(params,
+    layouts)`` and ``update(updates, state, params, layouts)`` get trees with
+    ``optax.MaskedNode()`` at unselected leaves, and the state is an
+    ``optax.MaskedState``, exactly as inside ``optax.masked``.
+    """
+
+    def hide(tree, layouts):
+        return jax.tree.map(
+            lambda spec, x: optax.MaskedNode() if spec is None else x,
+            layouts,
+            tree,
+            is_leaf=is_spec,
+        )
+
+    def init_fn(params):
+        layouts = resolve_layouts(params, weight_dimension_numbers, mask)
+        inner = init(hide(params, layouts), hide(layouts, layouts))
+        return optax.MaskedState(inner_state=inner)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        if params is None:
+            raise _common.needs_params(name)
+        layouts = resolve_layouts(params, weight_dimension_numbers, mask)
+        new, inner = update(
+            hide(updates, layouts),
+            state.inner_state,
+            hide(params, layouts),
+            hide(layouts, layouts),
+        )
+        flags = jax.tree.leaves(layouts, is_leaf=is_spec)
+        fresh = iter(jax.tree.leaves(new))
+        old, treedef = jax.tree.flatten(updates)
+        merged = [
+            o if f is None else next(fresh) for f, o in zip(flags, old, strict=True)
+        ]
+        return treedef.unflatten(merged), optax.MaskedState(inner_state=inner)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
