@@ -142,9 +142,27 @@ def param_shardings(mesh, params):
     return jax.tree.map(lambda p: NamedSharding(mesh, spec(p)), params)
 
 
+def canonical(tree):
+    """The state with AdaReg's factored precisions as dense Ω_in, Ω_out.
+
+    An eigenbasis is unique only up to signs and rotations within repeated
+    eigenvalues (the ``upper`` block), so two equal precisions can hold bases that
+    differ by O(1); the dense matrices are what the maths depends on.
+    """
+    return jax.tree.map(
+        lambda x: (
+            (x.omega_in, x.omega_out, x.anchor)
+            if isinstance(x, mr.AdaRegPrecisions)
+            else x
+        ),
+        tree,
+        is_leaf=lambda x: isinstance(x, mr.AdaRegPrecisions),
+    )
+
+
 def max_difference(a, b):
-    leaves_a, tree_a = jax.tree.flatten(a)
-    leaves_b, tree_b = jax.tree.flatten(b)
+    leaves_a, tree_a = jax.tree.flatten(canonical(a))
+    leaves_b, tree_b = jax.tree.flatten(canonical(b))
     if tree_a != tree_b:
         raise AssertionError(f"structures differ: {tree_a} vs {tree_b}")
     worst = 0.0
