@@ -30,7 +30,6 @@
 import os
 
 import jax
-import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
@@ -178,11 +177,9 @@ def learned_covariances(params, sweeps=20):
     )
     for _ in range(sweeps):
         precisions = update(params, precisions)
-    matrices = sorted(
-        (np.asarray(x) for x in jax.tree.leaves(precisions) if jnp.ndim(x) == 2),
-        key=len,
-    )
-    omega_out, omega_in = matrices  # (10, 10) and (32, 32)
+    # The precisions are stored factored; omega_in/omega_out give the dense matrices.
+    (omega_in,) = jax.tree.leaves(precisions.omega_in)  # (32, 32)
+    (omega_out,) = jax.tree.leaves(precisions.omega_out)  # (10, 10)
     return np.linalg.inv(omega_out), np.linalg.inv(omega_in)
 
 

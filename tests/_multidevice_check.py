@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _states import canonical
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -140,24 +141,6 @@ def param_shardings(mesh, params):
     """Fan-out (last axis) of every kernel and every bias over ``model``."""
     spec = lambda p: P(*([None] * (p.ndim - 1)), "model")  # noqa: E731
     return jax.tree.map(lambda p: NamedSharding(mesh, spec(p)), params)
-
-
-def canonical(tree):
-    """The state with AdaReg's factored precisions as dense Ω_in, Ω_out.
-
-    An eigenbasis is unique only up to signs and rotations within repeated
-    eigenvalues (the ``upper`` block), so two equal precisions can hold bases that
-    differ by O(1); the dense matrices are what the maths depends on.
-    """
-    return jax.tree.map(
-        lambda x: (
-            (x.omega_in, x.omega_out, x.anchor)
-            if isinstance(x, mr.AdaRegPrecisions)
-            else x
-        ),
-        tree,
-        is_leaf=lambda x: isinstance(x, mr.AdaRegPrecisions),
-    )
 
 
 def max_difference(a, b):

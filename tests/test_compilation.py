@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _states import canonical
 from _tiny_mlp import init_params, logits_fn, loss_fn
 
 import margin_regs as mr
@@ -80,6 +81,7 @@ def assert_close(a_tree, b_tree):
     Batched and unbatched matmuls sum in different orders; AdaReg's re-solve
     inverts ``KᵀΩK``, which scales that rounding by up to ``κ(K)²``, hence 1e-4.
     """
+    a_tree, b_tree = canonical(a_tree), canonical(b_tree)
     a_leaves, b_leaves = jax.tree.leaves(a_tree), jax.tree.leaves(b_tree)
     assert jax.tree.structure(a_tree) == jax.tree.structure(b_tree)
     for a, b in zip(a_leaves, b_leaves, strict=True):
