@@ -147,6 +147,22 @@ def test_stack_penalties_agree_with_the_transform_and_the_svd(rng):
     np.testing.assert_allclose(ed, np.sum(sigmas), rtol=1e-4)
 
 
+def test_margin_bounds_multiply_every_layer_of_a_stack(rng):
+    params = stack_params(rng)
+    matrices = [*np.asarray(params["stack"]["kernel"]), params["head"]["kernel"]]
+    spectral = np.prod([svd64(m)[1][0] for m in matrices])
+    frobenius = np.prod([np.linalg.norm(np.asarray(m, np.float64)) for m in matrices])
+    bounds = mr.margin_lower_bounds(
+        jnp.array([1.0, -1.0]), params, weight_dimension_numbers=STACK_WDN
+    )
+    np.testing.assert_allclose(
+        bounds["spectral"], [1 / (np.sqrt(2) * spectral), 0], rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        bounds["frobenius"], [1 / (np.sqrt(2) * frobenius), 0], rtol=1e-5
+    )
+
+
 def test_max_norm_projects_each_layer_and_leaves_biases(rng):
     params = stack_params(rng)
     tx = mr.max_norm_constraint(1.0, weight_dimension_numbers=STACK_WDN)
