@@ -63,6 +63,11 @@ def stack_params(rng, layers=3):
 
 STACK_WDN = {"stack": {"kernel": M(1, 2), "bias": None}, "head": {"kernel": M()}}
 
+
+def stack_wdn(params):
+    return {"stack": {"kernel": M(1, 2), "bias": None}, "head": {"kernel": M()}}
+
+
 update_step = jax.jit(lambda tx, g, s, p: tx.update(g, s, p), static_argnums=0)
 
 
@@ -104,11 +109,12 @@ def test_scanned_stack_gets_per_layer_sigma_and_rank_one_terms(rng):
     ranks = mr.stable_ranks(params, weight_dimension_numbers=STACK_WDN)
     expected = [np.sum(svd64(k)[1] ** 2) / svd64(k)[1][0] ** 2 for k in kernel]
     np.testing.assert_allclose(ranks["stack/kernel"], expected, rtol=1e-5)
-    for factory, term in (
-        (mr.spectral_norm_regularization, rank_one),
-        (mr.eigenvalue_decay, lambda k: rank_one(k) / svd64(k)[1][0]),
+    for factory, term, wdn in (
+        (mr.spectral_norm_regularization, rank_one, STACK_WDN),
+        # A callable, as optax muon takes it.
+        (mr.eigenvalue_decay, lambda k: rank_one(k) / svd64(k)[1][0], stack_wdn),
     ):
-        tx = factory(COEFF, weight_dimension_numbers=STACK_WDN)
+        tx = factory(COEFF, weight_dimension_numbers=wdn)
         grads = jax.tree.map(jnp.ones_like, params)
         state = tx.init(params)
         assert state.inner_state.vectors["stack"]["kernel"].shape == (3, 4)
@@ -119,6 +125,20 @@ def test_scanned_stack_gets_per_layer_sigma_and_rank_one_terms(rng):
                 added[layer], COEFF * term(kernel[layer]), atol=1e-5
             )
         np.testing.assert_array_equal(updates["stack"]["bias"], 1.0)
+
+
+def test_layouts_are_static_args_under_inject_hyperparams(rng):
+    params = stack_params(rng)
+    grads = jax.tree.map(jnp.ones_like, params)
+    tx = optax.inject_hyperparams(
+        mr.spectral_norm_regularization,
+        static_args=("n_power_iterations", "key", "mask", "weight_dimension_numbers"),
+    )(coeff=COEFF, weight_dimension_numbers=STACK_WDN)
+    got, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    plain = mr.spectral_norm_regularization(COEFF, weight_dimension_numbers=STACK_WDN)
+    want, _ = update_step(plain, grads, plain.init(params), params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
 def test_stack_penalties_agree_with_the_transform_and_the_svd(rng):
@@ -145,6 +165,22 @@ def test_stack_penalties_agree_with_the_transform_and_the_svd(rng):
         params, n_power_iterations=60, weight_dimension_numbers=wdn
     )
     np.testing.assert_allclose(ed, np.sum(sigmas), rtol=1e-4)
+
+
+def test_margin_bounds_multiply_every_layer_of_a_stack(rng):
+    params = stack_params(rng)
+    matrices = [*np.asarray(params["stack"]["kernel"]), params["head"]["kernel"]]
+    spectral = np.prod([svd64(m)[1][0] for m in matrices])
+    frobenius = np.prod([np.linalg.norm(np.asarray(m, np.float64)) for m in matrices])
+    bounds = mr.margin_lower_bounds(
+        jnp.array([1.0, -1.0]), params, weight_dimension_numbers=STACK_WDN
+    )
+    np.testing.assert_allclose(
+        bounds["spectral"], [1 / (np.sqrt(2) * spectral), 0], rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        bounds["frobenius"], [1 / (np.sqrt(2) * frobenius), 0], rtol=1e-5
+    )
 
 
 def test_max_norm_projects_each_layer_and_leaves_biases(rng):

@@ -18,8 +18,8 @@ import optax
 
 from margin_regs import _common, _layouts, _tree
 from margin_regs._layouts import WeightDimensionNumbers
-from margin_regs._spectral import grouped, iterate, power_iteration_transform
-from margin_regs.linalg import safe_norm
+from margin_regs._spectral import grouped, power_iteration_transform
+from margin_regs.linalg import power_iteration, safe_norm
 
 __all__ = ["eigenvalue_decay", "eigenvalue_decay_penalty"]
 
@@ -41,7 +41,7 @@ def _seed_sigma(
     unit = [k.astype(jnp.float32) / s for k, s in zip(kernels, scales, strict=True)]
     # v ← normalize(Aᵀ normalize(A v)) points along M v = Aᵀ(A v): the seed's
     # iterate M^p 1, rescaled so that no float32 power of λ can overflow or vanish.
-    v = iterate(op, unit, ones, n_power_iterations).v
+    v = power_iteration(op, unit, ones, n_power_iterations).v
     av = jnp.stack([op.matvec(k, v[i]) for i, k in enumerate(unit)])
     # The Rayleigh quotient (Mv·v)/(v·v) = ‖Av‖²/‖v‖², square-rooted.
     lead = v.ndim - len(op.in_shape)

@@ -12,8 +12,6 @@ of many identical layers costs one small call per shape, not one per layer.
 
 from __future__ import annotations
 
-import functools
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -23,7 +21,11 @@ import optax
 
 from margin_regs import _common, _layouts, _tree
 from margin_regs._layouts import WeightDimensionNumbers
-from margin_regs.linalg import SingularTriple, normalize
+from margin_regs.linalg import (
+    SingularTriple,
+    converged_power_iteration,
+    power_iteration,
+)
 
 __all__ = [
     "PowerIterationState",
@@ -31,80 +33,6 @@ __all__ = [
     "spectral_norm_penalty",
     "spectral_norm_regularization",
 ]
-
-_MAX_WARM_ITERATIONS = 1000
-_WARM_TOLERANCE = 1e-6
-
-
-def iterate(
-    op: Any, kernels: list[jax.Array], v: jax.Array, n_iterations: int
-) -> SingularTriple:
-    """``n`` normalised power iterations on a group of kernels sharing one operator.
-
-    Each iteration is Yoshida & Miyato 2017, Alg. 1, line 7, on every batch slice::
-
-        u ← A v / ‖A v‖,   v ← Aᵀ u / ‖Aᵀ u‖,   σ ← ‖Aᵀ u‖ = uᵀ A v
-
-    The matvecs run kernel by kernel (a kernel is never copied into a stack, a full
-    extra pass per step), the vector work for the whole group at once. Where
-    ``A v`` or ``Aᵀ u`` vanishes (a zero kernel) the old vector is kept and σ = 0.
-
-    Args:
-      op: the operator of every kernel in the group (:func:`make_operator`).
-      kernels: ``g`` same-shaped kernels.
-      v: ``(g, *batch, *in_shape)`` start vectors.
-      n_iterations: a Python int ≥ 1.
-
-    Returns:
-      float32 ``(σ (g, *batch), u (g, *batch, *out_shape), v)``.
-    """
-    n_in, n_out = len(op.in_shape), len(op.out_shape)
-
-    def matvec(x):
-        return jnp.stack([op.matvec(k, x[i]) for i, k in enumerate(kernels)])
-
-    def rmatvec(y):
-        return jnp.stack([op.rmatvec(k, y[i]) for i, k in enumerate(kernels)])
-
-    v = v.astype(jnp.float32)
-    lead = v.shape[: v.ndim - n_in]
-    sigma = jnp.zeros(lead, jnp.float32)
-    u = jnp.zeros(lead + tuple(op.out_shape), jnp.float32)
-    for _ in range(n_iterations):
-        u, _ = normalize(matvec(v), u, n_out)
-        v, sigma = normalize(rmatvec(u), v, n_in)
-    return SingularTriple(sigma, u, v)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def warm_start(op: Any, kernel: jax.Array, v0: jax.Array) -> SingularTriple:
-    """Power iteration run to convergence from ``v0``, on every batch slice at once.
-
-    Iterates on ``kernel / max|kernel|`` (so no product overflows) until no vector
-    entry moves by more than 1e-6 or 1000 iterations, then takes one step at the
-    true scale for a consistent ``(σ, u, v)``. A cold start needs 20–250
-    iterations for 1e-3 relative accuracy on realistic matrices; afterwards one
-    iteration per training step tracks σ. A non-finite kernel keeps ``v0``.
-    """
-    n_in = len(op.in_shape)
-    scale = jnp.max(jnp.abs(kernel)).astype(jnp.float32)
-    unit = kernel.astype(jnp.float32) / jnp.where(scale > 0, scale, 1.0)
-    v0 = v0.astype(jnp.float32)
-    v0 = normalize(v0, jnp.full_like(v0, math.prod(op.in_shape) ** -0.5), n_in)[0]
-
-    def body(carry):
-        i, v, _ = carry
-        new = iterate(op, [unit], v[None], 1).v[0]
-        return i + 1, new, jnp.max(jnp.abs(new - v))
-
-    def not_done(carry):
-        i, _, change = carry
-        return (i < _MAX_WARM_ITERATIONS) & (change > _WARM_TOLERANCE)
-
-    _, v, _ = jax.lax.while_loop(not_done, body, (0, v0, jnp.float32(jnp.inf)))
-    finite = jnp.all(jnp.isfinite(v), axis=tuple(range(v.ndim - n_in, v.ndim)))
-    v = jnp.where(finite.reshape(finite.shape + (1,) * n_in), v, v0)
-    return jax.tree.map(lambda x: x[0], iterate(op, [kernel], v[None], 1))
 
 
 def grouped(
@@ -151,7 +79,9 @@ def spectral_triples(
     kernels: list[jax.Array], ops: list[Any], vectors: list[jax.Array], n: int
 ) -> list[SingularTriple]:
     """The shared core: ``n`` power iterations per selected kernel, from ``vectors``."""
-    return grouped(lambda op, ks, v: iterate(op, ks, v, n), kernels, ops, vectors)
+    return grouped(
+        lambda op, ks, v: power_iteration(op, ks, v, n), kernels, ops, vectors
+    )
 
 
 def rank_one(
@@ -170,7 +100,7 @@ def rank_one(
 def _init_vectors(params: Any, layouts: Any, key: jax.Array) -> Any:
     kernels, _, ops, treedef = _layouts.flatten_selected(params, layouts)
     vectors = [
-        warm_start(
+        converged_power_iteration(
             op,
             k,
             jax.random.normal(

@@ -6,20 +6,23 @@ A *weight matrix* is any parameter leaf with ``ndim >= 2``, viewed as a 2-D matr
 Zhao et al. 2019, appendix). Other layouts (equinox's fan-out first, DenseGeneral,
 scanned stacks) are named by ``weight_dimension_numbers`` (:mod:`margin_regs._layouts`).
 
-Power iteration here is matrix-free (two matvecs per iteration, never ``KᵀK``),
-runs in float32 whatever the kernel's dtype, normalises every vector with a
+Power iteration here runs on any linear operator of the layout contract
+(:func:`margin_regs._layouts.make_operator`: matrices, their batched stacks,
+convolutions), is matrix-free (two matvecs per iteration, never ``KᵀK``), runs in
+float32 whatever the kernel's dtype, normalises every vector with a
 scale-safe norm (so kernels of scale 1e-20 or 1e20 neither underflow nor overflow)
 and is safe for the zero matrix (σ = 0, finite vectors, no NaN).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 from optax.contrib import MuonDimensionNumbers
 
 from margin_regs import _layouts
@@ -30,9 +33,11 @@ __all__ = [
     "SingularTriple",
     "View",
     "as_matrix",
+    "converged_power_iteration",
     "converged_singular_triple",
     "inv_threshold",
     "normalize",
+    "power_iteration",
     "power_iteration_step",
     "safe_norm",
     "singular_values",
@@ -43,12 +48,16 @@ __all__ = [
 
 
 class SingularTriple(NamedTuple):
-    """Top singular triple of ``K (fan_in, fan_out)``: ``K v ≈ σ u``, ``Kᵀ u ≈ σ v``.
+    """Top singular triple of an operator ``A``: ``A v ≈ σ u``, ``Aᵀ u ≈ σ v``.
+
+    For a matrix ``K (fan_in, fan_out)``, ``A = K``; stacked operators add leading
+    batch axes to every field.
 
     Attributes:
-      sigma: σ ≥ 0, a float32 scalar (or ``(batch,)`` for stacked matrices).
-      u: unit left singular vector, ``(fan_in,)``.
-      v: unit right singular vector, ``(fan_out,)``; the one persisted across steps.
+      sigma: σ ≥ 0, float32, ``(*batch,)``.
+      u: unit left singular vector, ``(*batch, *out_shape)`` (a matrix: fan_in).
+      v: unit right singular vector, ``(*batch, *in_shape)`` (a matrix: fan_out);
+        the one persisted across steps.
     """
 
     sigma: jax.Array
@@ -146,29 +155,92 @@ def normalize(
     return unit, norm.reshape(lead)
 
 
+_MAX_WARM_ITERATIONS = 1000
+_WARM_TOLERANCE = 1e-6
+
+
+def power_iteration(
+    op: Any, kernels: list[jax.Array], v: jax.Array, n_iterations: int
+) -> SingularTriple:
+    """``n`` normalised power iterations on a group of kernels sharing one operator.
+
+    Each iteration is Yoshida & Miyato 2017, Alg. 1, line 7, on every batch slice::
+
+        u ← A v / ‖A v‖,   v ← Aᵀ u / ‖Aᵀ u‖,   σ ← ‖Aᵀ u‖ = uᵀ A v
+
+    The matvecs run kernel by kernel (a kernel is never copied into a stack, a full
+    extra pass per step), the vector work for the whole group at once. Where
+    ``A v`` or ``Aᵀ u`` vanishes (a zero kernel) the old vector is kept and σ = 0.
+
+    Args:
+      op: the operator of every kernel in the group
+        (:func:`margin_regs._layouts.make_operator`).
+      kernels: ``g`` same-shaped kernels.
+      v: ``(g, *batch, *in_shape)`` start vectors.
+      n_iterations: a Python int ≥ 1.
+
+    Returns:
+      float32 ``(σ (g, *batch), u (g, *batch, *out_shape), v)``.
+    """
+    n_in, n_out = len(op.in_shape), len(op.out_shape)
+
+    def matvec(x):
+        return jnp.stack([op.matvec(k, x[i]) for i, k in enumerate(kernels)])
+
+    def rmatvec(y):
+        return jnp.stack([op.rmatvec(k, y[i]) for i, k in enumerate(kernels)])
+
+    v = v.astype(jnp.float32)
+    lead = v.shape[: v.ndim - n_in]
+    sigma = jnp.zeros(lead, jnp.float32)
+    u = jnp.zeros(lead + tuple(op.out_shape), jnp.float32)
+    for _ in range(n_iterations):
+        u, _ = normalize(matvec(v), u, n_out)
+        v, sigma = normalize(rmatvec(u), v, n_in)
+    return SingularTriple(sigma, u, v)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def converged_power_iteration(
+    op: Any, kernel: jax.Array, v0: jax.Array
+) -> SingularTriple:
+    """Power iteration run to convergence from ``v0``, on every batch slice at once.
+
+    Iterates on ``kernel / max|kernel|`` (so no product overflows) until no vector
+    entry moves by more than 1e-6 or 1000 iterations, then takes one step at the
+    true scale for a consistent ``(σ, u, v)``. A cold start needs 20–250
+    iterations for 1e-3 relative accuracy on realistic matrices; afterwards one
+    iteration per training step tracks σ. A non-finite kernel keeps ``v0``.
+    """
+    n_in = len(op.in_shape)
+    scale = jnp.max(jnp.abs(kernel)).astype(jnp.float32)
+    unit = kernel.astype(jnp.float32) / jnp.where(scale > 0, scale, 1.0)
+    v0 = v0.astype(jnp.float32)
+    v0 = normalize(v0, jnp.full_like(v0, math.prod(op.in_shape) ** -0.5), n_in)[0]
+
+    def body(carry):
+        i, v, _ = carry
+        new = power_iteration(op, [unit], v[None], 1).v[0]
+        return i + 1, new, jnp.max(jnp.abs(new - v))
+
+    def not_done(carry):
+        i, _, change = carry
+        return (i < _MAX_WARM_ITERATIONS) & (change > _WARM_TOLERANCE)
+
+    _, v, _ = jax.lax.while_loop(not_done, body, (0, v0, jnp.float32(jnp.inf)))
+    finite = jnp.all(jnp.isfinite(v), axis=tuple(range(v.ndim - n_in, v.ndim)))
+    v = jnp.where(finite.reshape(finite.shape + (1,) * n_in), v, v0)
+    return jax.tree.map(lambda x: x[0], power_iteration(op, [kernel], v[None], 1))
+
+
 def power_iteration_step(
     matrix: jax.Array | Sequence[jax.Array], v: jax.Array, n_iterations: int = 1
 ) -> SingularTriple:
     """``n_iterations`` of normalised power iteration from the right vector ``v``.
 
-    Each iteration is Yoshida & Miyato 2017, Alg. 1, line 7, normalised::
-
-        u ← K v / ‖K v‖,   v ← Kᵀ u / ‖Kᵀ u‖,   σ ← ‖Kᵀ u‖ = uᵀ K v
-
-    so ``σ u vᵀ`` is exactly the gradient of ``uᵀ K v`` with ``u, v`` held fixed.
-    Runs in float32; where ``K v`` or ``Kᵀ u`` vanishes (the zero matrix) the old
-    ``v`` is kept and σ = 0. Works on stacked matrices ``(..., fan_in, fan_out)``
-    with vectors ``(..., fan_out)``, and on a list of ``b`` same-shaped matrices
-    with vectors ``(b, fan_out)``: their matvecs run one by one, their vector work
-    batched, and no kernel is copied into a stack (a full extra pass per step).
-
-    Args:
-      matrix: ``K``, ``(..., fan_in, fan_out)``, or a list of ``(fan_in, fan_out)``.
-      v: the current right vector, ``(..., fan_out)``, unit norm.
-      n_iterations: a Python int ≥ 1.
-
-    Returns:
-      The :class:`SingularTriple` after the last iteration (float32).
+    :func:`power_iteration` on plain matrices: ``K (..., fan_in, fan_out)`` with
+    vectors ``(..., fan_out)``, or a list of ``b`` same-shaped matrices with vectors
+    ``(b, fan_out)``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -182,74 +254,23 @@ def power_iteration_step(
       Yoshida & Miyato, "Spectral Norm Regularization for Improving the
       Generalizability of Deep Learning", 2017, Algorithm 1.
     """
-    if n_iterations < 1:
-        raise ValueError(f"n_iterations must be >= 1, got {n_iterations}")
     if isinstance(matrix, Sequence):
-        ks = [m.astype(jnp.float32) for m in matrix]
-
-        def matvec(x):
-            return jnp.stack([k @ x[i] for i, k in enumerate(ks)])
-
-        def rmatvec(y):
-            return jnp.stack([y[i] @ k for i, k in enumerate(ks)])
-
-        fan_in = (len(ks), ks[0].shape[0])
-    else:
-        k = matrix.astype(jnp.float32)
-
-        def matvec(x):
-            return jnp.einsum("...ij,...j->...i", k, x)
-
-        def rmatvec(y):
-            return jnp.einsum("...ij,...i->...j", k, y)
-
-        fan_in = k.shape[:-1]
-    v = v.astype(jnp.float32)
-    sigma = jnp.zeros(v.shape[:-1], jnp.float32)
-    u = jnp.zeros(fan_in, jnp.float32)
-    for _ in range(n_iterations):
-        u, _ = normalize(matvec(v), u)
-        v, sigma = normalize(rmatvec(u), v)
-    return SingularTriple(sigma, u, v)
+        return power_iteration(
+            _matrix_operator(matrix[0]), list(matrix), v, n_iterations
+        )
+    t = power_iteration(_matrix_operator(matrix), [matrix], v[None], n_iterations)
+    return jax.tree.map(lambda x: x[0], t)
 
 
-def converged_singular_triple(
-    matrix: jax.Array,
-    v0: jax.Array,
-    *,
-    max_iterations: int = 1000,
-    tolerance: float = 1e-6,
-) -> SingularTriple:
-    """Power iteration run to convergence from ``v0``, for a warm start.
+def _matrix_operator(matrix: jax.Array) -> Any:
+    """The operator of ``(..., fan_in, fan_out)``: leading axes are batch axes."""
+    n = jnp.ndim(matrix)
+    return _layouts.make_operator(MuonDimensionNumbers(n - 2, n - 1), jnp.shape(matrix))
 
-    Uses ``optax.power_iteration`` on ``Kᵀ K`` applied matrix-free as
-    ``v ↦ Kᵀ(K v)`` on ``K / max|K|`` (so the product cannot overflow), then one
-    :func:`power_iteration_step` for a consistent ``(σ, u, v)`` at the true scale.
-    A cold start needs 20–250 iterations for 1e-3 relative accuracy on realistic
-    matrices; afterwards one iteration per training step tracks σ.
 
-    Args:
-      matrix: ``K``, ``(fan_in, fan_out)``.
-      v0: a starting vector ``(fan_out,)``, e.g. Gaussian (Alg. 1, line 2).
-      max_iterations: cap on the iterations.
-      tolerance: ``optax.power_iteration``'s relative residual tolerance.
-
-    Returns:
-      The converged :class:`SingularTriple` (float32).
-    """
-    k = matrix.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(k))
-    k = k / jnp.where(scale > 0, scale, 1.0)
-    v0 = v0.astype(jnp.float32)
-    v0 = normalize(v0, jnp.ones_like(v0) / jnp.sqrt(v0.shape[-1]))[0]
-    _, v = optax.power_iteration(
-        lambda x: k.T @ (k @ x),
-        v0=v0,
-        num_iters=max_iterations,
-        error_tolerance=tolerance,
-    )
-    v = jnp.where(jnp.all(jnp.isfinite(v)), v, v0)
-    return power_iteration_step(matrix, v)
+def converged_singular_triple(matrix: jax.Array, v0: jax.Array) -> SingularTriple:
+    """:func:`converged_power_iteration` on a matrix ``(..., fan_in, fan_out)``."""
+    return converged_power_iteration(_matrix_operator(matrix), matrix, v0)
 
 
 def spectral_norm(
