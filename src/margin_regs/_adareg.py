@@ -254,6 +254,25 @@ def _inverse_clipped(s, scale, m, n, lower, upper):
     )
 
 
+def _complete(u: jax.Array) -> jax.Array:
+    """``u``'s columns with a canonical sign, completed to an orthonormal basis.
+
+    Singular vectors are unique only up to sign, and the complement of their span
+    (where a precision is ``upper``) has no preferred basis. Fixing each column's
+    sign by its largest entry and taking the complement from a Householder QR of
+    ``u`` make the state a continuous function of the kernel (almost everywhere):
+    params that differ by rounding (a sharded and a single-device run) give states
+    that differ by rounding.
+    """
+    top = jnp.argmax(jnp.abs(u), axis=-2, keepdims=True)
+    u = u * jnp.where(jnp.take_along_axis(u, top, axis=-2) < 0, -1, 1).astype(u.dtype)
+    n, k = u.shape[-2:]
+    if n == k:
+        return u
+    complement = jnp.linalg.qr(u, mode="complete")[0][..., k:]
+    return jnp.concatenate([u, complement], axis=-1)
+
+
 def _sweep(k: jax.Array, f: AdaRegPrecisions, lower, upper) -> AdaRegPrecisions:
     """Alg. 1, lines 3–4, on ``(n, d, p)`` kernels, by SVDs of the factors.
 
@@ -273,15 +292,16 @@ def _sweep(k: jax.Array, f: AdaRegPrecisions, lower, upper) -> AdaRegPrecisions:
     half_in = jnp.sqrt(f.values_in)[..., :, None] * (
         _rotate(k / scale, unit) @ _mT(f.basis_out)
     )
-    _, s_out, vh = jnp.linalg.svd(half_in, full_matrices=True)
-    basis_out = _mT(vh)
+    _, s_out, vh = jnp.linalg.svd(half_in, full_matrices=False)
+    basis_out = _complete(_mT(vh))
     values_out, positive_out = _inverse_clipped(
         s_out, scale[..., 0], d, p, lower, upper
     )
     # K Ω_out^½; the columns on K's null space are exactly zero in exact arithmetic.
     weights = jnp.sqrt(jnp.where(positive_out, values_out, 0))
     half_out = ((k / scale) @ basis_out) * weights[..., None, :]
-    basis_in, s_in, _ = jnp.linalg.svd(half_out, full_matrices=True)
+    u, s_in, _ = jnp.linalg.svd(half_out, full_matrices=False)
+    basis_in = _complete(u)
     values_in, positive_in = _inverse_clipped(s_in, scale[..., 0], p, d, lower, upper)
     rotated = (_mT(basis_in) @ k) @ basis_out
     rotated = jnp.where(
