@@ -72,8 +72,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from margin_regs import _common, _tree
-from margin_regs.linalg import as_matrix
+from margin_regs import _common, _layouts, _tree
 
 __all__ = [
     "AdaRegPrecisions",
@@ -195,19 +194,6 @@ class AdaRegState(NamedTuple):
     precisions: AdaRegPrecisions
 
 
-def _select_all(params: Any) -> Any:
-    # Inside optax.masked every leaf that arrives was selected by the user's mask;
-    # marking all of them (instead of the default ndim >= 2 mask) makes a selected
-    # bias an error rather than a silent skip.
-    return jax.tree.map(lambda _: True, params)
-
-
-def _matrix(kernel: jax.Array) -> jax.Array:
-    """The kernel as ``(d, p)`` in the precisions' dtype (float32, or float64)."""
-    k = as_matrix(kernel)
-    return k.astype(jnp.promote_types(k.dtype, jnp.float32))
-
-
 # ------------------------------------------------------------- per-kernel maths
 # Every function below takes K of shape (*batch, d, p) and one kernel's
 # AdaRegPrecisions of arrays, and broadcasts over the batch axes.
@@ -268,6 +254,25 @@ def _inverse_clipped(s, scale, m, n, lower, upper):
     )
 
 
+def _complete(u: jax.Array) -> jax.Array:
+    """``u``'s columns with a canonical sign, completed to an orthonormal basis.
+
+    Singular vectors are unique only up to sign, and the complement of their span
+    (where a precision is ``upper``) has no preferred basis. Fixing each column's
+    sign by its largest entry and taking the complement from a Householder QR of
+    ``u`` make the state a continuous function of the kernel (almost everywhere):
+    params that differ by rounding (a sharded and a single-device run) give states
+    that differ by rounding.
+    """
+    top = jnp.argmax(jnp.abs(u), axis=-2, keepdims=True)
+    u = u * jnp.where(jnp.take_along_axis(u, top, axis=-2) < 0, -1, 1).astype(u.dtype)
+    n, k = u.shape[-2:]
+    if n == k:
+        return u
+    complement = jnp.linalg.qr(u, mode="complete")[0][..., k:]
+    return jnp.concatenate([u, complement], axis=-1)
+
+
 def _sweep(k: jax.Array, f: AdaRegPrecisions, lower, upper) -> AdaRegPrecisions:
     """Alg. 1, lines 3–4, on ``(n, d, p)`` kernels, by SVDs of the factors.
 
@@ -287,15 +292,16 @@ def _sweep(k: jax.Array, f: AdaRegPrecisions, lower, upper) -> AdaRegPrecisions:
     half_in = jnp.sqrt(f.values_in)[..., :, None] * (
         _rotate(k / scale, unit) @ _mT(f.basis_out)
     )
-    _, s_out, vh = jnp.linalg.svd(half_in, full_matrices=True)
-    basis_out = _mT(vh)
+    _, s_out, vh = jnp.linalg.svd(half_in, full_matrices=False)
+    basis_out = _complete(_mT(vh))
     values_out, positive_out = _inverse_clipped(
         s_out, scale[..., 0], d, p, lower, upper
     )
     # K Ω_out^½; the columns on K's null space are exactly zero in exact arithmetic.
     weights = jnp.sqrt(jnp.where(positive_out, values_out, 0))
     half_out = ((k / scale) @ basis_out) * weights[..., None, :]
-    basis_in, s_in, _ = jnp.linalg.svd(half_out, full_matrices=True)
+    u, s_in, _ = jnp.linalg.svd(half_out, full_matrices=False)
+    basis_in = _complete(u)
     values_in, positive_in = _inverse_clipped(s_in, scale[..., 0], p, d, lower, upper)
     rotated = (_mT(basis_in) @ k) @ basis_out
     rotated = jnp.where(
@@ -333,18 +339,38 @@ def _shapes(k: jax.Array) -> list[tuple[int, ...]]:
     return [(*batch, d, d), (*batch, d), (*batch, p, p), (*batch, p), k.shape, k.shape]
 
 
-def _flatten(selected: Any, precisions: Any) -> tuple[list, list]:
-    """Selected kernels as ``(*batch, d, p)`` matrices and their factors, aligned."""
-    kernels = [_matrix(k) for k in jax.tree.leaves(selected)]
+def _matrices(params: Any, layouts: Any, fn: str) -> tuple[list, Any]:
+    """The selected kernels as ``(*batch, d, p)`` matrices, and the state treedef.
+
+    In float32 (float64 for float64 kernels), whatever the kernel's dtype.
+    """
+    found = jax.tree_util.tree_flatten_with_path(layouts, is_leaf=_layouts.is_spec)
+    for path, spec in found[0]:
+        if spec is not None and not isinstance(spec, _layouts.MuonDimensionNumbers):
+            raise ValueError(
+                f"{fn}: {_tree.path_name(path)!r} has the layout {spec!r}; AdaReg's "
+                "Kronecker precisions need a matrix (a MuonDimensionNumbers layout)"
+            )
+    leaves, _, ops, treedef = _layouts.flatten_selected(params, layouts)
+    views = [op.view(k) for k, op in zip(leaves, ops, strict=True)]
+    return [v.astype(jnp.promote_types(v.dtype, jnp.float32)) for v in views], treedef
+
+
+def _factors(kernels: list, treedef: Any, precisions: Any) -> list[AdaRegPrecisions]:
+    """Each kernel's factors, checked against its shape."""
     if isinstance(precisions, AdaRegPrecisions):
-        fields = [jax.tree.leaves(x) for x in precisions]
-        factors = [AdaRegPrecisions(*f) for f in zip(*fields, strict=True)]
-        shapes = [[jnp.shape(x) for x in f] for f in factors]
-        if shapes == [_shapes(k) for k in kernels]:
-            return kernels, factors
+        try:
+            fields = [treedef.flatten_up_to(x) for x in precisions]
+        except (ValueError, TypeError):
+            fields = None
+        if fields is not None:
+            factors = [AdaRegPrecisions(*f) for f in zip(*fields, strict=True)]
+            shapes = [[getattr(x, "shape", None) for x in f] for f in factors]
+            if shapes == [_shapes(k) for k in kernels]:
+                return factors
     raise ValueError(
         "adareg: precisions do not match the selected kernels; build them with "
-        "init_adareg_precisions(params, mask=...) using the same mask"
+        "init_adareg_precisions using the same mask and weight_dimension_numbers"
     )
 
 
@@ -366,12 +392,11 @@ def _guarded(k: jax.Array, old: AdaRegPrecisions, new: AdaRegPrecisions) -> Any:
     )
 
 
-def _solve(selected: Any, precisions: AdaRegPrecisions, lower: Any, upper: Any) -> Any:
-    """One sweep for every selected kernel.
+def _solve(kernels: list, factors: list, lower: Any, upper: Any) -> list:
+    """One sweep for every kernel.
 
     Same-shaped matrices, batch slices included, share one batched SVD per side.
     """
-    kernels, factors = _flatten(selected, precisions)
     new = list(factors)
     groups: dict[tuple, list[int]] = {}
     for i, k in enumerate(kernels):
@@ -387,14 +412,24 @@ def _solve(selected: Any, precisions: AdaRegPrecisions, lower: Any, upper: Any) 
                 functools.partial(_take, start=start, n=len(k)), solved, factors[i]
             )
             start += len(k)
-    return _unflatten(jax.tree.structure(precisions.basis_in), new)
+    return new
 
 
 def _take(x: jax.Array, like: jax.Array, *, start: int, n: int) -> jax.Array:
     return x[start : start + n].reshape(like.shape)
 
 
-def init_adareg_precisions(params: Any, *, mask: _tree.Mask = None) -> Any:
+def _init(params: Any, layouts: Any, fn: str) -> AdaRegPrecisions:
+    kernels, treedef = _matrices(params, layouts, fn)
+    return _unflatten(treedef, [_identity(k) for k in kernels])
+
+
+def init_adareg_precisions(
+    params: Any,
+    *,
+    mask: _tree.Mask = None,
+    weight_dimension_numbers: _layouts.WeightDimensionNumbers = None,
+) -> Any:
     """Identity precisions ``Ω_in = I_d``, ``Ω_out = I_p`` for each selected kernel.
 
     With identities the penalty is ``‖K‖_F²``, plain L2 (Zhao et al. 2019, §3.2).
@@ -402,7 +437,15 @@ def init_adareg_precisions(params: Any, *, mask: _tree.Mask = None) -> Any:
     Args:
       params: a pytree of parameters.
       mask: which leaves to regularize (pytree of bools or callable, as in
-        ``optax.masked``); default: every leaf with ``ndim >= 2``.
+        ``optax.masked``); default: the weight matrices (``ndim >= 2``, not named
+        ``bias``, ``scale`` or ``embedding``).
+      weight_dimension_numbers: which matrix each leaf is: one
+        ``optax.contrib.MuonDimensionNumbers``, a pytree of them with ``None`` for
+        non-weights (a prefix of params allowed), or a callable ``params -> such a
+        pytree``, as in ``optax.contrib.muon``. Batch axes give separate matrices,
+        each with its own precisions. Default: the ``(-1, last)`` view of the
+        leaves ``mask`` selects. A ``ConvOperator`` is a ValueError: the
+        precisions need a matrix.
 
     Returns:
       :class:`AdaRegPrecisions` with the params' structure: identity factors at the
@@ -416,13 +459,16 @@ def init_adareg_precisions(params: Any, *, mask: _tree.Mask = None) -> Any:
       >>> prec.omega_in["w"].shape, prec.omega_out["w"].shape, prec.omega_in["b"]
       ((5, 5), (3, 3), MaskedNode())
     """
-    selected = _tree.select(params, mask)
-    leaves, treedef = jax.tree.flatten(selected)
-    return _unflatten(treedef, [_identity(_matrix(k)) for k in leaves])
+    layouts = _layouts.resolve_layouts(params, weight_dimension_numbers, mask)
+    return _init(params, layouts, "init_adareg_precisions")
 
 
 def adareg_penalty(
-    params: Any, precisions: Any, *, mask: _tree.Mask = None
+    params: Any,
+    precisions: Any,
+    *,
+    mask: _tree.Mask = None,
+    weight_dimension_numbers: _layouts.WeightDimensionNumbers = None,
 ) -> jax.Array:
     """The matrix-normal prior's penalty ``Σ tr(Ω_in K Ω_out Kᵀ)``.
 
@@ -437,7 +483,9 @@ def adareg_penalty(
       params: a pytree of parameters.
       precisions: from :func:`init_adareg_precisions` or
         :func:`adareg_update_precisions`, with the same ``mask``.
-      mask: which leaves to regularize; default: every leaf with ``ndim >= 2``.
+      mask: which leaves to regularize, as for :func:`init_adareg_precisions`.
+      weight_dimension_numbers: which matrix each leaf is, as for
+        :func:`init_adareg_precisions`.
 
     Returns:
       A float32 scalar (float64 for float64 kernels).
@@ -452,7 +500,9 @@ def adareg_penalty(
     References:
       Zhao et al., "Learning Neural Networks with Adaptive Regularization", 2019, eq. 4.
     """
-    kernels, factors = _flatten(_tree.select(params, mask), precisions)
+    layouts = _layouts.resolve_layouts(params, weight_dimension_numbers, mask)
+    kernels, treedef = _matrices(params, layouts, "adareg_penalty")
+    factors = _factors(kernels, treedef, precisions)
     terms = [_prior(k, f) for k, f in zip(kernels, factors, strict=True)]
     return sum(terms, jnp.zeros((), jnp.float32))
 
@@ -464,6 +514,7 @@ def adareg_update_precisions(
     lower: float,
     upper: float,
     mask: _tree.Mask = None,
+    weight_dimension_numbers: _layouts.WeightDimensionNumbers = None,
 ) -> Any:
     """One block-coordinate sweep of the precisions (Zhao et al. 2019, Alg. 1, l. 3–4).
 
@@ -485,7 +536,9 @@ def adareg_update_precisions(
       precisions: the current precisions (same ``mask``).
       lower: lower eigenvalue bound of each precision, > 0 (the paper's ``u``).
       upper: upper eigenvalue bound, ≥ ``lower`` (the paper's ``v``).
-      mask: which leaves to regularize; default: every leaf with ``ndim >= 2``.
+      mask: which leaves to regularize, as for :func:`init_adareg_precisions`.
+      weight_dimension_numbers: which matrix each leaf is, as for
+        :func:`init_adareg_precisions`.
 
     Returns:
       The new :class:`AdaRegPrecisions`, structured as ``precisions``.
@@ -504,7 +557,10 @@ def adareg_update_precisions(
       Algorithm 1 and Corollary 1.
     """
     _common.check_bounds(lower, upper, "adareg_update_precisions")
-    return _solve(_tree.select(params, mask), precisions, lower, upper)
+    layouts = _layouts.resolve_layouts(params, weight_dimension_numbers, mask)
+    kernels, treedef = _matrices(params, layouts, "adareg_update_precisions")
+    factors = _factors(kernels, treedef, precisions)
+    return _unflatten(treedef, _solve(kernels, factors, lower, upper))
 
 
 def adareg(
@@ -514,6 +570,7 @@ def adareg(
     upper: float = 10.0,
     update_every: int = 500,
     mask: _tree.Mask = None,
+    weight_dimension_numbers: _layouts.WeightDimensionNumbers = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Adds the gradient of AdaReg's matrix-normal prior, re-solving its precisions.
 
@@ -548,8 +605,9 @@ def adareg(
     the defaults keep that reading with ``upper = 10``: stable for ``coeff · lr <
     1e-2``, a margin of 20 over ``coeff = 0.01, lr = 0.05`` and of 10⁴ over the
     authors' ``coeff = 1e-4`` at ``lr = 0.01``, while leaving the precisions two
-    decades to adapt in. The paper's experiments' box ``[1e-3, 1e3]`` needs
-    ``coeff · lr < 1e-6``: pass it explicitly with a matching step size.
+    decades to adapt in. The former default box ``[1e-3, 1e3]`` needs ``coeff · lr
+    < 1e-6`` (it reached NaN with ``coeff = 0.01, lr = 0.05`` on a 2 × 3 least
+    squares problem): pass a wider box with a matching step size.
 
     Args:
       coeff: the penalty's weight (the paper's λ, the authors' ``rho``, 1e-4 by
@@ -558,11 +616,14 @@ def adareg(
       upper: upper eigenvalue bound (the paper's ``v``), ≥ ``lower``; any box
         works, ``lower · upper = 1`` is the paper's.
       update_every: a Python int ≥ 1, the re-solve period in steps.
-      mask: which leaves to regularize (pytree of bools or callable, applied with
-        ``optax.masked``); default every leaf with ``ndim >= 2``. The paper
-        regularizes the last layer only: ``mask=mask_by_path(r"Dense_2/kernel$")``.
-        Under ``optax.inject_hyperparams``, put ``update_every`` and a callable
-        ``mask`` in ``static_args``.
+      mask: which leaves to regularize (pytree of bools or callable, as in
+        ``optax.masked``); default: the weight matrices (``ndim >= 2``, not named
+        ``bias``, ``scale`` or ``embedding``). The paper regularizes the last layer
+        only: ``mask=mask_by_path(r"Dense_2/kernel$")``.
+      weight_dimension_numbers: which matrix each leaf is, as for
+        :func:`init_adareg_precisions`. Under ``optax.inject_hyperparams``, put
+        ``update_every``, a callable ``mask`` and ``weight_dimension_numbers`` in
+        ``static_args``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state holds an
@@ -596,31 +657,30 @@ def adareg(
     _common.check_bounds(lower, upper, "adareg")
     _common.check_positive_int(update_every, "update_every", "adareg")
 
-    def init_fn(params):
-        return AdaRegState(
-            count=jnp.zeros([], jnp.int32),
-            precisions=init_adareg_precisions(params, mask=_select_all),
-        )
+    def init(params, layouts):
+        return AdaRegState(jnp.zeros([], jnp.int32), _init(params, layouts, "adareg"))
 
-    def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
-        if params is None:
-            raise _common.needs_params("adareg")
-        selected = _tree.select(params, _select_all)
+    def update(updates, state, params, layouts):
+        kernels, treedef = _matrices(params, layouts, "adareg")
+        factors = _factors(kernels, treedef, state.precisions)
         resolve = (state.count > 0) & (state.count % update_every == 0)
-        precisions = jax.lax.cond(
+        factors = jax.lax.cond(
             resolve,
-            lambda: _solve(selected, state.precisions, lower, upper),
-            lambda: state.precisions,
+            lambda: _solve(kernels, factors, lower, upper),
+            lambda: factors,
         )
         c = _common.coeff_at(coeff, state.count)
+        _, _, ops, _ = _layouts.flatten_selected(params, layouts)
+        grads = treedef.flatten_up_to(updates)
+        new = [
+            g + op.unview(2 * c * _preconditioned(k, f)).astype(g.dtype)
+            for g, op, k, f in zip(grads, ops, kernels, factors, strict=True)
+        ]
+        state = AdaRegState(
+            optax.safe_increment(state.count), _unflatten(treedef, factors)
+        )
+        return treedef.unflatten(new), state
 
-        def add(g, kernel, *factors):
-            term = _preconditioned(_matrix(kernel), AdaRegPrecisions(*factors))
-            return g + (2 * c * term).reshape(g.shape).astype(g.dtype)
-
-        updates = jax.tree.map(add, updates, selected, *precisions)
-        return updates, AdaRegState(optax.safe_increment(state.count), precisions)
-
-    inner = optax.GradientTransformationExtraArgs(init_fn, update_fn)
-    return optax.masked(inner, _tree.default_mask if mask is None else mask)
+    return _layouts.masked_transform(
+        "adareg", init, update, weight_dimension_numbers, mask
+    )
