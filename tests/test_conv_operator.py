@@ -229,6 +229,9 @@ def test_bad_operator_arguments_are_rejected():
     for k in (0, 73, 1.5):
         with pytest.raises(ValueError, match="k must be"):
             op.singular_values(kernel, k)
+    large = mr.ConvOperator((128, 128, 16)).operator((3, 3, 16, 16))
+    with pytest.raises(ValueError, match="pass k"):
+        large.singular_values(jnp.ones((3, 3, 16, 16)))
     with pytest.raises(ValueError, match="method"):
         op.singular_values(kernel, 1, method="lanczos")
     with pytest.raises(ValueError, match="shape"):

@@ -293,7 +293,8 @@ class ConvLinearOperator:
 
         Args:
           kernel: the kernel, of ``kernel_shape``.
-          k: how many of the largest values, ``1 ≤ k ≤ min(n, m)``; None for all.
+          k: how many of the largest values, ``1 ≤ k ≤ min(n, m)``; None for all
+            (dense, so only for operators of at most 2²⁸ matrix entries).
           method: ``"auto"``, ``"dense"`` or ``"krylov"``.
           tol: the Krylov stopping tolerance, relative to ``σ₁²``.
           max_rounds: the most Krylov rounds.
@@ -302,7 +303,8 @@ class ConvLinearOperator:
           A float32 array ``(k,)`` (or ``(min(n, m),)``), descending.
 
         Raises:
-          ValueError: for ``k`` out of range or an unknown ``method``.
+          ValueError: for ``k`` out of range, ``k=None`` on an operator too large to
+            decompose densely, or an unknown ``method``.
 
         Example:
           >>> import jax.numpy as jnp
@@ -322,6 +324,12 @@ class ConvLinearOperator:
             raise ValueError(
                 f"ConvOperator.singular_values: k must be an int in [1, {min(n, m)}]"
                 f" (the operator is {m} x {n}), got {k!r}"
+            )
+        if k is None and n * m > _DENSE_MAX_ENTRIES:
+            raise ValueError(
+                f"ConvOperator.singular_values: all {min(n, m)} singular values of this"
+                f" {m} x {n} operator need its dense matrix ({n * m * 4 / 2**30:.1f}"
+                " GiB in float32); pass k for the top k"
             )
         if method not in ("auto", "dense", "krylov"):
             raise ValueError(
@@ -358,6 +366,8 @@ class ConvLinearOperator:
 _OVERSAMPLE = 8
 _KRYLOV_DEPTH = 8
 _DENSE_ENTRIES = 2**22
+# The largest operator whose full spectrum (k=None) is computed at all: 1 GiB.
+_DENSE_MAX_ENTRIES = 2**28
 # Basis directions whose Gram eigenvalue is below this fraction of the largest are
 # (numerically) spanned by the others.
 _SPAN_THRESHOLD = 1e-3
