@@ -10,6 +10,7 @@ import pytest
 from jax import lax
 
 import margin_regs as mr
+from margin_regs import _conv_operator
 
 
 def test_spec_normalises_to_one_canonical_value():
@@ -258,3 +259,18 @@ def test_operator_is_the_flax_and_equinox_layer_without_bias(rng):
     spec = mr.ConvOperator(x_chw.shape, 2, [(1, 1)] * 2, dimension_numbers=numbers)
     op = spec.operator(conv.weight.shape)
     np.testing.assert_allclose(op.matvec(conv.weight, x_chw), conv(x_chw), atol=1e-5)
+
+
+def test_stable_rank_and_spectrum_beyond_the_dense_svd(rng, monkeypatch):
+    # The size limits shrunk so that a small operator (288 inputs x 432 outputs)
+    # takes the large-operator path: spectrum() gives the top values by Krylov
+    # iteration and stable_rank() uses the exact Frobenius norm.
+    monkeypatch.setattr(_conv_operator, "_DENSE_ENTRIES", 1000)
+    monkeypatch.setattr(_conv_operator, "_SPECTRUM_TOP_K", 8)
+    kwargs = {"input_shape": (12, 12, 2)}
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 2, 3)), jnp.float32)
+    expected = np.linalg.svd(np.asarray(_dense_matrix(kwargs, kernel), np.float64))[1]
+    op = mr.ConvOperator(**kwargs).operator(kernel.shape)
+    spectrum, rank = jax.jit(lambda k: (op.spectrum(k), op.stable_rank(k)))(kernel)
+    np.testing.assert_allclose(spectrum, expected[:8], rtol=1e-4)
+    np.testing.assert_allclose(rank, np.sum(expected**2) / expected[0] ** 2, rtol=1e-4)
