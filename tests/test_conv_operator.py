@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
+from optax.contrib import MuonDimensionNumbers
 
 import margin_regs as mr
 from margin_regs import _conv_operator
@@ -274,3 +275,169 @@ def test_stable_rank_and_spectrum_beyond_the_dense_svd(rng, monkeypatch):
     spectrum, rank = jax.jit(lambda k: (op.spectrum(k), op.stable_rank(k)))(kernel)
     np.testing.assert_allclose(spectrum, expected[:8], rtol=1e-4)
     np.testing.assert_allclose(rank, np.sum(expected**2) / expected[0] ** 2, rtol=1e-4)
+
+
+# Phase 2: the methods and diagnostics on ConvOperator leaves. A small network: a
+# strided VALID convolution (its top singular value is well separated, so power
+# iteration converges) and a dense layer with its default (matrix) layout.
+NET_CONV = CASES["valid_stride2"]
+NET_LAYOUTS = {
+    "conv": {"kernel": mr.ConvOperator(**NET_CONV[0]), "bias": None},
+    "dense": {"kernel": MuonDimensionNumbers(0, 1), "bias": None},
+}
+
+
+def _net_params(rng):
+    return {
+        "conv": {
+            "kernel": jnp.asarray(rng.normal(size=NET_CONV[1]), jnp.float32),
+            "bias": jnp.zeros(NET_CONV[1][-1]),
+        },
+        "dense": {
+            "kernel": jnp.asarray(rng.normal(size=(12, 5)), jnp.float32),
+            "bias": jnp.zeros(5),
+        },
+    }
+
+
+def _dense_sigma(kernel):
+    return jnp.linalg.svd(_dense_matrix(NET_CONV[0], kernel), compute_uv=False)[0]
+
+
+def test_net_conv_top_singular_value_is_separated(rng):
+    # The precondition of the exact-gradient tests below: σ₁ is simple.
+    s = np.linalg.svd(
+        np.asarray(_dense_matrix(NET_CONV[0], _net_params(rng)["conv"]["kernel"])),
+        compute_uv=False,
+    )
+    assert s[0] > 1.05 * s[1]
+
+
+def test_spectral_transform_step_is_the_gradient_of_the_operator_norm(rng):
+    params, coeff = _net_params(rng), 0.3
+    tx = mr.spectral_norm_regularization(coeff, weight_dimension_numbers=NET_LAYOUTS)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
+    kernel = params["conv"]["kernel"]
+    expected = jax.grad(lambda k: coeff / 2 * _dense_sigma(k) ** 2)(kernel)
+    np.testing.assert_allclose(
+        updates["conv"]["kernel"],
+        expected,
+        rtol=1e-4,
+        atol=1e-4 * np.abs(expected).max(),
+    )
+    dense = params["dense"]["kernel"]
+    expected = jax.grad(lambda k: coeff / 2 * jnp.linalg.norm(k, 2) ** 2)(dense)
+    np.testing.assert_allclose(
+        updates["dense"]["kernel"], expected, rtol=1e-4, atol=1e-5
+    )
+    np.testing.assert_array_equal(updates["conv"]["bias"], 0.0)
+
+
+def test_spectral_penalty_and_transform_agree(rng):
+    params, coeff = _net_params(rng), 0.3
+    tx = mr.spectral_norm_regularization(
+        coeff, weight_dimension_numbers=NET_LAYOUTS, key=3
+    )
+    state = mr.init_power_iteration(params, 3, weight_dimension_numbers=NET_LAYOUTS)
+
+    def penalty(p):
+        value, new = mr.spectral_norm_penalty(
+            p, state, weight_dimension_numbers=NET_LAYOUTS
+        )
+        return coeff * value, new
+
+    (value, _), grads = jax.value_and_grad(penalty, has_aux=True)(params)
+    np.testing.assert_allclose(
+        value,
+        coeff
+        / 2
+        * (
+            _dense_sigma(params["conv"]["kernel"]) ** 2
+            + jnp.linalg.norm(params["dense"]["kernel"], 2) ** 2
+        ),
+        rtol=1e-4,
+    )
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_eigenvalue_decay_on_operators(rng):
+    params, coeff = _net_params(rng), 0.2
+    kernel = params["conv"]["kernel"]
+    expected = jax.grad(lambda k: coeff * _dense_sigma(k))(kernel)
+    tx = mr.eigenvalue_decay(coeff, weight_dimension_numbers=NET_LAYOUTS)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    np.testing.assert_allclose(
+        updates["conv"]["kernel"],
+        expected,
+        rtol=1e-4,
+        atol=1e-4 * np.abs(expected).max(),
+    )
+    conv_only = {"conv": NET_LAYOUTS["conv"], "dense": None}
+
+    def penalty(p):
+        value = mr.eigenvalue_decay_penalty(
+            p, n_power_iterations=60, weight_dimension_numbers=conv_only
+        )
+        return coeff * value
+
+    np.testing.assert_allclose(penalty(params), coeff * _dense_sigma(kernel), rtol=1e-5)
+    grads = jax.grad(penalty)(params)
+    np.testing.assert_allclose(
+        grads["conv"]["kernel"], expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max()
+    )
+
+
+def test_diagnostics_on_operators(rng):
+    params = _net_params(rng)
+    kernel = params["conv"]["kernel"]
+    dense = np.asarray(_dense_matrix(NET_CONV[0], kernel), np.float64)
+    s = np.linalg.svd(dense, compute_uv=False)
+    norms = mr.spectral_norms(params, weight_dimension_numbers=NET_LAYOUTS)
+    np.testing.assert_allclose(norms["conv/kernel"], s[0], rtol=1e-4)
+    spectra = mr.singular_value_spectra(params, weight_dimension_numbers=NET_LAYOUTS)
+    np.testing.assert_allclose(spectra["conv/kernel"], s, rtol=1e-4, atol=1e-4 * s[0])
+    ranks = mr.stable_ranks(params, weight_dimension_numbers=NET_LAYOUTS)
+    np.testing.assert_allclose(
+        ranks["conv/kernel"], np.sum(s**2) / s[0] ** 2, rtol=1e-4
+    )
+
+
+def test_margin_bounds_use_operator_norms_and_warn_about_reshaped_kernels(rng):
+    params = _net_params(rng)
+    margins = jnp.array([2.0, -1.0, 0.5])
+    bounds = mr.margin_lower_bounds(
+        margins, params, weight_dimension_numbers=NET_LAYOUTS
+    )
+    dense = np.asarray(_dense_matrix(NET_CONV[0], params["conv"]["kernel"]), np.float64)
+    classifier = np.asarray(params["dense"]["kernel"], np.float64)
+    clipped = np.maximum(np.asarray(margins), 0.0) / np.sqrt(2.0)
+    spectral = np.linalg.norm(dense, 2) * np.linalg.norm(classifier, 2)
+    frobenius = np.linalg.norm(dense) * np.linalg.norm(classifier)
+    np.testing.assert_allclose(bounds["spectral"], clipped / spectral, rtol=1e-4)
+    np.testing.assert_allclose(bounds["frobenius"], clipped / frobenius, rtol=1e-4)
+    with pytest.warns(UserWarning, match="conv/kernel"):
+        mr.margin_lower_bounds(margins, params)
+
+
+def test_matrix_only_methods_reject_operators_by_path(rng):
+    params = _net_params(rng)
+    with pytest.raises(ValueError, match="conv/kernel"):
+        mr.max_norm_constraint(1.0, weight_dimension_numbers=NET_LAYOUTS).init(params)
+    with pytest.raises(ValueError, match="ConvOperator"):
+        mr.as_matrix(
+            params["conv"]["kernel"],
+            weight_dimension_numbers=NET_LAYOUTS["conv"]["kernel"],
+        )
+    wrong = {
+        "conv": {"kernel": mr.ConvOperator((6, 6, 3)), "bias": None},
+        "dense": None,
+    }
+    with pytest.raises(ValueError, match=r"conv/kernel.*input channels"):
+        mr.spectral_norm_regularization(0.1, weight_dimension_numbers=wrong).init(
+            params
+        )

@@ -202,7 +202,8 @@ def max_norm_constraint(
     _common.check_positive(max_norm, "max_norm", "max_norm_constraint")
 
     def init(params, layouts):
-        del params, layouts
+        del params
+        _layouts.require_matrices(layouts, "max_norm_constraint")
         return optax.EmptyState()
 
     def project(op, u, w):
