@@ -266,7 +266,7 @@ def test_stable_rank_and_spectrum_beyond_the_dense_svd(rng, monkeypatch):
     # The size limits shrunk so that a small operator (288 inputs x 432 outputs)
     # takes the large-operator path: spectrum() gives the top values by Krylov
     # iteration and stable_rank() uses the exact Frobenius norm.
-    monkeypatch.setattr(_conv_operator, "_DENSE_ENTRIES", 1000)
+    monkeypatch.setattr(_conv_operator, "_DENSE_FLOPS", 1000)
     monkeypatch.setattr(_conv_operator, "_SPECTRUM_TOP_K", 8)
     kwargs = {"input_shape": (12, 12, 2)}
     kernel = jnp.asarray(rng.normal(size=(3, 3, 2, 3)), jnp.float32)
@@ -347,7 +347,7 @@ def test_spectral_penalty_and_transform_agree(rng):
         )
         return coeff * value, new
 
-    (value, _), grads = jax.value_and_grad(penalty, has_aux=True)(params)
+    (value, _), grads = jax.jit(jax.value_and_grad(penalty, has_aux=True))(params)
     np.testing.assert_allclose(
         value,
         coeff
@@ -359,18 +359,20 @@ def test_spectral_penalty_and_transform_agree(rng):
         rtol=1e-4,
     )
     zeros = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = tx.update(zeros, tx.init(params), params)
+    updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
     for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(grads), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_eigenvalue_decay_on_operators(rng):
     params, coeff = _net_params(rng), 0.2
-    kernel = params["conv"]["kernel"]
+    # Shifted for a dominant σ₁ (σ₂/σ₁ = 0.82): 30 of the seed's unrolled
+    # iterations then converge to float32 precision.
+    params["conv"]["kernel"] = kernel = params["conv"]["kernel"] + 1.0
     expected = jax.grad(lambda k: coeff * _dense_sigma(k))(kernel)
     tx = mr.eigenvalue_decay(coeff, weight_dimension_numbers=NET_LAYOUTS)
     zeros = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = tx.update(zeros, tx.init(params), params)
+    updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
     np.testing.assert_allclose(
         updates["conv"]["kernel"],
         expected,
@@ -381,12 +383,12 @@ def test_eigenvalue_decay_on_operators(rng):
 
     def penalty(p):
         value = mr.eigenvalue_decay_penalty(
-            p, n_power_iterations=60, weight_dimension_numbers=conv_only
+            p, n_power_iterations=30, weight_dimension_numbers=conv_only
         )
         return coeff * value
 
-    np.testing.assert_allclose(penalty(params), coeff * _dense_sigma(kernel), rtol=1e-5)
-    grads = jax.grad(penalty)(params)
+    value, grads = jax.value_and_grad(penalty)(params)
+    np.testing.assert_allclose(value, coeff * _dense_sigma(kernel), rtol=1e-5)
     np.testing.assert_allclose(
         grads["conv"]["kernel"], expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max()
     )

@@ -301,13 +301,13 @@ class ConvLinearOperator:
     def spectrum(self, kernel: jax.Array) -> jax.Array:
         """The singular values a spectrum plot shows, descending.
 
-        All of them when the dense matrix has at most 2²² entries (its SVD takes
-        well under a second), else the top 64 by Krylov iteration: a convolution
-        on a realistic input has thousands of singular values (6,272 for 14×14×32),
+        All of them when the dense SVD is cheap (``n · m · min(n, m) ≤ 2³⁰``, well
+        under a second), else the top 64 by Krylov iteration: a convolution on a
+        realistic input has thousands of singular values (6,272 for 14×14×32),
         whose dense SVD would take minutes.
         """
         n, m = math.prod(self.in_shape), math.prod(self.out_shape)
-        k = None if n * m <= _DENSE_ENTRIES else min(_SPECTRUM_TOP_K, n, m)
+        k = None if _dense_is_cheap(n, m) else min(_SPECTRUM_TOP_K, n, m)
         return self.singular_values(kernel, k)
 
     def singular_values(
@@ -332,7 +332,8 @@ class ConvLinearOperator:
         power iteration converges like ``1/t`` and Krylov like ``1/t²``; not the FFT
         (Sedghi et al. 2019), which is exact only for circular padding and for SAME
         or VALID zero padding gives the values of a different operator. ``"auto"``:
-        dense when ``n · m ≤ 2²²`` or ``k`` is None, else Krylov. The kernel is
+        dense when its SVD is cheap (``n · m · min(n, m) ≤ 2³⁰``) or ``k`` is None,
+        else Krylov. The kernel is
         rescaled by ``max|K|`` first, so tiny or huge kernels neither under- nor
         overflow. Not differentiable (a ``while_loop``): gradients come from the
         persisted power iteration.
@@ -389,7 +390,7 @@ class ConvLinearOperator:
         block = min(n, (k or 0) + _OVERSAMPLE)
         depth = min(_KRYLOV_DEPTH, n // block - 1)
         dense = k is None or method == "dense" or depth < 1
-        if method == "auto" and n * m <= _DENSE_ENTRIES:
+        if method == "auto" and _dense_is_cheap(n, m):
             dense = True
         if dense:
             basis = jnp.eye(n, dtype=jnp.float32).reshape(n, *self.in_shape)
@@ -407,11 +408,12 @@ class ConvLinearOperator:
 
 
 # Krylov parameters: extra block vectors beyond k (so the k-th value converges at
-# the rate set by the gap to the (k+8)-th), blocks per round, and the largest
-# operator (entries of the n x m matrix, 16 MiB in float32) decomposed densely.
+# the rate set by the gap to the (k+8)-th), and blocks per round.
 _OVERSAMPLE = 8
 _KRYLOV_DEPTH = 8
-_DENSE_ENTRIES = 2**22
+# The cost n·m·min(n, m) of the largest dense SVD taken when Krylov would do: about
+# 1 GFLOP, a fraction of a second on a CPU (a 1024 x 1024 operator).
+_DENSE_FLOPS = 2**30
 # How many singular values :meth:`ConvLinearOperator.spectrum` shows of an operator
 # too large for a dense SVD.
 _SPECTRUM_TOP_K = 64
@@ -423,6 +425,10 @@ _DENSE_MAX_ENTRIES = 2**28
 # columns are orthonormal or zero by then).
 _BLOCK_THRESHOLD = 1e-6
 _SPAN_THRESHOLD = 1e-3
+
+
+def _dense_is_cheap(n: int, m: int) -> bool:
+    return n * m * min(n, m) <= _DENSE_FLOPS
 
 
 def _whitener(w: jax.Array, threshold: float) -> jax.Array:
