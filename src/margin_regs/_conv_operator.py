@@ -267,6 +267,7 @@ class ConvLinearOperator:
         The convolution's analogue of the rank-one ``u vᵀ``: for unit ``u, v`` with
         ``A v = σ u`` it is ``∂σ/∂K``. Returns a float32 array of the kernel's shape.
         """
+        del kernel  # A(K) is linear in K: its VJP does not depend on K
         xs, ys = self._stack(v, self.in_shape), self._stack(u, self.out_shape)
         weights = jax.ShapeDtypeStruct(self.kernel_shape, jnp.float32)
         (grad,) = jax.linear_transpose(lambda k: self._conv(xs, k), weights)(ys)
