@@ -144,18 +144,6 @@ def add_l1_penalty(
     )
 
 
-def _check_matrix_layouts(params: Any, layouts: Any) -> None:
-    """Max-norm projects columns: a ValueError names any leaf that is no matrix."""
-    specs = jax.tree.leaves(layouts, is_leaf=_layouts.is_spec)
-    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    for path, spec in zip(paths, [s for s in specs if s is not None], strict=True):
-        if not isinstance(spec, _layouts.MuonDimensionNumbers):
-            raise ValueError(
-                f"max_norm_constraint: {_tree.path_name(path)!r} has the layout "
-                f"{spec!r}; max-norm needs a matrix (MuonDimensionNumbers) layout"
-            )
-
-
 def max_norm_constraint(
     max_norm: float | jax.Array,
     *,
@@ -214,7 +202,8 @@ def max_norm_constraint(
     _common.check_positive(max_norm, "max_norm", "max_norm_constraint")
 
     def init(params, layouts):
-        _check_matrix_layouts(params, layouts)
+        del params
+        _layouts.require_matrices(layouts, "max_norm_constraint")
         return optax.EmptyState()
 
     def project(op, u, w):

@@ -195,20 +195,43 @@ class ConvLinearOperator:
         """One input sample's shape, the spec's ``input_shape``."""
         return self.spec.input_shape
 
-    def _conv(self, xs: jax.Array, kernel: jax.Array) -> jax.Array:
-        """``(B, *in_shape) -> (B, *out_shape)``: the lax convolution of B samples."""
+    def _conv(
+        self, xs: jax.Array, kernel: jax.Array, fan_out_first: bool = False
+    ) -> jax.Array:
+        """``(B, *in_shape) -> (B, *out_shape)``: the lax convolution of B samples.
+
+        Runs in the channels-last layout (``NHWC`` / ``HWIO``) whatever the spec's,
+        transposing the sample and kernel explicitly: XLA's CPU backend has a fast
+        convolution only for that layout, and inside a ``while_loop`` (the warm
+        start, the Krylov rounds) it cannot re-layout a kernel itself and falls back
+        to a convolution 50-200x slower. ``fan_out_first`` lays the kernel out as
+        ``HWOI``, the same operator, whose transpose (``rmatvec``) is then the
+        fast ``HWIO`` convolution.
+        """
         spec = self.spec
-        lhs, _, out = spec.dimension_numbers
+        lhs, rhs, out = spec.dimension_numbers
+        spatial = _SPATIAL[spec.spatial_rank]
+        features = "OI" if fan_out_first else "IO"
+        x = jnp.transpose(
+            xs, [("N" + lhs.replace("N", "")).index(c) for c in "N" + spatial + "C"]
+        )
+        kernel = jnp.transpose(kernel, [rhs.index(c) for c in spatial + features])
         y = lax.conv_general_dilated(
-            jnp.moveaxis(xs, 0, lhs.index("N")),
+            x,
             kernel,
             spec.strides,
             spec.padding,
             rhs_dilation=spec.rhs_dilation,
-            dimension_numbers=spec.dimension_numbers,
+            dimension_numbers=(
+                "N" + spatial + "C",
+                spatial + features,
+                "N" + spatial + "C",
+            ),
             feature_group_count=spec.feature_group_count,
         )
-        return jnp.moveaxis(y, out.index("N"), 0)
+        return jnp.transpose(
+            y, [("N" + spatial + "C").index(c) for c in "N" + out.replace("N", "")]
+        )
 
     def _stack(self, x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         """Flattens the leading axes of ``x (..., *shape)`` into one, float32."""
@@ -232,7 +255,8 @@ class ConvLinearOperator:
         ys = self._stack(u, self.out_shape)
         kernel = jnp.asarray(kernel, jnp.float32)
         inputs = jax.ShapeDtypeStruct((ys.shape[0], *self.in_shape), jnp.float32)
-        (v,) = jax.linear_transpose(lambda x: self._conv(x, kernel), inputs)(ys)
+        conv = lambda x: self._conv(x, kernel, fan_out_first=True)  # noqa: E731
+        (v,) = jax.linear_transpose(conv, inputs)(ys)
         return v.reshape(
             *jnp.shape(u)[: jnp.ndim(u) - len(self.out_shape)], *self.in_shape
         )
@@ -243,6 +267,7 @@ class ConvLinearOperator:
         The convolution's analogue of the rank-one ``u vᵀ``: for unit ``u, v`` with
         ``A v = σ u`` it is ``∂σ/∂K``. Returns a float32 array of the kernel's shape.
         """
+        del kernel  # A(K) is linear in K: its VJP does not depend on K
         xs, ys = self._stack(v, self.in_shape), self._stack(u, self.out_shape)
         weights = jax.ShapeDtypeStruct(self.kernel_shape, jnp.float32)
         (grad,) = jax.linear_transpose(lambda k: self._conv(xs, k), weights)(ys)
@@ -263,6 +288,28 @@ class ConvLinearOperator:
         safe = jnp.where(scale > 0, scale, 1.0)  # a zero kernel has norm 0, not NaN
         ones = jnp.ones((1, *self.in_shape), jnp.float32)
         return jnp.sqrt(jnp.sum(self._conv(ones, jnp.square(k / safe)))) * safe
+
+    def stable_rank(self, kernel: jax.Array) -> jax.Array:
+        """``‖A‖_F² / σ₁²``, in ``[1, rank A]``; 0 for the zero kernel.
+
+        From :meth:`frobenius_norm` and the top singular value alone, so it is
+        exact without the full spectrum (Krylov for large operators).
+        """
+        top = self.singular_values(kernel, 1)[0]
+        safe = jnp.where(top > 0, top, 1.0)
+        return jnp.where(top > 0, (self.frobenius_norm(kernel) / safe) ** 2, 0.0)
+
+    def spectrum(self, kernel: jax.Array) -> jax.Array:
+        """The singular values a spectrum plot shows, descending.
+
+        All of them when the dense SVD is cheap (``n · m · min(n, m) ≤ 2³⁰``, well
+        under a second), else the top 64 by Krylov iteration: a convolution on a
+        realistic input has thousands of singular values (6,272 for 14×14×32),
+        whose dense SVD would take minutes.
+        """
+        n, m = math.prod(self.in_shape), math.prod(self.out_shape)
+        k = None if _dense_is_cheap(n, m) else min(_SPECTRUM_TOP_K, n, m)
+        return self.singular_values(kernel, k)
 
     def singular_values(
         self,
@@ -286,14 +333,16 @@ class ConvLinearOperator:
         power iteration converges like ``1/t`` and Krylov like ``1/t²``; not the FFT
         (Sedghi et al. 2019), which is exact only for circular padding and for SAME
         or VALID zero padding gives the values of a different operator. ``"auto"``:
-        dense when ``n · m ≤ 2²²`` or ``k`` is None, else Krylov. The kernel is
+        dense when its SVD is cheap (``n · m · min(n, m) ≤ 2³⁰``) or ``k`` is None,
+        else Krylov. The kernel is
         rescaled by ``max|K|`` first, so tiny or huge kernels neither under- nor
         overflow. Not differentiable (a ``while_loop``): gradients come from the
         persisted power iteration.
 
         Args:
           kernel: the kernel, of ``kernel_shape``.
-          k: how many of the largest values, ``1 ≤ k ≤ min(n, m)``; None for all.
+          k: how many of the largest values, ``1 ≤ k ≤ min(n, m)``; None for all
+            (dense, so only for operators of at most 2²⁸ matrix entries).
           method: ``"auto"``, ``"dense"`` or ``"krylov"``.
           tol: the Krylov stopping tolerance, relative to ``σ₁²``.
           max_rounds: the most Krylov rounds.
@@ -302,7 +351,8 @@ class ConvLinearOperator:
           A float32 array ``(k,)`` (or ``(min(n, m),)``), descending.
 
         Raises:
-          ValueError: for ``k`` out of range or an unknown ``method``.
+          ValueError: for ``k`` out of range, ``k=None`` on an operator too large to
+            decompose densely, or an unknown ``method``.
 
         Example:
           >>> import jax.numpy as jnp
@@ -323,6 +373,12 @@ class ConvLinearOperator:
                 f"ConvOperator.singular_values: k must be an int in [1, {min(n, m)}]"
                 f" (the operator is {m} x {n}), got {k!r}"
             )
+        if k is None and n * m > _DENSE_MAX_ENTRIES:
+            raise ValueError(
+                f"ConvOperator.singular_values: all {min(n, m)} singular values of this"
+                f" {m} x {n} operator need its dense matrix ({n * m * 4 / 2**30:.1f}"
+                " GiB in float32); pass k for the top k"
+            )
         if method not in ("auto", "dense", "krylov"):
             raise ValueError(
                 "ConvOperator.singular_values: method must be 'auto', 'dense' or"
@@ -335,7 +391,7 @@ class ConvLinearOperator:
         block = min(n, (k or 0) + _OVERSAMPLE)
         depth = min(_KRYLOV_DEPTH, n // block - 1)
         dense = k is None or method == "dense" or depth < 1
-        if method == "auto" and n * m <= _DENSE_ENTRIES:
+        if method == "auto" and _dense_is_cheap(n, m):
             dense = True
         if dense:
             basis = jnp.eye(n, dtype=jnp.float32).reshape(n, *self.in_shape)
@@ -353,24 +409,52 @@ class ConvLinearOperator:
 
 
 # Krylov parameters: extra block vectors beyond k (so the k-th value converges at
-# the rate set by the gap to the (k+8)-th), blocks per round, and the largest
-# operator (entries of the n x m matrix, 16 MiB in float32) decomposed densely.
+# the rate set by the gap to the (k+8)-th), and blocks per round.
 _OVERSAMPLE = 8
 _KRYLOV_DEPTH = 8
-_DENSE_ENTRIES = 2**22
-# Basis directions whose Gram eigenvalue is below this fraction of the largest are
-# (numerically) spanned by the others.
+# The cost n·m·min(n, m) of the largest dense SVD taken when Krylov would do: about
+# 1 GFLOP, a fraction of a second on a CPU (a 1024 x 1024 operator).
+_DENSE_FLOPS = 2**30
+# How many singular values :meth:`ConvLinearOperator.spectrum` shows of an operator
+# too large for a dense SVD.
+_SPECTRUM_TOP_K = 64
+# The largest operator whose full spectrum (k=None) is computed at all: 1 GiB.
+_DENSE_MAX_ENTRIES = 2**28
+# Directions whose Gram eigenvalue is below this fraction of the largest are
+# (numerically) spanned by the others: within a new block (whose condition number
+# two orthonormalisation passes repair up to ~1e3) and in the whole basis (whose
+# columns are orthonormal or zero by then).
+_BLOCK_THRESHOLD = 1e-6
 _SPAN_THRESHOLD = 1e-3
 
 
-def _orthonormal(w: jax.Array, basis: jax.Array) -> jax.Array:
-    """An orthonormal basis of ``w``'s columns, orthogonal to ``basis``'s.
+def _dense_is_cheap(n: int, m: int) -> bool:
+    return n * m * min(n, m) <= _DENSE_FLOPS
 
-    Projects and orthonormalises twice ("twice is enough", Parlett), so rounding
-    leaves no component along ``basis``.
+
+def _whitener(w: jax.Array, threshold: float) -> jax.Array:
+    """``W`` with ``w @ W`` orthonormal on ``w``'s span, zero columns elsewhere.
+
+    From the eigendecomposition of the small Gram matrix ``wᵀw`` (the square of
+    ``w``'s singular values): directions below ``threshold`` times the largest are
+    taken as not spanned and dropped, so a rank-deficient ``w`` gives zero columns
+    rather than the arbitrary ones a QR would. A Gram eigensolve instead of XLA's
+    Householder QR, which on a CPU costs 50 ms for a ``(6272, 9)`` block.
+    """
+    values, vectors = jnp.linalg.eigh(w.T @ w)
+    keep = values > threshold * values[-1]
+    return vectors * jnp.where(keep, lax.rsqrt(jnp.where(keep, values, 1.0)), 0.0)
+
+
+def _orthonormal(w: jax.Array, basis: jax.Array) -> jax.Array:
+    """Orthonormal (or zero) columns spanning ``w``'s components off ``basis``.
+
+    Projects and orthonormalises twice ("twice is enough", Parlett; CholeskyQR2),
+    so rounding leaves no component along ``basis`` and the columns orthonormal.
     """
     for _ in range(2):
-        w = jnp.linalg.qr(w - basis @ (basis.T @ w))[0]
+        w = w - basis @ (basis.T @ w)
+        w = w @ _whitener(w, _BLOCK_THRESHOLD)
     return w
 
 
@@ -402,16 +486,10 @@ def _block_krylov(
 
         basis, image = lax.fori_loop(0, depth, grow, (basis, jnp.zeros_like(basis)))
         image = image.at[:, depth * block :].set(gram(basis[:, depth * block :]))
-        # Re-orthonormalise the whole basis through its Gram matrix, dropping
-        # directions it does not span: once the Krylov space is exhausted (a rank
-        # below the basis size) QR returns arbitrary columns that need not be
-        # orthogonal to the earlier blocks, and Rayleigh-Ritz on a non-orthonormal
-        # basis would overestimate. G is linear, so G(B W) = G(B) W.
-        gram_values, gram_vectors = jnp.linalg.eigh(basis.T @ basis)
-        keep = gram_values > _SPAN_THRESHOLD * gram_values[-1]
-        whiten = gram_vectors * jnp.where(
-            keep, lax.rsqrt(jnp.where(keep, gram_values, 1.0)), 0.0
-        )
+        # Re-orthonormalise the whole basis once more (Rayleigh-Ritz on a basis
+        # that is not orthonormal would overestimate); G is linear, so
+        # G(B W) = G(B) W and the images follow without another product.
+        whiten = _whitener(basis, _SPAN_THRESHOLD)
         basis, image = basis @ whiten, image @ whiten
         ritz = basis.T @ image
         theta, vectors = jnp.linalg.eigh((ritz + ritz.T) / 2)
@@ -429,7 +507,8 @@ def _block_krylov(
 
     # θ = 0 after "round 0" and -inf before it: the first test always passes.
     theta = jnp.zeros(block, jnp.float32)
-    init = (jnp.linalg.qr(start)[0], theta, jnp.full_like(theta, -jnp.inf), 0)
+    start = start @ _whitener(start, _BLOCK_THRESHOLD)
+    init = (start, theta, jnp.full_like(theta, -jnp.inf), 0)
     return lax.while_loop(not_done, body, init)[1][:k]
 
 

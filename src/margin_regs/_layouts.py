@@ -45,6 +45,7 @@ import optax
 from optax.contrib import MuonDimensionNumbers
 
 from margin_regs import _common, _tree
+from margin_regs._conv_operator import ConvOperator
 
 __all__ = [
     "MatrixOperator",
@@ -57,6 +58,7 @@ __all__ = [
     "is_spec",
     "make_operator",
     "masked_transform",
+    "require_matrices",
     "resolve_layouts",
 ]
 
@@ -65,7 +67,7 @@ WeightDimensionNumbers = Any | Callable[[Any], Any] | None
 
 def is_layout(x: Any) -> bool:
     """Whether ``x`` is one layout value (not a pytree of them)."""
-    return isinstance(x, MuonDimensionNumbers)
+    return isinstance(x, MuonDimensionNumbers | ConvOperator)
 
 
 def is_spec(x: Any) -> bool:
@@ -136,9 +138,15 @@ def check_layout(layout: Any, shape: tuple[int, ...], where: str) -> Any:
     """``layout`` with its axes normalised, or a ValueError naming ``where``."""
     if not is_layout(layout):
         raise TypeError(
-            f"weight_dimension_numbers at {where!r} must be a MuonDimensionNumbers or "
-            f"None, got {layout!r}"
+            f"weight_dimension_numbers at {where!r} must be a MuonDimensionNumbers, a "
+            f"ConvOperator or None, got {layout!r}"
         )
+    if isinstance(layout, ConvOperator):
+        try:
+            layout.operator(shape)
+        except ValueError as err:
+            raise ValueError(f"weight_dimension_numbers at {where!r}: {err}") from None
+        return layout
     ndim = len(shape)
     if ndim < 2:
         raise ValueError(
@@ -330,6 +338,8 @@ class MatrixOperator:
 
 def make_operator(layout: Any, kernel_shape: Sequence[int]) -> Any:
     """The linear operator a (normalised) ``layout`` makes of a kernel's shape."""
+    if isinstance(layout, ConvOperator):
+        return layout.operator(kernel_shape)
     if is_layout(layout):
         reduction, output = (
             (a,) if isinstance(a, int) else tuple(a)
@@ -342,6 +352,23 @@ def make_operator(layout: Any, kernel_shape: Sequence[int]) -> Any:
             tuple(a % ndim for a in output),
         )
     raise TypeError(f"not a layout: {layout!r}")
+
+
+def require_matrices(layouts: Any, name: str) -> None:
+    """A ValueError naming the first leaf whose layout is a :class:`ConvOperator`.
+
+    For what needs true matrices (max-norm's columns, AdaReg's precisions,
+    ``as_matrix``): a convolution operator has no ``(fan_in, fan_out)`` view.
+    """
+    flat = jax.tree_util.tree_flatten_with_path(layouts, is_leaf=is_layout)[0]
+    for path, layout in flat:
+        if isinstance(layout, ConvOperator):
+            where = _tree.path_name(path) or "kernel"
+            raise ValueError(
+                f"{name} needs weight matrices, but {where!r} has a ConvOperator "
+                "layout (a convolution, which has no matrix view); give it a "
+                "MuonDimensionNumbers layout or None"
+            )
 
 
 def flatten_selected(

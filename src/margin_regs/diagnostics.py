@@ -12,6 +12,7 @@ Per-layer results are dicts keyed by the readable parameter path
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from margin_regs import _common, _layouts, _tree
+from margin_regs._conv_operator import ConvLinearOperator
 from margin_regs._jacobian import _check_input, per_sample_input_gradients
 from margin_regs._layouts import WeightDimensionNumbers
 from margin_regs.linalg import as_matrix, safe_norm, stable_rank_of
@@ -62,6 +64,30 @@ def _per_matrix(
     return out
 
 
+def _spectrum(op: Any, kernel: jax.Array) -> jax.Array:
+    # A convolution on a realistic input has thousands of singular values: its
+    # spectrum is the top 64 where a dense SVD would take minutes.
+    if isinstance(op, ConvLinearOperator):
+        return op.spectrum(kernel)
+    return op.singular_values(kernel)
+
+
+def _stable_rank(op: Any, kernel: jax.Array) -> jax.Array:
+    # A convolution's is exact from its Frobenius norm and σ₁, without the spectrum.
+    if isinstance(op, ConvLinearOperator):
+        return op.stable_rank(kernel)
+    return stable_rank_of(op.singular_values(kernel))
+
+
+def _norms(op: Any, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(σ₁, ‖·‖_F)`` of every batch slice, flattened to 1-D."""
+    if isinstance(op, ConvLinearOperator):
+        return op.singular_values(kernel, 1), op.frobenius_norm(kernel)[None]
+    s = op.singular_values(kernel)
+    s = s.reshape(-1, s.shape[-1])
+    return s[:, 0], safe_norm(s)
+
+
 def spectral_norms(
     params: Any,
     *,
@@ -83,7 +109,9 @@ def spectral_norms(
         one result per slice.
 
     Returns:
-      ``{path: σ_max}``, float32 scalars (``(*batch,)`` for batched layouts).
+      ``{path: σ_max}``, float32 scalars (``(*batch,)`` for batched layouts); for
+      a ``ConvOperator`` leaf the convolution's operator norm (dense SVD when
+      small, else block Krylov iteration to 1e-5).
 
     Example:
       >>> import jax.numpy as jnp
@@ -126,7 +154,9 @@ def singular_value_spectra(
 
     Returns:
       ``{path: σ}``, float32 arrays ``(*batch, min(fan_in, fan_out))`` in
-      descending order.
+      descending order. A ``ConvOperator`` leaf gives all its operator's singular
+      values where a dense SVD is cheap, else its top 64 (a convolution on a
+      realistic input has thousands).
 
     Example:
       >>> import jax.numpy as jnp
@@ -139,9 +169,7 @@ def singular_value_spectra(
       Yoshida & Miyato, "Spectral Norm Regularization for Improving the
       Generalizability of Deep Learning", 2017, §4.4, Fig. 4.
     """
-    return _per_matrix(
-        lambda op, k: op.singular_values(k), params, mask, weight_dimension_numbers
-    )
+    return _per_matrix(_spectrum, params, mask, weight_dimension_numbers)
 
 
 def stable_ranks(
@@ -164,7 +192,8 @@ def stable_ranks(
         one result per slice.
 
     Returns:
-      ``{path: srank}``, float32 scalars (``(*batch,)`` for batched layouts).
+      ``{path: srank}``, float32 scalars (``(*batch,)`` for batched layouts); for
+      a ``ConvOperator`` leaf, exact from the operator's Frobenius norm and σ₁.
 
     Example:
       >>> import jax.numpy as jnp
@@ -178,7 +207,7 @@ def stable_ranks(
       Regularization", NeurIPS 2019, §5.
     """
     return _per_matrix(
-        lambda op, k: stable_rank_of(op.singular_values(k)),
+        _stable_rank,
         params,
         mask,
         weight_dimension_numbers,
@@ -357,9 +386,14 @@ def margin_lower_bounds(
     ``‖W‖₂ ≤ ‖W‖_F``). As in the paper's eq. (13), the margin is clipped at 0: the
     bound of a misclassified sample is 0.
 
-    The bounds do not hold as computed for convolutions (the norm of the reshaped
-    kernel does not bound the convolution operator's norm), residual connections,
-    or normalisation layers; the product also must not skip a layer. Ludwig's
+    Convolutions enter with their operator norms when their layout is an
+    :class:`~margin_regs.ConvOperator` (``infer_weight_dimension_numbers(...,
+    conv="operator")``): ``σ₁`` of ``x ↦ conv(x, K)`` and its exact Frobenius norm;
+    max-pooling over disjoint windows is 1-Lipschitz, so a conv-pool network is
+    covered. A 3-D to 5-D kernel under the default reshaped layout warns: that
+    matrix's σ does not bound the convolution's operator norm (the bound is then
+    not valid). The bounds also do not hold for residual connections or
+    normalisation layers; the product must not skip a layer. Ludwig's
     Thm 1 divides by the same ``Π_k ‖W_k‖₂`` (as ``Π_k √λ_dom(W_k W_kᵀ)``), but
     its numerator needs the projections of ``x`` onto the boundary, so it has no
     closed form; :func:`input_margin_estimates` is its computable first-order
@@ -403,25 +437,17 @@ def margin_lower_bounds(
     margins = jnp.asarray(margins)
     if margins.ndim != 1:
         raise ValueError(f"margins must be (n,), got shape {margins.shape}")
-    spectra = [
-        s.reshape(-1, s.shape[-1])
-        for s in singular_value_spectra(
-            params, mask=mask, weight_dimension_numbers=weight_dimension_numbers
-        ).values()
-    ]
-    if margin_type == "logit" and not spectra:
+    _warn_if_reshaped(params, mask, weight_dimension_numbers)
+    norms = list(_per_matrix(_norms, params, mask, weight_dimension_numbers).values())
+    if margin_type == "logit" and not norms:
         raise ValueError(
             "margin_type='logit' needs the classifier's kernel among the selected "
             "weight matrices, but the mask selects none"
         )
     factor = jnp.sqrt(2.0) if margin_type == "logit" else jnp.ones(())
     products = {
-        "spectral": jnp.prod(
-            jnp.concatenate([s[:, 0] for s in spectra] + [factor[None]])
-        ),
-        "frobenius": jnp.prod(
-            jnp.concatenate([safe_norm(s) for s in spectra] + [factor[None]])
-        ),
+        name: jnp.prod(jnp.concatenate([n[i] for n in norms] + [factor[None]]))
+        for i, name in enumerate(("spectral", "frobenius"))
     }
     clipped = jnp.maximum(margins, 0.0)
     # A zero product means a constant network: no boundary at any finite distance.
@@ -429,6 +455,35 @@ def margin_lower_bounds(
         name: jnp.where(clipped > 0, clipped / product, 0.0)
         for name, product in products.items()
     }
+
+
+def _warn_if_reshaped(params: Any, mask: _tree.Mask, layouts: Any) -> None:
+    """Warn about 3-D to 5-D kernels under the default (reshaped conv) layout."""
+    layouts = _layouts.resolve_layouts(params, layouts, mask)
+
+    def reshaped(path, layout, leaf):
+        shape = jnp.shape(leaf)
+        if layout is None or not 3 <= len(shape) <= 5:
+            return None
+        default = _layouts.check_layout(
+            _layouts.default_layout(len(shape)), shape, "kernel"
+        )
+        return _tree.path_name(path) if layout == default else None
+
+    names = jax.tree.leaves(
+        jax.tree_util.tree_map_with_path(
+            reshaped, layouts, params, is_leaf=_layouts.is_spec
+        )
+    )
+    if names:
+        warnings.warn(
+            f"margin_lower_bounds: {', '.join(names)} enter as reshaped "
+            "(fan_in, fan_out) matrices, whose σ does not bound a convolution's "
+            "operator norm, so the bounds are not valid for them; give them "
+            "mr.ConvOperator layouts (infer_weight_dimension_numbers(..., "
+            "conv='operator'))",
+            stacklevel=3,
+        )
 
 
 def input_gradient_norms(

@@ -116,6 +116,7 @@ def as_matrix(
         if matrix.ndim != 2:
             raise ValueError(f"view returned shape {matrix.shape}, expected 2-D")
         return matrix
+    _layouts.require_matrices(weight_dimension_numbers, "as_matrix")
     return _operator(kernel, weight_dimension_numbers).view(kernel)
 
 
