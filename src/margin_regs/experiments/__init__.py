@@ -1,7 +1,7 @@
 """The experiment harness: data, reference models, recipes, training, reports.
 
 Needs the ``experiments`` extra (``pip install 'margin_regs[experiments]'``: flax,
-scikit-learn, mnist1d, mlxtend, matplotlib, tqdm); the core library never imports it.
+scikit-learn, mnist1d, mlxtend, matplotlib); the core library never imports it.
 
 - :mod:`~margin_regs.experiments.data`: embedded data sets and file loaders.
 - :mod:`~margin_regs.experiments.models`: the papers' reference models (Flax linen).
