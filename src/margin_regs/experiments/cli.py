@@ -255,12 +255,6 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[st
     for name, values in args.coeff:
         for value in values:
             _check_value(parser, name, RECIPES[name], value)
-    if args.out and os.path.isdir(args.out) and os.listdir(args.out):
-        if not args.overwrite:
-            parser.error(
-                f"--out {args.out}: the folder is not empty; pass --overwrite to "
-                "replace its results"
-            )
     return names
 
 
@@ -304,6 +298,11 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Plan:
         _fail(f"--dataset: {e}")
     except ValueError as e:
         _fail(f"--train-size: {e}")
+    if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
+        parser.error(
+            f"--out {args.out}: the folder is not empty; pass --overwrite to replace "
+            "its results"
+        )
     config = training.TrainConfig(
         model=args.model,
         epochs=args.epochs,

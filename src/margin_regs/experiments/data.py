@@ -71,16 +71,18 @@ class Dataset:
         return tuple(self.x_train.shape[1:])
 
 
-def _dataset(name, x_train, y_train, x_test, y_test) -> Dataset:
-    """A :class:`Dataset` after the checks every loader shares (see :func:`check`)."""
+def _dataset(name, x_train, y_train, x_test, y_test, source=None) -> Dataset:
+    """A :class:`Dataset` after the checks every loader shares (see :func:`check`);
+    messages name ``source`` (a file) when given, else the data set."""
+    source = name if source is None else source
     for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
-        check(f"{name} ({split})", x, y)
+        check(f"{source} ({split})", x, y)
     y_train = np.asarray(y_train, np.int32)
     y_test = np.asarray(y_test, np.int32)
     num_classes = int(max(y_train.max(), y_test.max())) + 1
     if len(np.unique(y_train)) < 2:
         raise DatasetError(
-            f"{name}: the training labels hold {len(np.unique(y_train))} class(es); "
+            f"{source}: the training labels hold {len(np.unique(y_train))} class(es); "
             "a classifier needs at least two"
         )
     return Dataset(
@@ -592,7 +594,7 @@ def load_npz(path: str, *, test_fraction: float = 0.2) -> Dataset:
         x_test, y_test = x[order[:n_test]], y[order[:n_test]]
         x, y = x[order[n_test:]], y[order[n_test:]]
     name = os.path.splitext(os.path.basename(path))[0]
-    return _dataset(name, x, y, x_test, y_test)
+    return _dataset(name, x, y, x_test, y_test, source=path)
 
 
 EMBEDDED: dict[str, Callable[[], Dataset]] = {
