@@ -45,10 +45,12 @@ from margin_regs.experiments.training import (
 
 __all__ = [
     "METRICS",
+    "GridMetrics",
     "GridRun",
     "GridState",
     "GridTrainer",
     "SeedData",
+    "get_grid_metrics",
     "get_grid_trainer",
     "select",
     "stack_splits",
@@ -97,33 +99,21 @@ class GridState(NamedTuple):
     stopped: jax.Array
 
 
-class GridTrainer:
-    """One recipe's runs, every (coefficient, seed), as one jitted vmapped program.
+class GridMetrics:
+    """Per-epoch measurements of every run of one model architecture, jitted once.
 
-    Args:
-      trainer: the single-run :class:`~margin_regs.experiments.training.Trainer`
-        whose pure :meth:`~margin_regs.experiments.training.Trainer.epoch` is
-        vmapped (its own coefficient matters only for a dropout recipe's model).
-      patience: early stopping: ``"coeff"`` (the coefficient is the patience), an
-        int, or ``None`` (off: the last epoch's params are the result).
+    Shared by every recipe on the model (it sees only params and data), so a
+    comparison compiles it once per grid shape, not once per regularizer.
     """
 
-    def __init__(self, trainer: Trainer, patience: str | int | None):
-        self.trainer = trainer
-        self.patience = patience
-        evaluator = trainer.eval
-        over_seeds = jax.vmap(self._init_one, in_axes=(None, 0, 0))
-        self.init = jax.jit(jax.vmap(over_seeds, in_axes=(0, None, None)))
-        epoch = jax.vmap(self._epoch_one, in_axes=(None, 0, None, 0, 0))
-        self.epoch = jax.jit(jax.vmap(epoch, in_axes=(0, 0, None, None, None)))
-        self._per_sample = evaluator._per_sample_fn
-
-    def _init_one(self, coeff, key, x) -> GridState:
-        params = self.trainer.eval.model.init(key, x[:1])["params"]
-        state = TrainState(params, self.trainer.make_optimizer(coeff).init(params))
-        return GridState(
-            state, params, jnp.float32(-1.0), jnp.int32(0), jnp.bool_(False)
+    def __init__(self, trainer: Trainer):
+        model = trainer.eval.model
+        self._per_sample = trainer.eval._per_sample_fn
+        self.init_params = jax.jit(
+            jax.vmap(lambda key, x: model.init(key, x[:1])["params"])
         )
+        over_seeds = jax.vmap(self._measure, in_axes=(0, 0))
+        self.measure = jax.jit(jax.vmap(over_seeds, in_axes=(0, None)))
 
     def _split(self, params, x, y) -> tuple[jax.Array, jax.Array]:
         """Mean cross-entropy and accuracy over a split, in chunks (bounded memory)."""
@@ -143,27 +133,92 @@ class GridTrainer:
             jnp.sum(jnp.where(keep, correct.reshape(-1), 0)) / n,
         )
 
-    def _epoch_one(self, coeff, state: GridState, epoch, data: SeedData, key):
-        train, objective = self.trainer.epoch(
-            coeff, state.train, data.x_train, data.y_train, key
-        )
-        metrics = {"objective": objective}
+    def _measure(self, params, data: SeedData) -> dict[str, Any]:
+        metrics = {}
         for split in ("train", "val", "test"):
             loss, acc = self._split(
-                train.params, getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+                params, getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
             )
             metrics[f"{split}_acc"] = acc
             if split != "val":
                 metrics[f"{split}_loss"] = loss
-        metrics["sigma_max"] = mr.spectral_norms(train.params)
-        metrics["stable_rank"] = mr.stable_ranks(train.params)
-        state = self._track(coeff, state, train, epoch, metrics["val_acc"])
+        sigma = mr.spectral_norms(params)
+        metrics["sigma_max"] = sigma
+        # Stable rank ‖K‖_F² / σ_max²: the σ_max above, no second decomposition.
+        metrics["stable_rank"] = {
+            k: jnp.sum(jnp.square(_matrix(params, k))) / jnp.square(v)
+            for k, v in sigma.items()
+        }
+        return metrics
+
+
+def _matrix(params: Any, path: str) -> jax.Array:
+    leaf = params
+    for key in path.split("/"):
+        leaf = leaf[key]
+    return leaf
+
+
+_METRICS: dict[tuple, GridMetrics] = {}
+
+
+def get_grid_metrics(trainer: Trainer) -> GridMetrics:
+    """The cached :class:`GridMetrics` of the trainer's model."""
+    key = (trainer.config.model, trainer.num_classes)
+    if key not in _METRICS:
+        _METRICS[key] = GridMetrics(trainer)
+    return _METRICS[key]
+
+
+class GridTrainer:
+    """One recipe's runs, every (coefficient, seed), as one jitted vmapped program.
+
+    Args:
+      trainer: the single-run :class:`~margin_regs.experiments.training.Trainer`
+        whose pure :meth:`~margin_regs.experiments.training.Trainer.epoch` is
+        vmapped (its own coefficient matters only for a dropout recipe's model).
+      patience: early stopping: ``"coeff"`` (the coefficient is the patience), an
+        int, or ``None`` (off: the last epoch's params are the result).
+    """
+
+    def __init__(self, trainer: Trainer, patience: str | int | None):
+        self.trainer = trainer
+        self.patience = patience
+        self.metrics = get_grid_metrics(trainer)
+        init = jax.vmap(self._init_one, in_axes=(None, 0))
+        self.init = jax.jit(jax.vmap(init, in_axes=(0, None)))
+        train = jax.vmap(trainer.epoch, in_axes=(None, 0, 0, 0, 0))
+        self._train = jax.jit(jax.vmap(train, in_axes=(0, 0, None, None, None)))
+        self._track = jax.jit(
+            jax.vmap(
+                jax.vmap(self._track_one, in_axes=(None, 0, 0, None, 0)),
+                in_axes=(0, 0, 0, None, 0),
+            )
+        )
+
+    def _init_one(self, coeff, params) -> GridState:
+        state = TrainState(params, self.trainer.make_optimizer(coeff).init(params))
+        return GridState(
+            state, params, jnp.float32(-1.0), jnp.int32(0), jnp.bool_(False)
+        )
+
+    def epoch(
+        self, coeffs, state: GridState, epoch: int, data: SeedData, keys
+    ) -> tuple[GridState, dict[str, Any]]:
+        """One epoch of every run, then its measurements (``(C, S)`` each)."""
+        train, objective = self._train(
+            coeffs, state.train, data.x_train, data.y_train, keys
+        )
+        metrics = self.metrics.measure(train.params, data)
+        metrics["objective"] = objective
+        if self.patience is None:
+            state = state._replace(train=train)
+        else:
+            state = self._track(coeffs, state, train, epoch, metrics["val_acc"])
         metrics["stopped"] = state.stopped
         return state, metrics
 
-    def _track(self, coeff, state: GridState, train, epoch, val) -> GridState:
-        if self.patience is None:
-            return state._replace(train=train)
+    def _track_one(self, coeff, state: GridState, train, epoch, val) -> GridState:
         patience = coeff if self.patience == "coeff" else self.patience
         active = ~state.stopped
         better = active & (val > state.best_val)
@@ -355,14 +410,13 @@ def _train_program(
 ) -> dict[str, Any]:
     keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s)))(jnp.asarray(seeds))
     k_init, k_train = keys[:, 0], keys[:, 1]
-    state = grid.init(jnp.asarray(coeffs), k_init, data.x_train)
+    params = grid.metrics.init_params(k_init, data.x_train)
+    state = grid.init(jnp.asarray(coeffs), params)
     epochs, seconds = [], []
     for epoch in range(config.epochs):
         start = time.perf_counter()
         epoch_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(k_train, epoch)
-        state, metrics = grid.epoch(
-            jnp.asarray(coeffs), state, jnp.int32(epoch), data, epoch_keys
-        )
+        state, metrics = grid.epoch(jnp.asarray(coeffs), state, epoch, data, epoch_keys)
         epochs.append(jax.device_get(metrics))
         seconds.append(time.perf_counter() - start)
         if on_epoch is not None:

@@ -47,7 +47,8 @@ def summarize(
     ``stable_rank`` per layer, ``median_output_margin``, ``median_input_margin``,
     ``seconds_per_epoch`` (wall), ``cpu_seconds_per_epoch`` (process time) and
     ``relative_time`` (to ``vanilla`` when present): from ``epoch_seconds`` when
-    given (e.g. :func:`time_epochs`' interleaved timings), else from the runs' CPU
+    given (stored as ``given_seconds_per_epoch``: e.g. :func:`time_epochs`'
+    interleaved timings, or a grid's seconds per run and epoch), else from the runs' CPU
     time on the CPU backend (wall time on a shared machine mostly measures other
     processes) and wall time elsewhere.
 
@@ -119,7 +120,7 @@ def summarize(
             ),
         }
     if epoch_seconds is not None:
-        clock = "interleaved_seconds_per_epoch"
+        clock = "given_seconds_per_epoch"
         for name, s in out.items():
             s[clock] = epoch_seconds[name]
     else:
@@ -250,8 +251,13 @@ def _row(name: str, s: dict[str, Any], layers: list[str]) -> list[str]:
         "/".join(f"{s['stable_rank'][k]:.2f}" for k in layers),
         f"{s['median_output_margin']:.2f}",
         f"{s['median_input_margin']:.3f}",
-        "-" if s["relative_time"] is None else f"{s['relative_time']:.2f}×",
+        _milliseconds(s),
     ]
+
+
+def _milliseconds(s: dict[str, Any]) -> str:
+    seconds = s.get(s.get("relative_time_clock", ""), s["seconds_per_epoch"])
+    return f"{1000 * seconds:.2f}"
 
 
 def format_table(summary: dict[str, dict[str, Any]]) -> str:
@@ -262,10 +268,10 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
       >>> row = dict(test_acc_mean=0.9, test_acc_std=0.01, yoshida_gap=0.05,
       ...            yoshida_threshold=0.8, sigma_max={"a/kernel": 2.0}, seeds=3,
       ...            stable_rank={"a/kernel": 3.0}, median_output_margin=1.5,
-      ...            median_input_margin=0.2, relative_time=1.0, coeff=None)
+      ...            median_input_margin=0.2, seconds_per_epoch=0.01, coeff=None)
       >>> print(format_table({"vanilla": row}))  # doctest: +NORMALIZE_WHITESPACE
-      regularizer  coeff  test acc %  Δ vs vanilla  gap %  σ_max a  srank a  out margin  in margin  time
-      vanilla      -      90.0 ± 1.0  -             5.0    2.00     3.00     1.50        0.200      1.00×
+      regularizer  coeff  test acc %  Δ vs vanilla  gap %  σ_max a  srank a  out margin  in margin  ms/epoch
+      vanilla      -      90.0 ± 1.0  -             5.0    2.00     3.00     1.50        0.200      10.00
       <BLANKLINE>
       coeff: ...
     """
@@ -273,7 +279,7 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
     short = [k.removesuffix("/kernel") for k in layers]
     head = ["regularizer", "coeff", "test acc %", "Δ vs vanilla", "gap %"]
     head += [f"σ_max {'/'.join(short)}", f"srank {'/'.join(short)}"]
-    head += ["out margin", "in margin", "time"]
+    head += ["out margin", "in margin", "ms/epoch"]
     rows = [head] + [_row(name, s, layers) for name, s in summary.items()]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = [
@@ -296,8 +302,9 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
         f"singular value and stable rank of each layer ({'/'.join(short)}); out "
         "margin: median logit margin z_y − max z_j on the test set (logits); in "
         "margin: median first-order l2 distance to the decision boundary in input "
-        "space (input units); time: training seconds per epoch and run relative to "
-        "vanilla (every run of a regularizer batched in one program).",
+        "space (input units); ms/epoch: training milliseconds per epoch and run, "
+        "the runs of a regularizer batched in one program (a larger grid shares "
+        "more of each step's cost; margin-regs bench measures step overheads).",
     ]
     return "\n".join(lines)
 
