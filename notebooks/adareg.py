@@ -30,7 +30,6 @@
 import os
 
 import jax
-import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
@@ -178,12 +177,17 @@ def learned_covariances(params, sweeps=20):
     )
     for _ in range(sweeps):
         precisions = update(params, precisions)
-    matrices = sorted(
-        (np.asarray(x) for x in jax.tree.leaves(precisions) if jnp.ndim(x) == 2),
-        key=len,
+
+    def covariance(basis, values):
+        # The precisions are stored factored, Ω = B diag(λ) Bᵀ, so Σ = B diag(1/λ) Bᵀ.
+        basis = np.asarray(basis["classifier"]["kernel"], np.float64)
+        values = np.asarray(values["classifier"]["kernel"], np.float64)
+        return (basis / values) @ basis.T
+
+    return (
+        covariance(precisions.basis_out, precisions.values_out),  # (10, 10)
+        covariance(precisions.basis_in, precisions.values_in),  # (32, 32)
     )
-    omega_out, omega_in = matrices  # (10, 10) and (32, 32)
-    return np.linalg.inv(omega_out), np.linalg.inv(omega_in)
 
 
 def correlation(covariance):

@@ -73,52 +73,7 @@ def summarize(
     groups: dict[str, list[RunResult]] = {}
     for r in results:
         groups.setdefault(r.regularizer, []).append(r)
-    out = {}
-    for name, runs in groups.items():
-        test = np.array([r.final["test_acc"] for r in runs])
-        train = np.array([r.final["train_acc"] for r in runs])
-        gaps = [
-            float(
-                mr.generalization_gap(
-                    r.history["train_acc"], r.history["test_acc"], threshold
-                )
-            )
-            for r in runs
-        ]
-        layers = runs[0].final["sigma_max"]
-        out[name] = {
-            "coeff": runs[0].coeff,
-            "seeds": len(runs),
-            "test_acc_mean": float(test.mean()),
-            "test_acc_std": float(test.std()),
-            "train_acc": float(train.mean()),
-            "gap": float((train - test).mean()),
-            "yoshida_gap": float(np.nanmean(gaps))
-            if not np.all(np.isnan(gaps))
-            else None,
-            "yoshida_threshold": threshold,
-            "sigma_max": {
-                k: float(np.mean([r.final["sigma_max"][k] for r in runs]))
-                for k in layers
-            },
-            "stable_rank": {
-                k: float(np.mean([r.final["stable_rank"][k] for r in runs]))
-                for k in layers
-            },
-            "median_output_margin": float(
-                np.mean([np.median(r.output_margins) for r in runs])
-            ),
-            "median_input_margin": float(
-                np.mean([np.median(r.input_margins) for r in runs])
-            ),
-            "seconds_per_epoch": float(np.mean([r.seconds_per_epoch for r in runs])),
-            "cpu_seconds_per_epoch": float(
-                np.mean([r.cpu_seconds_per_epoch for r in runs])
-            ),
-            "stopped_epoch": float(
-                np.mean([r.early_stopping["stopped_epoch"] for r in runs])
-            ),
-        }
+    out = {name: _group(runs, threshold) for name, runs in groups.items()}
     if epoch_seconds is not None:
         clock = "given_seconds_per_epoch"
         for name, s in out.items():
@@ -133,6 +88,44 @@ def summarize(
         s["relative_time"] = s[clock] / base if base else None
         s["relative_time_clock"] = clock
     return out
+
+
+def _group(runs: Sequence[RunResult], threshold: float) -> dict[str, Any]:
+    """The summary fields of one regularizer's runs (one per seed)."""
+
+    def mean(values) -> float:
+        return float(np.mean(list(values)))
+
+    test = np.array([r.final["test_acc"] for r in runs])
+    train = np.array([r.final["train_acc"] for r in runs])
+    gaps = [
+        float(
+            mr.generalization_gap(
+                r.history["train_acc"], r.history["test_acc"], threshold
+            )
+        )
+        for r in runs
+    ]
+    layers = runs[0].final["sigma_max"]
+    return {
+        "coeff": runs[0].coeff,
+        "seeds": len(runs),
+        "test_acc_mean": float(test.mean()),
+        "test_acc_std": float(test.std()),
+        "train_acc": float(train.mean()),
+        "gap": float((train - test).mean()),
+        "yoshida_gap": None if np.all(np.isnan(gaps)) else float(np.nanmean(gaps)),
+        "yoshida_threshold": threshold,
+        "sigma_max": {k: mean(r.final["sigma_max"][k] for r in runs) for k in layers},
+        "stable_rank": {
+            k: mean(r.final["stable_rank"][k] for r in runs) for k in layers
+        },
+        "median_output_margin": mean(np.median(r.output_margins) for r in runs),
+        "median_input_margin": mean(np.median(r.input_margins) for r in runs),
+        "seconds_per_epoch": mean(r.seconds_per_epoch for r in runs),
+        "cpu_seconds_per_epoch": mean(r.cpu_seconds_per_epoch for r in runs),
+        "stopped_epoch": mean(r.early_stopping["stopped_epoch"] for r in runs),
+    }
 
 
 def time_epochs(

@@ -384,39 +384,13 @@ def run(
     patience = int(coeff) if recipe.early_stopping else config.patience
 
     k_init, k_train = jax.random.split(jax.random.key(seed))
-    x_train, y_train = jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train)
-    splits = {
-        "train": (dataset.x_train, dataset.y_train),
-        "val": (dataset.x_val, dataset.y_val),
-        "test": (dataset.x_test, dataset.y_test),
-    }
-    evaluator = trainer.eval
-    state = trainer.init(k_init, x_train)
-    names = ("train_loss", "train_acc", "val_acc", "test_loss", "test_acc", "objective")
-    history: dict[str, Any] = {k: [] for k in (*names, "seconds", "cpu_seconds")}
+    state = trainer.init(k_init, jnp.asarray(dataset.x_train))
+    history: dict[str, Any] = {k: [] for k in (*_SCALARS, "seconds", "cpu_seconds")}
     history["sigma_max"], history["stable_rank"] = {}, {}
     best = (-1.0, 0, state.params)
     stopped = config.epochs
     for epoch in range(config.epochs):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        state, objective = trainer.train_epoch(
-            state, x_train, y_train, jax.random.fold_in(k_train, epoch)
-        )
-        metrics = {"objective": float(objective)}
-        history["seconds"].append(time.perf_counter() - start)
-        history["cpu_seconds"].append(time.process_time() - cpu_start)
-        for split, (x, y) in splits.items():
-            loss, acc = evaluator.evaluate(state.params, x, y)
-            metrics[f"{split}_acc"] = acc
-            if split != "val":
-                metrics[f"{split}_loss"] = loss
-        for k, v in metrics.items():
-            history[k].append(v)
-        sigmas, ranks = evaluator.layer_stats(state.params)
-        for name, value in _floats(sigmas).items():
-            history["sigma_max"].setdefault(name, []).append(value)
-        for name, value in _floats(ranks).items():
-            history["stable_rank"].setdefault(name, []).append(value)
+        state, metrics = _epoch(trainer, state, dataset, k_train, epoch, history)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
         if metrics["val_acc"] > best[0]:
@@ -441,8 +415,39 @@ def run(
         },
         seconds_per_epoch=_per_epoch(history["seconds"]),
         cpu_seconds_per_epoch=_per_epoch(history["cpu_seconds"]),
-        **measure(evaluator, params, dataset, config.margin_samples),
+        **measure(trainer.eval, params, dataset, config.margin_samples),
     )
+
+
+_SCALARS = ("train_loss", "train_acc", "val_acc", "test_loss", "test_acc", "objective")
+
+
+def _epoch(trainer: Trainer, state, dataset: Dataset, key, epoch: int, history):
+    """Train one epoch, measure it, append to ``history``; return the metrics."""
+    start, cpu_start = time.perf_counter(), time.process_time()
+    state, objective = trainer.train_epoch(
+        state,
+        jnp.asarray(dataset.x_train),
+        jnp.asarray(dataset.y_train),
+        jax.random.fold_in(key, epoch),
+    )
+    metrics = {"objective": float(objective)}
+    history["seconds"].append(time.perf_counter() - start)
+    history["cpu_seconds"].append(time.process_time() - cpu_start)
+    for split in ("train", "val", "test"):
+        x, y = getattr(dataset, f"x_{split}"), getattr(dataset, f"y_{split}")
+        loss, acc = trainer.eval.evaluate(state.params, x, y)
+        metrics[f"{split}_acc"] = acc
+        if split != "val":
+            metrics[f"{split}_loss"] = loss
+    for k, v in metrics.items():
+        history[k].append(v)
+    sigmas, ranks = trainer.eval.layer_stats(state.params)
+    for name, value in _floats(sigmas).items():
+        history["sigma_max"].setdefault(name, []).append(value)
+    for name, value in _floats(ranks).items():
+        history["stable_rank"].setdefault(name, []).append(value)
+    return state, metrics
 
 
 def measure(
