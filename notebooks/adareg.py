@@ -177,10 +177,17 @@ def learned_covariances(params, sweeps=20):
     )
     for _ in range(sweeps):
         precisions = update(params, precisions)
-    # The precisions are stored factored; omega_in/omega_out give the dense matrices.
-    (omega_in,) = jax.tree.leaves(precisions.omega_in)  # (32, 32)
-    (omega_out,) = jax.tree.leaves(precisions.omega_out)  # (10, 10)
-    return np.linalg.inv(omega_out), np.linalg.inv(omega_in)
+
+    def covariance(basis, values):
+        # The precisions are stored factored, Ω = B diag(λ) Bᵀ, so Σ = B diag(1/λ) Bᵀ.
+        basis = np.asarray(basis["classifier"]["kernel"], np.float64)
+        values = np.asarray(values["classifier"]["kernel"], np.float64)
+        return (basis / values) @ basis.T
+
+    return (
+        covariance(precisions.basis_out, precisions.values_out),  # (10, 10)
+        covariance(precisions.basis_in, precisions.values_in),  # (32, 32)
+    )
 
 
 def correlation(covariance):

@@ -15,24 +15,37 @@ from margin_regs.experiments import cli, recipes
 TINY = ["--train-size", "64", "--epochs", "2", "--batch-size", "16", "--no-progress"]
 
 
+def _compare(argv):
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = cli.main(argv)
+    return code, stdout.getvalue()
+
+
 @pytest.fixture(scope="module")
 def two_seeds(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
     argv = ["compare", *TINY, "--seeds", "2", "--regularizers", "vanilla,spectral"]
-    argv += ["--coeff", "spectral=0.5", "--out", str(out)]
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
-        code = cli.main(argv)
-    return code, stdout.getvalue(), out
+    argv += ["--coeff", "spectral=0.01,0.5", "--out", str(out)]
+    code, stdout = _compare(argv)
+    return code, stdout, out
+
+
+def _table(stdout):
+    return {line.split()[0]: line for line in stdout.splitlines() if line.split()}
 
 
 def test_compare_prints_one_table(two_seeds):
-    code, stdout, _ = two_seeds
+    code, stdout, out = two_seeds
     assert code == 0
-    rows = {line.split()[0]: line for line in stdout.splitlines() if line.split()}
-    assert "test acc %" in rows["regularizer"] and "σ_max" in rows["regularizer"]
-    assert rows["vanilla"].rstrip().endswith("1.00×")
-    assert rows["spectral"].split()[1] == "0.5"
+    rows = _table(stdout)
+    assert "test acc %" in rows["regularizer"] and "Δ vs vanilla" in rows["regularizer"]
+    with open(out / "results.json") as f:
+        per_run = json.load(f)["regularizers"]["vanilla"]["seconds_per_run_epoch"]
+    assert rows["vanilla"].split()[-1] == f"{1000 * per_run:.2f}"
+    with open(out / "results.json") as f:
+        selected = json.load(f)["regularizers"]["spectral"]["selected_coeff"]
+    assert rows["spectral"].split()[1] == f"{selected:g}"
 
 
 def test_results_json_has_every_field_and_consistent_summary(two_seeds):
@@ -40,9 +53,17 @@ def test_results_json_has_every_field_and_consistent_summary(two_seeds):
     with open(out / "results.json") as f:
         results = json.load(f)
     assert {"config", "machine", "regularizers", "summary", "runs"} <= set(results)
+    assert results["partial"] is False
     assert results["config"]["seeds"] == 2 and results["config"]["epochs"] == 2
-    assert results["regularizers"]["spectral"]["coeff"] == 0.5
-    assert results["regularizers"]["spectral"]["reference"].startswith("Yoshida")
+    assert results["machine"]["margin_regs_version"] == margin_regs.__version__
+    assert "git_commit" in results["machine"]
+    spectral = results["regularizers"]["spectral"]
+    assert spectral["grid"] == [0.01, 0.5]
+    assert spectral["reference"].startswith("Yoshida")
+    val = np.array(spectral["val_acc"])
+    assert val.shape == (2, 2) and np.array(spectral["test_acc"]).shape == (2, 2)
+    # Selected on the mean validation accuracy over seeds.
+    assert spectral["selected_coeff"] == spectral["grid"][int(np.argmax(val.mean(1)))]
     runs = results["runs"]
     assert [(r["regularizer"], r["seed"]) for r in runs] == [
         ("vanilla", 0),
@@ -51,48 +72,135 @@ def test_results_json_has_every_field_and_consistent_summary(two_seeds):
         ("spectral", 1),
     ]
     for run in runs:
-        for key in (
-            "train_loss",
-            "train_acc",
-            "val_acc",
-            "test_loss",
-            "test_acc",
-            "seconds",
-        ):
+        for key in ("train_loss", "train_acc", "val_acc", "test_loss", "test_acc"):
             assert len(run["history"][key]) == 2, key
-        assert set(run["history"]["sigma_max"]) == set(run["final"]["sigma_max"])
         assert set(run["singular_values"]) == set(run["final"]["sigma_max"])
         assert run["early_stopping"]["enabled"] is False
         assert len(run["input_margins"]) == results["config"]["test_size"]
     summary = results["summary"]
+    accs = {
+        n: [r["final"]["test_acc"] for r in runs if r["regularizer"] == n]
+        for n in ("vanilla", "spectral")
+    }
     for name in ("vanilla", "spectral"):
-        accs = [r["final"]["test_acc"] for r in runs if r["regularizer"] == name]
-        assert summary[name]["test_acc_mean"] == pytest.approx(np.mean(accs))
-        assert summary[name]["test_acc_std"] == pytest.approx(np.std(accs))
-        for key in (
-            "yoshida_gap",
-            "sigma_max",
-            "stable_rank",
-            "median_output_margin",
-            "median_input_margin",
-            "relative_time",
-        ):
-            assert summary[name][key] is not None, (name, key)
-    assert summary["vanilla"]["relative_time_clock"] == "interleaved_seconds_per_epoch"
+        assert summary[name]["test_acc_mean"] == pytest.approx(np.mean(accs[name]))
+        assert summary[name]["test_acc_std"] == pytest.approx(np.std(accs[name]))
+    diff = np.subtract(accs["spectral"], accs["vanilla"])
+    half = 12.7062 * np.std(diff, ddof=1) / np.sqrt(2)  # t_{0.975, 1}
+    d = summary["spectral"]["diff"]
+    assert d["mean"] == pytest.approx(diff.mean())
+    assert (d["low"], d["high"]) == pytest.approx(
+        (diff.mean() - half, diff.mean() + half)
+    )
     assert summary["vanilla"]["relative_time"] == 1.0
-    # What the recipe claims: spectral lowers every layer's top σ on the same seeds.
-    for layer, sigma in summary["vanilla"]["sigma_max"].items():
-        assert summary["spectral"]["sigma_max"][layer] < sigma
 
 
 def test_compare_writes_the_plots(two_seeds):
     import matplotlib.image
 
     _, _, out = two_seeds
-    for name in ("singular_spectra.png", "input_margins.png", "accuracy_curves.png"):
-        image = matplotlib.image.imread(out / name)
+    names = ("singular_spectra", "margins", "accuracy_curves", "coefficients")
+    for name in names:
+        image = matplotlib.image.imread(out / f"{name}.png")
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
         assert image.std() > 0  # something was drawn
+
+
+def test_report_reprints_the_table_from_the_json(two_seeds, tmp_path):
+    _, stdout, out = two_seeds
+    code, again = _compare(
+        ["report", str(out / "results.json"), "--out", str(tmp_path)]
+    )
+    assert code == 0
+    table = lambda text: text.split("\nwrote ")[0]  # noqa: E731
+    assert table(again) == table(stdout)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"{n}.png"
+        for n in ("singular_spectra", "margins", "accuracy_curves", "coefficients")
+    )
+
+
+def test_one_seed_prints_no_spread(tmp_path):
+    argv = ["compare", *TINY, "--seeds", "1", "--regularizers", "vanilla,spectral"]
+    code, stdout = _compare([*argv, "--coeff", "spectral=0.5", "--out", str(tmp_path)])
+    assert code == 0
+    rows = _table(stdout)
+    assert "±" not in rows["vanilla"] and "±" not in rows["spectral"]
+    assert "[" not in rows["spectral"]  # a difference, but no interval
+
+
+def test_ctrl_c_writes_the_finished_regularizers_as_partial(
+    tmp_path, monkeypatch, capsys
+):
+    from margin_regs.experiments import grid
+
+    real = grid.train_grid
+
+    def interrupted(name, *args, **kwargs):
+        if name == "spectral":
+            raise KeyboardInterrupt
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(grid, "train_grid", interrupted)
+    argv = ["compare", *TINY, "--seeds", "2", "--regularizers", "vanilla,spectral"]
+    code = cli.main([*argv, "--out", str(tmp_path)])
+    assert code == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "interrupted" in err
+    with open(tmp_path / "results.json") as f:
+        results = json.load(f)
+    assert results["partial"] is True
+    assert list(results["regularizers"]) == ["vanilla"]
+    assert {r["regularizer"] for r in results["runs"]} == {"vanilla"}
+
+
+def test_a_non_empty_out_needs_overwrite(two_seeds, capsys):
+    _, _, out = two_seeds
+    before = (out / "results.json").stat().st_mtime_ns
+    with pytest.raises(SystemExit) as info:
+        cli.main(["compare", *TINY, "--out", str(out)])
+    assert info.value.code == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "results.json").stat().st_mtime_ns == before
+
+
+def _npz(path, **arrays):
+    np.savez(path, **arrays)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"x": np.full((20, 3), np.nan), "y": np.arange(20) % 2}, "NaN or infinite"),
+        ({"x": np.zeros((20, 3)), "y": np.zeros(20, int)}, "at least two"),
+        ({"x": np.zeros((20, 3)), "y": np.arange(20) % 2 - 1}, "non-negative integer"),
+        ({"x": np.zeros((20, 3)), "y": (np.arange(20) % 2) + 0.5}, "integer"),
+    ],
+    ids=["nan", "one-class", "negative-label", "fractional-label"],
+)
+def test_bad_data_is_refused_before_training(arrays, message, tmp_path, capsys):
+    path = _npz(tmp_path / "bad.npz", **arrays)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        cli.main(["compare", *TINY, "--dataset", path, "--out", str(out)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "bad.npz" in err[0]
+    assert not out.exists()
+
+
+def test_a_file_that_is_not_a_zip_is_refused(tmp_path, capsys):
+    path = tmp_path / "fake.npz"
+    np.save(tmp_path / "plain.npy", np.zeros(3))
+    path.write_bytes((tmp_path / "plain.npy").read_bytes())
+    with pytest.raises(SystemExit) as info:
+        cli.main(
+            ["compare", *TINY, "--dataset", str(path), "--out", str(tmp_path / "o")]
+        )
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not an .npz" in err[0]
 
 
 @pytest.mark.parametrize(
@@ -104,6 +212,11 @@ def test_compare_writes_the_plots(two_seeds):
         (["compare", "--lr", "-1"], "expected a positive number"),
         (["compare", "--model", "vgg"], "invalid choice: 'vgg'"),
         (["compare", "--coeff", "spectral"], "expected NAME=VALUE"),
+        (
+            ["compare", "--coeff", "spectral=0.1", "--coeff", "spectral=0.2"],
+            "given twice",
+        ),
+        (["compare", "--coeff", "spectral=0.1,x"], "expected NAME=VALUE"),
         (
             ["compare", "--coeff", "jacobian=1", "--regularizers", "vanilla"],
             "not among",
@@ -123,6 +236,7 @@ def test_compare_writes_the_plots(two_seeds):
         ),
         (["compare", "--dataset", "/no/such/place"], "no such file or folder"),
         (["compare", "--train-size", "100000"], "--train-size: train_size=100000"),
+        (["report", "/no/such/results.json"], "not a margin-regs results.json"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
 )
@@ -141,9 +255,13 @@ def test_help_documents_every_option_and_regularizer(capsys):
         assert option in text
     for option in ("--seeds", "--regularizers", "--coeff", "--patience", "--out"):
         assert option in text
+    assert "--overwrite" in text and "mnist5k" in text and "uint8" in text
     for name, recipe in recipes.RECIPES.items():
         assert f"  {name}" in text
         assert recipe.reference.split()[0] in text
+        if recipe.coeff is not None:  # the default grid, around the paper's value
+            assert ",".join(f"{c:g}" for c in recipe.grid) in text
+            assert 3 <= len(recipe.grid) <= 5
 
 
 def test_bench_is_handed_to_the_harness(capsys):

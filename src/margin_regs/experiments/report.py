@@ -18,13 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 
 import margin_regs as mr
+from margin_regs.experiments import stats
 from margin_regs.experiments.data import Dataset
 from margin_regs.experiments.training import RunResult, TrainConfig, Trainer
 
 __all__ = [
+    "add_differences",
+    "build_payload",
     "format_table",
+    "headline",
     "jsonable",
-    "plots",
     "provenance",
     "summarize",
     "time_epochs",
@@ -44,7 +47,8 @@ def summarize(
     ``stable_rank`` per layer, ``median_output_margin``, ``median_input_margin``,
     ``seconds_per_epoch`` (wall), ``cpu_seconds_per_epoch`` (process time) and
     ``relative_time`` (to ``vanilla`` when present): from ``epoch_seconds`` when
-    given (e.g. :func:`time_epochs`' interleaved timings), else from the runs' CPU
+    given (stored as ``given_seconds_per_epoch``: e.g. :func:`time_epochs`'
+    interleaved timings, or a grid's seconds per run and epoch), else from the runs' CPU
     time on the CPU backend (wall time on a shared machine mostly measures other
     processes) and wall time elsewhere.
 
@@ -69,54 +73,9 @@ def summarize(
     groups: dict[str, list[RunResult]] = {}
     for r in results:
         groups.setdefault(r.regularizer, []).append(r)
-    out = {}
-    for name, runs in groups.items():
-        test = np.array([r.final["test_acc"] for r in runs])
-        train = np.array([r.final["train_acc"] for r in runs])
-        gaps = [
-            float(
-                mr.generalization_gap(
-                    r.history["train_acc"], r.history["test_acc"], threshold
-                )
-            )
-            for r in runs
-        ]
-        layers = runs[0].final["sigma_max"]
-        out[name] = {
-            "coeff": runs[0].coeff,
-            "seeds": len(runs),
-            "test_acc_mean": float(test.mean()),
-            "test_acc_std": float(test.std()),
-            "train_acc": float(train.mean()),
-            "gap": float((train - test).mean()),
-            "yoshida_gap": float(np.nanmean(gaps))
-            if not np.all(np.isnan(gaps))
-            else None,
-            "yoshida_threshold": threshold,
-            "sigma_max": {
-                k: float(np.mean([r.final["sigma_max"][k] for r in runs]))
-                for k in layers
-            },
-            "stable_rank": {
-                k: float(np.mean([r.final["stable_rank"][k] for r in runs]))
-                for k in layers
-            },
-            "median_output_margin": float(
-                np.mean([np.median(r.output_margins) for r in runs])
-            ),
-            "median_input_margin": float(
-                np.mean([np.median(r.input_margins) for r in runs])
-            ),
-            "seconds_per_epoch": float(np.mean([r.seconds_per_epoch for r in runs])),
-            "cpu_seconds_per_epoch": float(
-                np.mean([r.cpu_seconds_per_epoch for r in runs])
-            ),
-            "stopped_epoch": float(
-                np.mean([r.early_stopping["stopped_epoch"] for r in runs])
-            ),
-        }
+    out = {name: _group(runs, threshold) for name, runs in groups.items()}
     if epoch_seconds is not None:
-        clock = "interleaved_seconds_per_epoch"
+        clock = "given_seconds_per_epoch"
         for name, s in out.items():
             s[clock] = epoch_seconds[name]
     else:
@@ -129,6 +88,44 @@ def summarize(
         s["relative_time"] = s[clock] / base if base else None
         s["relative_time_clock"] = clock
     return out
+
+
+def _group(runs: Sequence[RunResult], threshold: float) -> dict[str, Any]:
+    """The summary fields of one regularizer's runs (one per seed)."""
+
+    def mean(values) -> float:
+        return float(np.mean(list(values)))
+
+    test = np.array([r.final["test_acc"] for r in runs])
+    train = np.array([r.final["train_acc"] for r in runs])
+    gaps = [
+        float(
+            mr.generalization_gap(
+                r.history["train_acc"], r.history["test_acc"], threshold
+            )
+        )
+        for r in runs
+    ]
+    layers = runs[0].final["sigma_max"]
+    return {
+        "coeff": runs[0].coeff,
+        "seeds": len(runs),
+        "test_acc_mean": float(test.mean()),
+        "test_acc_std": float(test.std()),
+        "train_acc": float(train.mean()),
+        "gap": float((train - test).mean()),
+        "yoshida_gap": None if np.all(np.isnan(gaps)) else float(np.nanmean(gaps)),
+        "yoshida_threshold": threshold,
+        "sigma_max": {k: mean(r.final["sigma_max"][k] for r in runs) for k in layers},
+        "stable_rank": {
+            k: mean(r.final["stable_rank"][k] for r in runs) for k in layers
+        },
+        "median_output_margin": mean(np.median(r.output_margins) for r in runs),
+        "median_input_margin": mean(np.median(r.input_margins) for r in runs),
+        "seconds_per_epoch": mean(r.seconds_per_epoch for r in runs),
+        "cpu_seconds_per_epoch": mean(r.cpu_seconds_per_epoch for r in runs),
+        "stopped_epoch": mean(r.early_stopping["stopped_epoch"] for r in runs),
+    }
 
 
 def time_epochs(
@@ -200,139 +197,109 @@ def _layers(summary: dict[str, Any]) -> list[str]:
     return sorted(first["sigma_max"], key=lambda k: (k.startswith("classifier"), k))
 
 
+def add_differences(
+    summary: dict[str, dict[str, Any]], test_acc: dict[str, Sequence[float]]
+) -> None:
+    """Add each regularizer's paired test-accuracy difference to vanilla, in place.
+
+    ``summary[name]["diff"]`` becomes ``{mean, low, high, n, excludes_zero}``
+    (:func:`~margin_regs.experiments.stats.paired_difference` of the per-seed test
+    accuracies, seeds in the same order); absent when there is no vanilla.
+    """
+    if "vanilla" not in test_acc:
+        return
+    for name, accs in test_acc.items():
+        if name == "vanilla":
+            continue
+        d = stats.paired_difference(accs, test_acc["vanilla"])
+        summary[name]["diff"] = {**d._asdict(), "excludes_zero": d.excludes_zero}
+
+
+def _accuracy(s: dict[str, Any]) -> str:
+    mean = f"{100 * s['test_acc_mean']:.1f}"
+    return mean if s["seeds"] < 2 else f"{mean} ± {100 * s['test_acc_std']:.1f}"
+
+
+def _difference(s: dict[str, Any]) -> str:
+    d = s.get("diff")
+    if d is None:
+        return "-"
+    if d["low"] is None:
+        return f"{100 * d['mean']:+.1f}"
+    mark = "*" if d["excludes_zero"] else ""
+    return (
+        f"{100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]{mark}"
+    )
+
+
+def _row(name: str, s: dict[str, Any], layers: list[str]) -> list[str]:
+    gap = s["yoshida_gap"]
+    return [
+        name,
+        "-" if s["coeff"] is None else f"{s['coeff']:g}",
+        _accuracy(s),
+        _difference(s),
+        "n/a" if gap is None or not math.isfinite(gap) else f"{100 * gap:.1f}",
+        "/".join(f"{s['sigma_max'][k]:.2f}" for k in layers),
+        "/".join(f"{s['stable_rank'][k]:.2f}" for k in layers),
+        f"{s['median_output_margin']:.2f}",
+        f"{s['median_input_margin']:.3f}",
+        _milliseconds(s),
+    ]
+
+
+def _milliseconds(s: dict[str, Any]) -> str:
+    seconds = s.get(s.get("relative_time_clock", ""), s["seconds_per_epoch"])
+    return f"{1000 * seconds:.2f}"
+
+
 def format_table(summary: dict[str, dict[str, Any]]) -> str:
     """The comparison as a fixed-width text table (one row per regularizer).
 
     Example:
       >>> from margin_regs.experiments.report import format_table
       >>> row = dict(test_acc_mean=0.9, test_acc_std=0.01, yoshida_gap=0.05,
-      ...            yoshida_threshold=0.8, sigma_max={"a/kernel": 2.0},
+      ...            yoshida_threshold=0.8, sigma_max={"a/kernel": 2.0}, seeds=3,
       ...            stable_rank={"a/kernel": 3.0}, median_output_margin=1.5,
-      ...            median_input_margin=0.2, relative_time=1.0, coeff=None)
+      ...            median_input_margin=0.2, seconds_per_epoch=0.01, coeff=None)
       >>> print(format_table({"vanilla": row}))  # doctest: +NORMALIZE_WHITESPACE
-      regularizer  coeff  test acc %   gap %  σ_max a      srank a     out margin  in margin  time
-      vanilla      -      90.0 ± 1.0   5.0    2.00         3.00        1.50        0.200      1.00×
+      regularizer  coeff  test acc %  Δ vs vanilla  gap %  σ_max a  srank a  out margin  in margin  ms/epoch
+      vanilla      -      90.0 ± 1.0  -             5.0    2.00     3.00     1.50        0.200      10.00
       <BLANKLINE>
-      gap: Yoshida & Miyato's generalization gap at α = 80.0% test accuracy; ...
+      coeff: ...
     """
     layers = _layers(summary)
     short = [k.removesuffix("/kernel") for k in layers]
-    head = ["regularizer", "coeff", "test acc %", "gap %", f"σ_max {'/'.join(short)}"]
-    head += [f"srank {'/'.join(short)}", "out margin", "in margin", "time"]
-    rows = [head]
-    for name, s in summary.items():
-        gap = s["yoshida_gap"]
-        rows.append(
-            [
-                name,
-                "-" if s["coeff"] is None else f"{s['coeff']:g}",
-                f"{100 * s['test_acc_mean']:.1f} ± {100 * s['test_acc_std']:.1f}",
-                "n/a" if gap is None or not math.isfinite(gap) else f"{100 * gap:.1f}",
-                "/".join(f"{s['sigma_max'][k]:.2f}" for k in layers),
-                "/".join(f"{s['stable_rank'][k]:.2f}" for k in layers),
-                f"{s['median_output_margin']:.2f}",
-                f"{s['median_input_margin']:.3f}",
-                "-" if s["relative_time"] is None else f"{s['relative_time']:.2f}×",
-            ]
-        )
+    head = ["regularizer", "coeff", "test acc %", "Δ vs vanilla", "gap %"]
+    head += [f"σ_max {'/'.join(short)}", f"srank {'/'.join(short)}"]
+    head += ["out margin", "in margin", "ms/epoch"]
+    rows = [head] + [_row(name, s, layers) for name, s in summary.items()]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = [
         "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
         for r in rows
     ]
-    threshold = next(iter(summary.values()))["yoshida_threshold"]
+    first = next(iter(summary.values()))
+    seeds, threshold = first["seeds"], first["yoshida_threshold"]
+    spread = (
+        f"mean ± std over {seeds} seeds; Δ vs vanilla: mean paired difference in test "
+        "accuracy (points) with its 95% t-interval over seeds, * where it excludes 0"
+        if seeds > 1
+        else "one seed: no spread, no interval"
+    )
     lines += [
         "",
-        f"gap: Yoshida & Miyato's generalization gap at α = {100 * threshold:.1f}% test "
-        "accuracy; σ_max, srank: top singular value and stable rank of each layer "
-        f"({'/'.join(short)}); out margin: median logit margin z_y − max z_j on the test "
-        "set; in margin: median first-order input-space distance to the decision "
-        "boundary; time: training time per epoch relative to vanilla (median over "
-        "interleaved timing rounds).",
+        "coeff: selected by the best mean validation accuracy over the grid (never "
+        f"the test set); test acc: {spread}; gap: Yoshida & Miyato's generalization "
+        f"gap at α = {100 * threshold:.1f}% test accuracy; σ_max, srank: top "
+        f"singular value and stable rank of each layer ({'/'.join(short)}); out "
+        "margin: median logit margin z_y − max z_j on the test set (logits); in "
+        "margin: median first-order l2 distance to the decision boundary in input "
+        "space (input units); ms/epoch: training milliseconds per epoch and run, "
+        "the runs of a regularizer batched in one program (a larger grid shares "
+        "more of each step's cost; margin-regs bench measures step overheads).",
     ]
     return "\n".join(lines)
-
-
-def plots(results: Sequence[RunResult], summary: dict[str, Any], out: str) -> list[str]:
-    """Draw the comparison's PNG plots into the folder ``out``; return their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    first = {}
-    for r in results:
-        first.setdefault(r.regularizer, r)
-    layers = _layers(summary)
-    paths = []
-
-    fig, axes = plt.subplots(
-        1, len(layers), figsize=(4 * len(layers), 3.2), squeeze=False
-    )
-    for ax, layer in zip(axes[0], layers, strict=True):
-        for name, r in first.items():
-            ax.plot(
-                range(1, len(r.singular_values[layer]) + 1),
-                r.singular_values[layer],
-                label=name,
-            )
-        ax.set(title=layer, xlabel="index", ylabel="singular value", yscale="log")
-    axes[0][-1].legend(fontsize=7)
-    fig.suptitle(
-        "Singular values of each weight matrix (seed 0), as Yoshida & Miyato Fig. 4"
-    )
-    paths.append(_save(fig, out, "singular_spectra.png"))
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    finite = [m for r in first.values() for m in r.input_margins if math.isfinite(m)]
-    if finite:
-        bins = list(_linspace(min(finite), max(finite), 40))
-        for name, r in first.items():
-            ax.hist(
-                [m for m in r.input_margins if math.isfinite(m)],
-                bins=bins,
-                histtype="step",
-                label=name,
-            )
-    ax.axvline(0.0, color="k", lw=0.5)
-    ax.set(
-        title="Input margins on the test set (seed 0; < 0: misclassified)",
-        xlabel="first-order distance to the decision boundary",
-        ylabel="samples",
-    )
-    ax.legend(fontsize=7)
-    paths.append(_save(fig, out, "input_margins.png"))
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for i, (name, r) in enumerate(first.items()):
-        color = f"C{i % 10}"
-        epochs = range(1, len(r.history["test_acc"]) + 1)
-        ax.plot(epochs, r.history["test_acc"], color=color, label=name)
-        ax.plot(epochs, r.history["train_acc"], color=color, ls="--", lw=0.8)
-    ax.set(
-        title="Accuracy (seed 0): test solid, train dashed",
-        xlabel="epoch",
-        ylabel="accuracy",
-    )
-    ax.legend(fontsize=7)
-    paths.append(_save(fig, out, "accuracy_curves.png"))
-    return paths
-
-
-def _linspace(lo: float, hi: float, n: int):
-    if hi <= lo:
-        hi = lo + 1.0
-    return (lo + (hi - lo) * i / n for i in range(n + 1))
-
-
-def _save(fig, out: str, name: str) -> str:
-    import matplotlib.pyplot as plt
-
-    path = os.path.join(out, name)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def provenance() -> dict[str, Any]:
@@ -369,48 +336,85 @@ def _git_commit() -> str | None:
     return (commit + ("+dirty" if dirty else "")) if commit else None
 
 
-def write(
-    out: str,
+def headline(payload: dict[str, Any]) -> str:
+    """One line: the data, the schedule, the wall time and the code's version."""
+    c, m = payload["config"], payload["machine"]
+    commit = (m.get("git_commit") or "no git commit")[:12]
+    state = " (PARTIAL: interrupted)" if payload.get("partial") else ""
+    return (
+        f"{c['dataset_name']}: {c['train_size']} training samples, "
+        f"{c['val_size']} validation, {c['test_size']} test, model {c['model']}, "
+        f"{c['epochs']} epoch(s), batch {c['batch_size']}, {c['seeds']} seed(s); "
+        f"{m['seconds_total']:.0f} s on {m['jax_backend']} ({m['cpu_count']} CPUs); "
+        f"margin_regs {m['margin_regs_version']} ({commit}){state}"
+    )
+
+
+def build_payload(
     settings: dict[str, Any],
     config: TrainConfig,
+    grids: dict[str, Any],
     results: Sequence[RunResult],
     summary: dict[str, dict[str, Any]],
     seconds: float,
-) -> list[str]:
-    """Write ``results.json`` and the plots of a comparison into ``out``.
+    *,
+    partial: bool = False,
+) -> dict[str, Any]:
+    """The ``results.json`` of a comparison: everything :func:`render` needs.
 
     Args:
-      out: an existing folder.
-      settings: what the data and the comparison were (data set, sizes, seeds).
+      settings: the data and comparison settings (data set, sizes, seeds).
       config: the shared schedule.
-      results: every run.
-      summary: :func:`summarize` of ``results``.
+      grids: ``{name: GridRun}`` of the finished regularizers.
+      results: the full runs at each regularizer's selected coefficient.
+      summary: :func:`summarize` of ``results`` (with :func:`add_differences`).
       seconds: the comparison's wall time.
+      partial: ``True`` when the run was interrupted (only finished
+        regularizers are present).
 
     Returns:
-      The paths written, ``results.json`` first.
+      A JSON-ready dict (non-finite floats become ``None`` on writing).
     """
     from margin_regs.experiments.recipes import RECIPES
 
-    payload = {
+    regularizers = {}
+    for name, grid in grids.items():
+        recipe = RECIPES[name]
+        regularizers[name] = {
+            "description": recipe.description,
+            "reference": recipe.reference,
+            "coeff_name": recipe.coeff_name,
+            "paper_coeff": recipe.coeff,
+            "grid": [None if np.isnan(c) else float(c) for c in grid.coeffs],
+            "selected_coeff": summary[name]["coeff"],
+            "seeds": grid.seeds.tolist(),
+            "val_acc": grid.val_acc.tolist(),
+            "test_acc": grid.test_acc.tolist(),
+            "seconds_per_run_epoch": grid.seconds_per_run_epoch(),
+        }
+    return {
+        "partial": partial,
         "config": {**settings, **dataclasses.asdict(config)},
         "machine": {**provenance(), "seconds_total": seconds},
-        "regularizers": {
-            n: {
-                "description": RECIPES[n].description,
-                "reference": RECIPES[n].reference,
-                "coeff_name": RECIPES[n].coeff_name,
-                "coeff": summary[n]["coeff"],
-            }
-            for n in summary
-        },
+        "regularizers": regularizers,
         "summary": summary,
         "runs": [
             {k: v for k, v in dataclasses.asdict(r).items() if k != "params"}
             for r in results
         ],
     }
+
+
+def write(out: str, payload: dict[str, Any]) -> list[str]:
+    """Write ``results.json`` and the plots of a comparison into the folder ``out``.
+
+    Returns:
+      The paths written, ``results.json`` first.
+    """
+    os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "results.json")
     with open(path, "w") as f:
         json.dump(jsonable(payload), f, allow_nan=False)
-    return [path, *plots(results, summary, out)]
+    from margin_regs.experiments.plots import plots
+
+    return [path, *plots(payload, out)]

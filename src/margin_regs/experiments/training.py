@@ -19,6 +19,7 @@ Miyato §4.1; Sokolić et al. use SGD with momentum 0.9 and a similar step sched
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -48,6 +49,7 @@ __all__ = [
     "Trainer",
     "get_evaluator",
     "get_trainer",
+    "measure",
     "run",
 ]
 
@@ -105,27 +107,40 @@ class Trainer:
         self.model = models.make_model(
             config.model, num_classes, dropout_rate=coeff if recipe.dropout else 0.0
         )
-        setup = Setup(self.model, self.steps_per_epoch, config.epochs)
+        self.setup = Setup(self.model, self.steps_per_epoch, config.epochs)
         total = self.steps_per_epoch * config.epochs
-        schedule = optax.piecewise_constant_schedule(
+        self.schedule = optax.piecewise_constant_schedule(
             config.learning_rate, {total // 2: 0.1, (3 * total) // 4: 0.1}
         )
-        parts = []
-        if recipe.transform is not None:
-            parts.append(recipe.transform(coeff, setup))
-        parts.append(optax.sgd(schedule, momentum=config.momentum, nesterov=True))
-        if recipe.projection is not None:
-            parts.append(recipe.projection(coeff, setup))
-        self.optimizer = optax.chain(*parts)
-        self.train_epoch = jax.jit(self._train_epoch)
+        self.optimizer = self.make_optimizer(coeff)
+        self.train_epoch = jax.jit(functools.partial(self.epoch, coeff))
         self.eval = get_evaluator(config.model, num_classes)
 
+    def make_optimizer(self, coeff: Any) -> optax.GradientTransformation:
+        """The recipe's transform, SGD with the step schedule, then its projection.
+
+        ``coeff`` may be a traced scalar: :class:`GridTrainer` builds the optimizer
+        inside the vmapped program, one coefficient per run.
+        """
+        recipe = self.recipe
+        parts = []
+        if recipe.transform is not None:
+            parts.append(recipe.transform(coeff, self.setup))
+        parts.append(
+            optax.sgd(self.schedule, momentum=self.config.momentum, nesterov=True)
+        )
+        if recipe.projection is not None:
+            parts.append(recipe.projection(coeff, self.setup))
+        return optax.chain(*parts)
+
     def init(self, key: jax.Array, sample: jax.Array) -> TrainState:
+        """Initial params (from ``key``) and optimizer state at this coefficient."""
         params = self.eval.init(key, sample[:1])["params"]
         return TrainState(params, self.optimizer.init(params))
 
-    def _objective(self, params, x, y, key):
-        recipe, coeff = self.recipe, self.coeff
+    def objective(self, coeff, params, x, y, key) -> jax.Array:
+        """The regularized loss of one minibatch at coefficient ``coeff``."""
+        recipe = self.recipe
         k_input, k_weights, k_dropout, k_penalty = jax.random.split(key, 4)
         if recipe.perturb_inputs is not None:
             x = recipe.perturb_inputs(x, k_input, coeff)
@@ -157,9 +172,15 @@ class Trainer:
             loss = loss + recipe.penalty(ctx, coeff)
         return loss
 
-    def _train_epoch(
-        self, state: TrainState, x, y, key
+    def epoch(
+        self, coeff, state: TrainState, x, y, key
     ) -> tuple[TrainState, jax.Array]:
+        """One pass over ``(x, y)`` in shuffled minibatches: one ``lax.scan``.
+
+        Pure (``coeff`` may be traced); :attr:`train_epoch` is it jitted at the
+        trainer's own coefficient. Returns the new state and the mean objective.
+        """
+        optimizer = self.make_optimizer(coeff)
         k_order, k_steps = jax.random.split(key)
         b, steps = self.batch_size, self.steps_per_epoch
         order = jax.random.permutation(k_order, x.shape[0])[: steps * b].reshape(
@@ -168,12 +189,10 @@ class Trainer:
 
         def step(state, inputs):
             idx, k = inputs
-            loss, grads = jax.value_and_grad(self._objective)(
-                state.params, x[idx], y[idx], k
+            loss, grads = jax.value_and_grad(self.objective, argnums=1)(
+                coeff, state.params, x[idx], y[idx], k
             )
-            updates, opt_state = self.optimizer.update(
-                grads, state.opt_state, state.params
-            )
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             return TrainState(
                 optax.apply_updates(state.params, updates), opt_state
             ), loss
@@ -365,39 +384,13 @@ def run(
     patience = int(coeff) if recipe.early_stopping else config.patience
 
     k_init, k_train = jax.random.split(jax.random.key(seed))
-    x_train, y_train = jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train)
-    splits = {
-        "train": (dataset.x_train, dataset.y_train),
-        "val": (dataset.x_val, dataset.y_val),
-        "test": (dataset.x_test, dataset.y_test),
-    }
-    evaluator = trainer.eval
-    state = trainer.init(k_init, x_train)
-    names = ("train_loss", "train_acc", "val_acc", "test_loss", "test_acc", "objective")
-    history: dict[str, Any] = {k: [] for k in (*names, "seconds", "cpu_seconds")}
+    state = trainer.init(k_init, jnp.asarray(dataset.x_train))
+    history: dict[str, Any] = {k: [] for k in (*_SCALARS, "seconds", "cpu_seconds")}
     history["sigma_max"], history["stable_rank"] = {}, {}
     best = (-1.0, 0, state.params)
     stopped = config.epochs
     for epoch in range(config.epochs):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        state, objective = trainer.train_epoch(
-            state, x_train, y_train, jax.random.fold_in(k_train, epoch)
-        )
-        metrics = {"objective": float(objective)}
-        history["seconds"].append(time.perf_counter() - start)
-        history["cpu_seconds"].append(time.process_time() - cpu_start)
-        for split, (x, y) in splits.items():
-            loss, acc = evaluator.evaluate(state.params, x, y)
-            metrics[f"{split}_acc"] = acc
-            if split != "val":
-                metrics[f"{split}_loss"] = loss
-        for k, v in metrics.items():
-            history[k].append(v)
-        sigmas, ranks = evaluator.layer_stats(state.params)
-        for name, value in _floats(sigmas).items():
-            history["sigma_max"].setdefault(name, []).append(value)
-        for name, value in _floats(ranks).items():
-            history["stable_rank"].setdefault(name, []).append(value)
+        state, metrics = _epoch(trainer, state, dataset, k_train, epoch, history)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
         if metrics["val_acc"] > best[0]:
@@ -407,18 +400,11 @@ def run(
             break
 
     params = best[2] if patience is not None else state.params
-    final: dict[str, Any] = {}
-    for split, (x, y) in splits.items():
-        final[f"{split}_loss"], final[f"{split}_acc"] = evaluator.evaluate(params, x, y)
-    sigmas, ranks = evaluator.layer_stats(params)
-    final["sigma_max"], final["stable_rank"] = _floats(sigmas), _floats(ranks)
-    n_margin = config.margin_samples
     return RunResult(
         regularizer=regularizer,
         coeff=coeff,
         seed=seed,
         history=history,
-        final=final,
         early_stopping={
             "enabled": patience is not None,
             "patience": patience,
@@ -429,17 +415,81 @@ def run(
         },
         seconds_per_epoch=_per_epoch(history["seconds"]),
         cpu_seconds_per_epoch=_per_epoch(history["cpu_seconds"]),
-        singular_values={
+        **measure(trainer.eval, params, dataset, config.margin_samples),
+    )
+
+
+_SCALARS = ("train_loss", "train_acc", "val_acc", "test_loss", "test_acc", "objective")
+
+
+def _epoch(trainer: Trainer, state, dataset: Dataset, key, epoch: int, history):
+    """Train one epoch, measure it, append to ``history``; return the metrics."""
+    start, cpu_start = time.perf_counter(), time.process_time()
+    state, objective = trainer.train_epoch(
+        state,
+        jnp.asarray(dataset.x_train),
+        jnp.asarray(dataset.y_train),
+        jax.random.fold_in(key, epoch),
+    )
+    metrics = {"objective": float(objective)}
+    history["seconds"].append(time.perf_counter() - start)
+    history["cpu_seconds"].append(time.process_time() - cpu_start)
+    for split in ("train", "val", "test"):
+        x, y = getattr(dataset, f"x_{split}"), getattr(dataset, f"y_{split}")
+        loss, acc = trainer.eval.evaluate(state.params, x, y)
+        metrics[f"{split}_acc"] = acc
+        if split != "val":
+            metrics[f"{split}_loss"] = loss
+    for k, v in metrics.items():
+        history[k].append(v)
+    sigmas, ranks = trainer.eval.layer_stats(state.params)
+    for name, value in _floats(sigmas).items():
+        history["sigma_max"].setdefault(name, []).append(value)
+    for name, value in _floats(ranks).items():
+        history["stable_rank"].setdefault(name, []).append(value)
+    return state, metrics
+
+
+def measure(
+    evaluator: Evaluator, params: Any, dataset: Dataset, margin_samples: int
+) -> dict[str, Any]:
+    """What a :class:`RunResult` records about trained ``params``.
+
+    Args:
+      evaluator: the model's :class:`Evaluator`.
+      params: the trained params of one run.
+      dataset: its prepared data set.
+      margin_samples: test samples whose input margins are estimated.
+
+    Returns:
+      ``final`` (loss and accuracy per split, ``sigma_max`` and ``stable_rank`` per
+      layer), ``singular_values``, ``input_margins``, ``output_margins`` and
+      ``params``: the :class:`RunResult` fields of the trained model.
+    """
+    splits = {
+        "train": (dataset.x_train, dataset.y_train),
+        "val": (dataset.x_val, dataset.y_val),
+        "test": (dataset.x_test, dataset.y_test),
+    }
+    final: dict[str, Any] = {}
+    for split, (x, y) in splits.items():
+        final[f"{split}_loss"], final[f"{split}_acc"] = evaluator.evaluate(params, x, y)
+    sigmas, ranks = evaluator.layer_stats(params)
+    final["sigma_max"], final["stable_rank"] = _floats(sigmas), _floats(ranks)
+    x_margin = dataset.x_test[:margin_samples]
+    return {
+        "final": final,
+        "singular_values": {
             k: np.asarray(v).tolist() for k, v in evaluator.spectra(params).items()
         },
-        input_margins=evaluator.input_margins(
-            params, dataset.x_test[:n_margin], dataset.y_test[:n_margin]
+        "input_margins": evaluator.input_margins(
+            params, x_margin, dataset.y_test[:margin_samples]
         ).tolist(),
-        output_margins=evaluator.per_sample(params, dataset.x_test, dataset.y_test)[
+        "output_margins": evaluator.per_sample(params, dataset.x_test, dataset.y_test)[
             "output_margin"
         ].tolist(),
-        params=params,
-    )
+        "params": params,
+    }
 
 
 def _per_epoch(seconds: Sequence[float]) -> float:
