@@ -65,6 +65,7 @@ __all__ = [
     "Stepper",
     "Timing",
     "build_parser",
+    "compiled_costs",
     "cost_model",
     "disagreement",
     "from_json",
@@ -196,20 +197,32 @@ class Stepper:
         return self.compiled
 
 
+class Costs(NamedTuple):
+    """XLA's cost-model figures for one compiled step (NaN where unavailable)."""
+
+    flops: float
+    bytes: float
+
+
 class Amortised(NamedTuple):
     """A case whose cost recurs every ``period`` steps (AdaReg's re-solve).
 
-    Its figures are ``((period − 1) · steady + periodic) / period``.
+    Its figures are ``((period − 1) · steady + periodic) / period``. XLA's cost model
+    counts a conditional's costliest branch, so a steady step that skips the event
+    under ``lax.cond`` is counted as if it ran it; ``event_costs`` gives the event's
+    own cost (compiled alone), which the steady step's figures then leave out.
 
     Attributes:
       steady: the step between the periodic events.
       periodic: a step in which the event happens every time.
       period: steps per event.
+      event_costs: ``() -> Costs`` of the event alone, or ``None``.
     """
 
     steady: Stepper
     periodic: Stepper
     period: int
+    event_costs: Callable[[], Costs] | None = None
 
 
 def make_problem(
@@ -371,22 +384,39 @@ def _exact_svd_penalty(problem: Problem) -> Stepper:
 
 
 ADAREG_PERIOD = 500
+ADAREG_BOUNDS = {"lower": 1e-3, "upper": 1e3}
 
 
 def _adareg_last_layer_step(problem: Problem, update_every: int) -> Stepper:
     # AdaReg on the softmax layer, as in all of Zhao et al. 2019's experiments.
-    tx = mr.adareg(COEFF, update_every=update_every, mask=models.classifier_mask)
+    tx = mr.adareg(
+        COEFF, update_every=update_every, mask=models.classifier_mask, **ADAREG_BOUNDS
+    )
     return train_step(problem, tx=optax.chain(tx, problem.sgd()))
 
 
 @register("adareg_last_layer")
 def _adareg_last_layer(problem: Problem) -> Amortised:
     """Amortised over the default period: 499 steady steps and one re-solve (two
-    ``eigh``), the latter timed from a copy that re-solves at every step."""
+    ``eigh``), the latter timed from a copy that re-solves at every step. The cost
+    model cannot see inside ``eigh`` (a LAPACK call on the CPU)."""
+
+    def resolve_costs() -> Costs:
+        solve = jax.jit(
+            lambda params, precisions: mr.adareg_update_precisions(
+                params, precisions, mask=models.classifier_mask, **ADAREG_BOUNDS
+            )
+        )
+        precisions = mr.init_adareg_precisions(
+            problem.params, mask=models.classifier_mask
+        )
+        return compiled_costs(solve.lower(problem.params, precisions).compile())
+
     return Amortised(
         _adareg_last_layer_step(problem, ADAREG_PERIOD),
         _adareg_last_layer_step(problem, 1),
         ADAREG_PERIOD,
+        resolve_costs,
     )
 
 
@@ -475,16 +505,14 @@ def _adversarial(problem: Problem) -> Stepper:
     return train_step(_AdversarialProblem(**fields))
 
 
-class Costs(NamedTuple):
-    """XLA's cost-model figures for one compiled step (NaN where unavailable)."""
-
-    flops: float
-    bytes: float
-
-
 def cost_model(stepper: Stepper, x: jax.Array, y: jax.Array) -> Costs:
     """FLOPs and bytes accessed of one compiled step, from XLA's cost analysis."""
-    costs = stepper.compile(x, y).cost_analysis()
+    return compiled_costs(stepper.compile(x, y))
+
+
+def compiled_costs(compiled: Any) -> Costs:
+    """FLOPs and bytes accessed of a compiled executable (``Lowered.compile()``)."""
+    costs = compiled.cost_analysis()
     costs = (costs[0] if isinstance(costs, list) else costs) or {}
     return Costs(
         float(costs.get("flops", math.nan)),
@@ -680,6 +708,9 @@ def _costs(built: Stepper | Amortised, problem: Problem) -> Costs:
     if isinstance(built, Stepper):
         return cost_model(built, problem.x, problem.y)
     steady = cost_model(built.steady, problem.x, problem.y)
+    if built.event_costs is not None:
+        event = built.event_costs()
+        steady = Costs(*(s - e for s, e in zip(steady, event, strict=True)))
     periodic = cost_model(built.periodic, problem.x, problem.y)
     return Costs(
         *(_amortise(s, p, built.period) for s, p in zip(steady, periodic, strict=True))
@@ -954,6 +985,6 @@ def markdown_tables(results: Sequence[Result]) -> str:
             ]
             out.append("| null control (plain vs plain) | " + " | ".join(cells) + " |")
         out.append("")
-        out += [f"- ⚠ {r.model}, `{r.case}`: {r.note}" for r in rows if r.note]
-        out.append("")
+        notes = [f"- ⚠ {r.model}, `{r.case}`: {r.note}" for r in rows if r.note]
+        out += [*notes, ""] if notes else []
     return "\n".join(out).rstrip() + "\n"
