@@ -118,6 +118,8 @@ def test_every_model_runs_every_method():
     for name in EVERY_MODEL:
         assert set(bench.CASES[name].models) == set(bench.MODELS), name
     assert {"mlp", "cnn"} <= set(bench.CASES["jacobian_margin_all"].models)
+    for name in ("spectral_norm_regularization", "eigenvalue_decay"):
+        assert "transformer" in bench.CASES[f"{name}_layouts"].models
 
 
 def _trace_steps(model, names):
