@@ -182,8 +182,9 @@ def test_transforms_read_each_kernel_twice_and_fuse_the_rank_one_term(mlp, name)
 
 
 def test_a_timed_run_writes_json_that_renders_as_the_readme_table(tmp_path):
+    # AdaReg: an amortised case, timed from two steps in one interleave.
     results = bench.run(
-        ["spectral_norm_regularization"],
+        ["adareg_last_layer"],
         ["mlp"],
         batch_sizes=(4, 8),
         timed_batch_sizes=(4,),

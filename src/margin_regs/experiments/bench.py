@@ -294,7 +294,9 @@ def train_step(
         return optax.apply_updates(params, updates), opt_state, aux
 
     params = jax.tree.map(jnp.copy, problem.params)
-    carry = (params, tx.init(params), penalty_state)
+    # The step donates its carry, and a donated buffer may appear only once: copy
+    # every leaf, since an initial state may hold one array in two places.
+    carry = jax.tree.map(lambda a: a.copy(), (params, tx.init(params), penalty_state))
     return Stepper(jax.jit(step, donate_argnums=0), carry)
 
 
