@@ -773,14 +773,58 @@ def _time(
 
 
 def _select(cases: Sequence[str]) -> list[str]:
+    """Registered names matching ``cases``, in the order of the patterns given."""
     names = [
         n
+        for p in cases
         for n, c in CASES.items()
-        if n in cases or (c.by_default and any(fnmatch.fnmatch(n, p) for p in cases))
+        if n == p or (c.by_default and fnmatch.fnmatch(n, p))
     ]
     if not names:
         raise ValueError(f"no benchmark case matches {list(cases)}; have {list(CASES)}")
-    return names
+    return list(dict.fromkeys(names))
+
+
+class _Baseline(NamedTuple):
+    """A problem, its plain step, the null control's copy and the plain step's costs."""
+
+    problem: Problem
+    step: Stepper
+    null: Stepper
+    costs: Costs
+
+
+def _baseline(model: str, batch_size: int, tiny: bool) -> _Baseline:
+    problem = make_problem(model, batch_size, tiny=tiny)
+    step = train_step(problem)
+    costs = cost_model(step, problem.x, problem.y)
+    return _Baseline(problem, step, train_step(problem), costs)
+
+
+def _figures(name: str, base: _Baseline, timed: bool, settings: dict) -> Result:
+    """The cost-model ratios of one case, and its timing if ``timed``."""
+    problem = base.problem
+    built = CASES[name].build(problem)
+    costs = _costs(built, problem)
+    ratios = (c / b for c, b in zip(costs, base.costs, strict=True))
+    result = Result(name, problem.model, len(problem.x), *ratios)
+    if not timed:
+        return result
+    ratio, spread, t = _time(built, problem, base.step, base.null, **settings)
+    return result._replace(
+        ratio=ratio,
+        spread=spread,
+        null=t.null,
+        null_spread=t.null_spread,
+        baseline_ms=1e3 * t.baseline_seconds,
+        rounds=t.rounds,
+        steps_per_block=t.steps_per_block,
+        note=disagreement(ratio, *result[3:5], t.null, t.null_spread),
+    )
+
+
+def _print_result(result: Result) -> None:
+    print(format_result(result), flush=True)
 
 
 def run(
@@ -790,23 +834,24 @@ def run(
     *,
     timed_batch_sizes: Sequence[int] | None = None,
     tiny: bool = False,
-    log: Callable[[str], None] | None = print,
+    log: Callable[[Result], None] | None = _print_result,
     **settings: Any,
 ) -> list[Result]:
-    """Cost-model figures, and timings where asked, per (model, batch size, case).
+    """Cost-model figures, and timings where asked, per (model, case, batch size).
 
     Args:
-      cases: names or ``fnmatch`` patterns of registered cases.
+      cases: names or ``fnmatch`` patterns of registered cases, run in this order.
       models: model names; a case runs only on the models it registered for.
       batch_sizes: batch sizes for the cost model.
       timed_batch_sizes: those of ``batch_sizes`` that are also timed (default
         all of them; ``()`` for the cost model alone).
       tiny: the models' tiny copies (a smoke run; tests).
-      log: called with one formatted line per result (``None``: silent).
+      log: called with each result as it comes (default: print one line;
+        ``None``: silent).
       **settings: passed to :func:`measure` (``rounds``, ``steps``, ...).
 
     Returns:
-      One :class:`Result` per (model, batch size, case).
+      One :class:`Result` per (model, case, batch size).
     """
     names = _select(cases)
     timed = batch_sizes if timed_batch_sizes is None else timed_batch_sizes
@@ -814,37 +859,15 @@ def run(
     for model in models:
         if model not in MODELS:
             raise ValueError(f"unknown model {model!r}; have {list(MODELS)}")
-        for batch_size in batch_sizes:
-            problem = make_problem(model, batch_size, tiny=tiny)
-            baseline, null = train_step(problem), train_step(problem)
-            base = cost_model(baseline, problem.x, problem.y)
-            for name in names:
-                if model not in CASES[name].models:
-                    continue
-                built = CASES[name].build(problem)
-                costs = _costs(built, problem)
-                result = Result(
-                    name,
-                    model,
-                    batch_size,
-                    *(c / b for c, b in zip(costs, base, strict=True)),
-                )
-                if batch_size in timed:
-                    ratio, spread, t = _time(built, problem, baseline, null, **settings)
-                    note = disagreement(ratio, *result[3:5], t.null, t.null_spread)
-                    result = result._replace(
-                        ratio=ratio,
-                        spread=spread,
-                        null=t.null,
-                        null_spread=t.null_spread,
-                        baseline_ms=1e3 * t.baseline_seconds,
-                        rounds=t.rounds,
-                        steps_per_block=t.steps_per_block,
-                        note=note,
-                    )
-                results.append(result)
+        bases: dict[int, _Baseline] = {}
+        for name in (n for n in names if model in CASES[n].models):
+            for batch_size in batch_sizes:
+                if batch_size not in bases:
+                    bases[batch_size] = _baseline(model, batch_size, tiny)
+                base = bases[batch_size]
+                results.append(_figures(name, base, batch_size in timed, settings))
                 if log is not None:
-                    log(format_result(result))
+                    log(results[-1])
     return results
 
 
@@ -950,7 +973,18 @@ def run_from_args(args: argparse.Namespace) -> int:
         "! = the time stands outside the cost model by more than the null's spread",
         file=sys.stderr,
     )
-    results = run(
+    results: list[Result] = []
+
+    def log(result: Result) -> None:
+        # Written after every result, so a long run that is stopped keeps its figures.
+        _print_result(result)
+        results.append(result)
+        if args.json:
+            meta["load_average_end"] = os.getloadavg()[0]
+            with open(args.json, "w") as f:
+                json.dump(to_json(meta, results), f, indent=2)
+
+    run(
         args.cases,
         args.models,
         args.batch_sizes,
@@ -961,11 +995,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         max_seconds=args.seconds or (4.0 if args.quick else 30.0),
         warmup=1 if args.quick else 3,
         tiny=args.tiny,
+        log=log,
     )
-    if args.json:
-        meta["load_average_end"] = os.getloadavg()[0]
-        with open(args.json, "w") as f:
-            json.dump(to_json(meta, results), f, indent=2)
     return 0
 
 
