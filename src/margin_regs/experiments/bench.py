@@ -1,14 +1,23 @@
 """Overhead benchmarks: a regularized training step against a plain optax SGD step.
 
-Every case is timed side by side with the baseline in one process, on the same
-synthetic batch: blocks of steps of the baseline ``A``, the case ``B`` and a
-second, separately compiled copy of the baseline ``A'`` (the null control) run in
-a random order each round, each block ends in ``block_until_ready``, and the
-reported figure is the median over rounds of the paired ratio ``B/A``. The null
-control's median ``A'/A`` shows the noise floor of the machine: a ratio is only
-meaningful where it stands clear of it. Next to it stands XLA's cost-model estimate
-of the bytes one compiled step accesses, ``B/A``, which no other process can
-disturb: it shows the extra passes over the weights a case makes.
+Two kinds of figure, side by side for every (model, batch size, case):
+
+* XLA's cost model of one compiled step, ``B/A``: the FLOPs and the bytes accessed
+  of the case's executable over those of plain SGD's
+  (``jitted.lower(...).compile().cost_analysis()``). No other process can disturb
+  them, so they are measured at every batch size, even one too large to run here.
+  The cost model counts a loop's body once and a conditional's costliest branch,
+  and sees nothing inside a LAPACK call (``eigh``), which is why the transformer's
+  scan is unrolled and why AdaReg's figures are an upper bound on its matmuls.
+* Timings, on the batch sizes asked for: blocks of steps of the baseline ``A``,
+  the case ``B`` and a second, separately compiled copy of the baseline ``A'``
+  (the null control) run in a random order each round, each block ends in
+  ``block_until_ready``, and the figure is the median over rounds of the paired
+  ratio ``B/A`` after warm-up. The null control's median ``A'/A`` and the
+  interquartile range of its rounds show the machine's noise floor. A timing
+  ratio outside the cost model's ``[min, max]`` of its FLOP and bytes ratios by
+  more than that spread is flagged: either the noise or a cost the model cannot
+  see (a LAPACK call, dispatch, cache effects).
 
 Cases live in a registry, so other modules' benchmarks are one decorated builder::
 
@@ -16,7 +25,8 @@ Cases live in a registry, so other modules' benchmarks are one decorated builder
     def _my_regularizer(problem: Problem) -> Stepper:
         return train_step(problem, tx=optax.chain(my_transform(0.01), problem.sgd()))
 
-``margin-regs bench`` and ``benchmarks/run.py`` call :func:`main`.
+``margin-regs bench`` and ``benchmarks/run.py`` call :func:`main`;
+``benchmarks/readme_table.py`` turns its ``--json`` output into the README table.
 """
 
 from __future__ import annotations
@@ -25,50 +35,114 @@ import argparse
 import dataclasses
 import fnmatch
 import json
+import math
+import os
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 import margin_regs as mr
-from margin_regs.experiments.models import (
-    classifier_kernel,
-    classifier_mask,
-    make_model,
-)
+from margin_regs.experiments import models
 
 __all__ = [
+    "BATCH_SIZES",
     "CASES",
     "MODELS",
+    "Amortised",
+    "BenchModel",
     "Case",
+    "Costs",
     "Problem",
     "Result",
     "Stepper",
+    "Timing",
     "build_parser",
+    "compiled_costs",
+    "cost_model",
+    "disagreement",
+    "from_json",
     "main",
     "make_problem",
+    "markdown_tables",
     "measure",
     "register",
     "run",
     "run_from_args",
+    "to_json",
     "train_step",
 ]
 
 BATCH_SIZE = 128
+BATCH_SIZES: tuple[int, ...] = (128, 4096)
 LEARNING_RATE = 0.01
 COEFF = 0.01
-
-
-# The reference models on MNIST shapes: "mlp" is Sokolić et al.'s and Yoshida &
-# Miyato's 784-392-392-10, "cnn" Sokolić et al.'s two conv-pool stages.
-MODELS: tuple[str, ...] = ("mlp", "cnn")
 NUM_CLASSES = 10
+
+
+class BenchModel(NamedTuple):
+    """A benchmark model: a :mod:`~margin_regs.experiments.models` constructor.
+
+    Attributes:
+      build: ``(num_classes, **overrides) -> nn.Module``.
+      input_shape: one sample's shape, channels last.
+      description: what it is, for ``--help`` and the README.
+      tiny: the same constructor's overrides, and ``input_shape``, for a copy that
+        compiles in a second or two (``--tiny``, tests).
+    """
+
+    build: Callable[..., nn.Module]
+    input_shape: tuple[int, ...]
+    description: str
+    tiny: dict[str, Any]
+
+
+def _transformer(num_classes: int, **overrides: Any) -> nn.Module:
+    # Unrolled so the cost model counts every block (it counts a loop body once);
+    # the parameters stay stacked as nn.scan makes them.
+    blocks = overrides.get("num_blocks", models.TransformerEncoder.num_blocks)
+    return models.TransformerEncoder(num_classes, unroll=blocks, **overrides)
+
+
+MODELS: dict[str, BenchModel] = {
+    "mlp": BenchModel(
+        models.SokolicMLP,
+        (28, 28, 1),
+        "Sokolić et al.'s MLP 784-392-392-10",
+        {"input_shape": (8, 8, 1)},
+    ),
+    "cnn": BenchModel(
+        models.SokolicCNN,
+        (28, 28, 1),
+        "Sokolić et al.'s CNN conv32-pool-conv32-pool",
+        {"input_shape": (8, 8, 1), "features": 4},
+    ),
+    "vgg11": BenchModel(
+        models.VGG11,
+        (32, 32, 3),
+        "VGG-11, CIFAR-10 shapes",
+        {"input_shape": (8, 8, 3), "width": 2},
+    ),
+    "resnet18": BenchModel(
+        models.ResNet18,
+        (32, 32, 3),
+        "ResNet-18 (GroupNorm), CIFAR-10 shapes",
+        {"input_shape": (8, 8, 3), "width": 4},
+    ),
+    "transformer": BenchModel(
+        _transformer,
+        (128, 64),
+        "4-block encoder, d_model 256, 4 heads, 128 tokens, blocks in one nn.scan",
+        {"input_shape": (4, 3), "d_model": 8, "num_heads": 2, "mlp_ratio": 2},
+    ),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,19 +150,22 @@ class Problem:
     """One model on one synthetic batch: what a case builds its step from.
 
     Attributes:
-      model: the name in :data:`MODELS` (a :mod:`~margin_regs.experiments.models`
-        reference model).
-      apply: ``(params, x) -> logits``.
+      model: the name in :data:`MODELS`.
+      module: the Flax module.
       params: the initial parameters (a flax linen dict).
-      x: inputs ``(batch, 28, 28, 1)``.
+      x: inputs ``(batch, *input_shape)``.
       y: integer labels ``(batch,)``.
     """
 
     model: str
-    apply: Callable[[Any, jax.Array], jax.Array]
+    module: nn.Module
     params: Any
     x: jax.Array
     y: jax.Array
+
+    def apply(self, params: Any, x: jax.Array) -> jax.Array:
+        """The logits ``(batch, classes)``."""
+        return self.module.apply({"params": params}, x)
 
     def loss(self, params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
         """Mean softmax cross-entropy of the model on ``(x, y)``."""
@@ -104,21 +181,79 @@ class Problem:
 class Stepper:
     """A jitted ``step(carry, x, y) -> carry`` and its current ``carry``.
 
-    Mutable: timing advances ``carry`` in place, because the step donates it.
+    Mutable: timing advances ``carry`` in place, because the step donates it, and
+    the compiled executable is kept once built (the cost model and the timing use
+    the same one).
     """
 
     step: Callable[[Any, jax.Array, jax.Array], Any]
     carry: Any
+    compiled: Any = None
+
+    def compile(self, x: jax.Array, y: jax.Array) -> Any:
+        """The executable for ``(carry, x, y)``, compiled on first use."""
+        if self.compiled is None:
+            self.compiled = self.step.lower(self.carry, x, y).compile()
+        return self.compiled
 
 
-def make_problem(model: str, seed: int = 0) -> Problem:
-    """The named model, initialised, on a synthetic batch of 128 (MNIST shapes)."""
-    module = make_model(model, NUM_CLASSES)
+class Costs(NamedTuple):
+    """XLA's cost-model figures for one compiled step (NaN where unavailable)."""
+
+    flops: float
+    bytes: float
+
+
+class Amortised(NamedTuple):
+    """A case whose cost recurs every ``period`` steps (AdaReg's re-solve).
+
+    Its figures are ``((period − 1) · steady + periodic) / period``. XLA's cost model
+    counts a conditional's costliest branch, so a steady step that skips the event
+    under ``lax.cond`` is counted as if it ran it; ``event_costs`` gives the event's
+    own cost (compiled alone), which the steady step's figures then leave out.
+
+    Attributes:
+      steady: the step between the periodic events.
+      periodic: a step in which the event happens every time.
+      period: steps per event.
+      event_costs: ``() -> Costs`` of the event alone, or ``None``.
+    """
+
+    steady: Stepper
+    periodic: Stepper
+    period: int
+    event_costs: Callable[[], Costs] | None = None
+
+
+def make_problem(
+    model: str,
+    batch_size: int = BATCH_SIZE,
+    *,
+    seed: int = 0,
+    tiny: bool = False,
+) -> Problem:
+    """The named model, initialised, on a synthetic batch.
+
+    Args:
+      model: a name in :data:`MODELS`.
+      batch_size: samples in the batch.
+      seed: for the batch and the initial parameters.
+      tiny: build the model's tiny copy (:attr:`BenchModel.tiny`).
+
+    Returns:
+      The :class:`Problem`.
+    """
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; have {list(MODELS)}")
+    spec = MODELS[model]
+    overrides = dict(spec.tiny) if tiny else {}
+    shape = overrides.pop("input_shape", spec.input_shape)
+    module = spec.build(NUM_CLASSES, **overrides)
     kx, ky, kp = jax.random.split(jax.random.key(seed), 3)
-    x = jax.random.normal(kx, (BATCH_SIZE, 28, 28, 1), jnp.float32)
-    y = jax.random.randint(ky, (BATCH_SIZE,), 0, NUM_CLASSES)
-    params = module.init(kp, x[:1])["params"]
-    return Problem(model, lambda p, x: module.apply({"params": p}, x), params, x, y)
+    x = jax.random.normal(kx, (batch_size, *shape), jnp.float32)
+    y = jax.random.randint(ky, (batch_size,), 0, NUM_CLASSES)
+    params = jax.jit(module.init)(kp, x[:1])["params"]
+    return Problem(model, module, params, x, y)
 
 
 def train_step(
@@ -159,18 +294,20 @@ def train_step(
         return optax.apply_updates(params, updates), opt_state, aux
 
     params = jax.tree.map(jnp.copy, problem.params)
-    carry = (params, tx.init(params), penalty_state)
+    # The step donates its carry, and a donated buffer may appear only once: copy
+    # every leaf, since an initial state may hold one array in two places.
+    carry = jax.tree.map(lambda a: a.copy(), (params, tx.init(params), penalty_state))
     return Stepper(jax.jit(step, donate_argnums=0), carry)
 
 
-Builder = Callable[[Problem], Stepper]
+Builder = Callable[[Problem], "Stepper | Amortised"]
 
 
 class Case(NamedTuple):
     """A registered benchmark: how to build its step, and where it runs.
 
     Attributes:
-      build: ``Problem -> Stepper``.
+      build: ``Problem -> Stepper | Amortised``.
       models: the model names it runs on.
       by_default: whether a pattern such as ``*`` selects it; a slow reference
         case sets ``False`` and runs only when named exactly.
@@ -185,14 +322,14 @@ CASES: dict[str, Case] = {}
 
 
 def register(
-    name: str, models: Sequence[str] = ("mlp", "cnn"), *, by_default: bool = True
+    name: str, models: Sequence[str] | None = None, *, by_default: bool = True
 ) -> Callable[[Builder], Builder]:
-    """Decorator adding the case ``name``, run on each of ``models``, to the registry."""
+    """Decorator adding the case ``name``, run on each of ``models`` (default all)."""
 
     def add(builder: Builder) -> Builder:
         if name in CASES:
             raise ValueError(f"benchmark case {name!r} is already registered")
-        CASES[name] = Case(builder, tuple(models), by_default)
+        CASES[name] = Case(builder, tuple(models or MODELS), by_default)
         return builder
 
     return add
@@ -210,6 +347,32 @@ def _eigenvalue_decay_transform(problem: Problem) -> Stepper:
     return train_step(
         problem, tx=optax.chain(mr.eigenvalue_decay(COEFF), problem.sgd())
     )
+
+
+def _inferred_layouts(problem: Problem, conv: str = "matrix") -> Any:
+    """Each kernel's layout read from the traced model (one sample is enough)."""
+    return mr.infer_weight_dimension_numbers(
+        problem.apply, problem.params, problem.x[:1], conv=conv
+    )
+
+
+@register("spectral_norm_regularization_layouts", models=("transformer",))
+def _spectral_transform_layouts(problem: Problem) -> Stepper:
+    """Each scanned block's, each attention projection's true matrix (inferred
+    layouts: a batch axis per block, heads folded into the fan-out)."""
+    transform = mr.spectral_norm_regularization(
+        COEFF, weight_dimension_numbers=_inferred_layouts(problem)
+    )
+    return train_step(problem, tx=optax.chain(transform, problem.sgd()))
+
+
+@register("eigenvalue_decay_layouts", models=("transformer",))
+def _eigenvalue_decay_layouts(problem: Problem) -> Stepper:
+    """The fast Eigenvalue Decay transform on the inferred layouts."""
+    transform = mr.eigenvalue_decay(
+        COEFF, weight_dimension_numbers=_inferred_layouts(problem)
+    )
+    return train_step(problem, tx=optax.chain(transform, problem.sgd()))
 
 
 @register("spectral_norm_penalty")
@@ -248,22 +411,50 @@ def _exact_svd_penalty(problem: Problem) -> Stepper:
     return train_step(problem, penalty=penalty)
 
 
-@register("adareg_last_layer")
-def _adareg_last_layer(problem: Problem) -> Stepper:
-    """Steady-state step cost: a block rarely holds one of the re-solves (every 500
-    steps); ``benchmarks/adareg.py`` times the amortised cost with them."""
+ADAREG_PERIOD = 500
+ADAREG_BOUNDS = {"lower": 0.1, "upper": 10.0}  # the library's defaults
+
+
+def _adareg_last_layer_step(problem: Problem, update_every: int) -> Stepper:
     # AdaReg on the softmax layer, as in all of Zhao et al. 2019's experiments.
-    tx = optax.chain(mr.adareg(COEFF, mask=classifier_mask), problem.sgd())
-    return train_step(problem, tx=tx)
+    tx = mr.adareg(
+        COEFF, update_every=update_every, mask=models.classifier_mask, **ADAREG_BOUNDS
+    )
+    return train_step(problem, tx=optax.chain(tx, problem.sgd()))
+
+
+@register("adareg_last_layer")
+def _adareg_last_layer(problem: Problem) -> Amortised:
+    """Amortised over the default period: 499 steady steps and one re-solve (two
+    ``eigh``), the latter timed from a copy that re-solves at every step. The cost
+    model cannot see inside ``eigh`` (a LAPACK call on the CPU)."""
+
+    def resolve_costs() -> Costs:
+        solve = jax.jit(
+            lambda params, precisions: mr.adareg_update_precisions(
+                params, precisions, mask=models.classifier_mask, **ADAREG_BOUNDS
+            )
+        )
+        precisions = mr.init_adareg_precisions(
+            problem.params, mask=models.classifier_mask
+        )
+        return compiled_costs(solve.lower(problem.params, precisions).compile())
+
+    return Amortised(
+        _adareg_last_layer_step(problem, ADAREG_PERIOD),
+        _adareg_last_layer_step(problem, 1),
+        ADAREG_PERIOD,
+        resolve_costs,
+    )
 
 
 @register("adareg_all_layers", models=("mlp",), by_default=False)
 def _adareg_all_layers(problem: Problem) -> Stepper:
-    """Every kernel: d²p + dp² multiply-adds per kernel and step."""
+    """Every kernel, between re-solves: d²p + dp² multiply-adds per kernel and step."""
     return train_step(problem, tx=optax.chain(mr.adareg(COEFF), problem.sgd()))
 
 
-@register("jacobian_margin_vjp", models=("mlp",))
+@register("jacobian_margin_vjp")
 def _jacobian_margin_vjp(problem: Problem) -> Stepper:
     """One random class per sample (Sokolić's DNN setup) from one batched VJP."""
     return _jacobian_margin_case(problem, "random", "vjp")
@@ -275,7 +466,7 @@ def _jacobian_margin_jacrev(problem: Problem) -> Stepper:
     return _jacobian_margin_case(problem, "random", "jacrev")
 
 
-@register("jacobian_margin_all", models=("mlp",))
+@register("jacobian_margin_all", models=("mlp", "cnn"))
 def _jacobian_margin_all(problem: Problem) -> Stepper:
     """All classes per sample (Sokolić's CNN setup): one forward, C batched VJPs."""
     return _jacobian_margin_case(problem, "all", "vjp")
@@ -284,13 +475,12 @@ def _jacobian_margin_all(problem: Problem) -> Stepper:
 def _jacobian_margin_case(problem: Problem, classes: str, method: str) -> Stepper:
     def penalty(params, key, x, y):
         key, sub = jax.random.split(key)
-        classifier = classifier_kernel(params)
         value = mr.jacobian_margin_penalty(
             lambda b: problem.apply(params, b),
             x,
             classes=classes,
             key=sub,
-            classifier=classifier,
+            classifier=models.classifier_kernel(params),
             method=method,
         )
         return COEFF * value, key
@@ -343,43 +533,53 @@ def _adversarial(problem: Problem) -> Stepper:
     return train_step(_AdversarialProblem(**fields))
 
 
-class Result(NamedTuple):
-    """Median paired ratios of one case on one model.
+def cost_model(stepper: Stepper, x: jax.Array, y: jax.Array) -> Costs:
+    """FLOPs and bytes accessed of one compiled step, from XLA's cost analysis."""
+    return compiled_costs(stepper.compile(x, y))
+
+
+def compiled_costs(compiled: Any) -> Costs:
+    """FLOPs and bytes accessed of a compiled executable (``Lowered.compile()``)."""
+    costs = compiled.cost_analysis()
+    costs = (costs[0] if isinstance(costs, list) else costs) or {}
+    return Costs(
+        float(costs.get("flops", math.nan)),
+        float(costs.get("bytes accessed", math.nan)),
+    )
+
+
+class Timing(NamedTuple):
+    """Interleaved timings of one or more cases against a baseline.
+
+    The first six fields describe the first case (the order ``benchmarks/adareg.py``
+    reads); ``ratios`` and ``spreads`` hold every case's.
 
     Attributes:
-      case: the registered name.
-      model: the model name.
-      ratio: median over rounds of ``time(B) / time(A)``.
-      null: median over rounds of ``time(A') / time(A)``, the noise floor.
-      spread: interquartile range of the per-round ratios ``B/A``.
-      baseline_ms: median milliseconds per baseline step.
-      rounds: number of paired rounds.
+      ratio: the first case's median over rounds of ``time(B) / time(A)``.
+      null: the median of ``time(A') / time(A)``.
+      spread: the interquartile range of the first case's per-round ratios.
+      baseline_seconds: the median seconds per baseline step.
       steps_per_block: steps in each timed block.
-      bytes_ratio: XLA's estimate of bytes accessed by one compiled step, ``B/A``:
-        free of timing noise, it counts the extra passes over the weights.
+      rounds: rounds done.
+      ratios: per case, the median ratio.
+      spreads: per case, the interquartile range of its per-round ratios.
+      null_spread: the interquartile range of the null's per-round ratios.
     """
 
-    case: str
-    model: str
     ratio: float
     null: float
     spread: float
-    baseline_ms: float
-    rounds: int
+    baseline_seconds: float
     steps_per_block: int
-    bytes_ratio: float
-
-
-def _bytes_accessed(stepper: Stepper, x: jax.Array, y: jax.Array) -> float:
-    """XLA's cost-model bytes accessed by one compiled step (NaN if unavailable)."""
-    costs = stepper.step.lower(stepper.carry, x, y).compile().cost_analysis()
-    costs = costs[0] if isinstance(costs, list) else costs
-    return float((costs or {}).get("bytes accessed", float("nan")))
+    rounds: int
+    ratios: tuple[float, ...]
+    spreads: tuple[float, ...]
+    null_spread: float
 
 
 def _block(stepper: Stepper, n: int, x: jax.Array, y: jax.Array) -> float:
     """Seconds for ``n`` steps, ending in ``block_until_ready``."""
-    step, carry = stepper.step, stepper.carry
+    step, carry = stepper.compile(x, y), stepper.carry
     start = time.perf_counter()
     for _ in range(n):
         carry = step(carry, x, y)
@@ -389,147 +589,301 @@ def _block(stepper: Stepper, n: int, x: jax.Array, y: jax.Array) -> float:
     return elapsed
 
 
+def _iqr(values: Sequence[float]) -> float:
+    if len(values) < 2:
+        return math.nan
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return q3 - q1
+
+
 def measure(
     baseline: Stepper,
     null: Stepper,
-    case: Stepper,
+    cases: Stepper | Sequence[Stepper],
     x: jax.Array,
     y: jax.Array,
     *,
     rounds: int = 40,
     block_seconds: float = 0.05,
+    steps: int | None = None,
     max_seconds: float | None = None,
+    min_rounds: int = 5,
     warmup: int = 3,
     seed: int = 0,
-) -> tuple[float, float, float, float, int, int]:
+) -> Timing:
     """Median paired ratios ``B/A`` and ``A'/A`` over interleaved random-order blocks.
 
     Args:
       baseline: the stepper ``A`` (plain SGD).
       null: ``A'``, a separately compiled copy of ``A``.
-      case: the stepper ``B`` being measured.
+      cases: the stepper(s) ``B`` being measured, interleaved with the others.
       x: the batch's inputs, seen by every step.
       y: the batch's labels.
       rounds: paired rounds; each times one block of each stepper, in random order.
       block_seconds: the target length of a baseline block, which sets the steps
-        per block (at least one).
-      max_seconds: stop after this many seconds of timed rounds (at least five
-        rounds run), so slow models cost a bounded time.
-      warmup: untimed blocks per stepper first (compilation, caches).
+        per block (at least one) unless ``steps`` is given.
+      steps: steps per block (skips the calibration: for slow models).
+      max_seconds: stop after this many seconds of timed rounds (at least
+        ``min_rounds`` rounds run), so slow models cost a bounded time.
+      min_rounds: rounds that run whatever ``max_seconds`` says.
+      warmup: untimed single steps per stepper first (caches; compiling is done
+        before, by :meth:`Stepper.compile`).
       seed: the seed of the block order.
 
     Returns:
-      ``(ratio, null_ratio, iqr_of_ratio, baseline_seconds_per_step,
-      steps_per_block, rounds_done)``.
+      A :class:`Timing`.
     """
-    steppers = (baseline, null, case)
+    cases = [cases] if isinstance(cases, Stepper) else list(cases)
+    steppers = [baseline, null, *cases]
     for s in steppers:
         for _ in range(warmup):
             _block(s, 1, x, y)
-    per_step = min(_block(steppers[0], 1, x, y) for _ in range(3))
-    n = max(1, round(block_seconds / max(per_step, 1e-9)))
+    if steps is None:
+        per_step = min(_block(baseline, 1, x, y) for _ in range(3))
+        steps = max(1, round(block_seconds / max(per_step, 1e-9)))
     order = np.random.default_rng(seed)
-    ratios, nulls, base = [], [], []
+    times: list[list[float]] = []
     start = time.perf_counter()
     for r in range(rounds):
-        if r >= 5 and max_seconds and time.perf_counter() - start > max_seconds:
+        if (
+            r >= min_rounds
+            and max_seconds
+            and time.perf_counter() - start > max_seconds
+        ):
             break
-        times = [0.0, 0.0, 0.0]
-        for i in order.permutation(3):
-            times[i] = _block(steppers[i], n, x, y)
-        ratios.append(times[2] / times[0])
-        nulls.append(times[1] / times[0])
-        base.append(times[0] / n)
-    q1, _, q3 = statistics.quantiles(ratios, n=4)
-    return (
-        statistics.median(ratios),
-        statistics.median(nulls),
-        q3 - q1,
-        statistics.median(base),
-        n,
-        len(ratios),
+        row = [0.0] * len(steppers)
+        for i in order.permutation(len(steppers)):
+            row[i] = _block(steppers[i], steps, x, y)
+        times.append(row)
+    ratios = [[row[i] / row[0] for row in times] for i in range(1, len(steppers))]
+    medians = tuple(statistics.median(r) for r in ratios[1:])
+    spreads = tuple(_iqr(r) for r in ratios[1:])
+    return Timing(
+        medians[0],
+        statistics.median(ratios[0]),
+        spreads[0],
+        statistics.median(row[0] for row in times) / steps,
+        steps,
+        len(times),
+        medians,
+        spreads,
+        _iqr(ratios[0]),
     )
+
+
+class Result(NamedTuple):
+    """The figures of one case on one model at one batch size.
+
+    Attributes:
+      case: the registered name.
+      model: the model name.
+      batch_size: samples per step.
+      flops_ratio: XLA's cost-model FLOPs of one compiled step, case/plain SGD.
+      bytes_ratio: XLA's cost-model bytes accessed, case/plain SGD: the extra
+        passes over weights and activations.
+      ratio: the median paired time ratio (NaN where not timed).
+      spread: the interquartile range of the per-round time ratios.
+      null: the null control's median ``A'/A``.
+      null_spread: its interquartile range.
+      baseline_ms: median milliseconds per plain SGD step.
+      rounds: paired rounds timed (0: cost model only).
+      steps_per_block: steps in each timed block.
+      note: why the timing and the cost model disagree ("" when they agree).
+    """
+
+    case: str
+    model: str
+    batch_size: int
+    flops_ratio: float
+    bytes_ratio: float
+    ratio: float = math.nan
+    spread: float = math.nan
+    null: float = math.nan
+    null_spread: float = math.nan
+    baseline_ms: float = math.nan
+    rounds: int = 0
+    steps_per_block: int = 0
+    note: str = ""
+
+
+def disagreement(
+    ratio: float,
+    flops_ratio: float,
+    bytes_ratio: float,
+    null: float,
+    null_spread: float,
+) -> str:
+    """Why a time ratio stands outside the cost model's range, or ``""``.
+
+    The cost model brackets the time ratio between its FLOP and bytes ratios (a
+    step is bound by one or the other); the tolerance is the null control's noise,
+    ``max(null_spread, |null − 1|)``.
+
+    Example:
+      >>> from margin_regs.experiments.bench import disagreement
+      >>> disagreement(1.02, 1.0, 1.05, 1.01, 0.03)
+      ''
+      >>> disagreement(2.0, 1.0, 1.05, 1.01, 0.03)
+      'time 2.00x above the cost model (1.00x-1.05x) by more than the null spread 0.03'
+    """
+    if math.isnan(ratio):
+        return ""
+    tolerance = max(null_spread, abs(null - 1.0))
+    low, high = sorted((flops_ratio, bytes_ratio))
+    if low - tolerance <= ratio <= high + tolerance:
+        return ""
+    side = "above" if ratio > high else "below"
+    return (
+        f"time {ratio:.2f}x {side} the cost model ({low:.2f}x-{high:.2f}x) "
+        f"by more than the null spread {tolerance:.2f}"
+    )
+
+
+def _amortise(steady: float, periodic: float, period: int) -> float:
+    return ((period - 1) * steady + periodic) / period
+
+
+def _costs(built: Stepper | Amortised, problem: Problem) -> Costs:
+    if isinstance(built, Stepper):
+        return cost_model(built, problem.x, problem.y)
+    steady = cost_model(built.steady, problem.x, problem.y)
+    if built.event_costs is not None:
+        event = built.event_costs()
+        steady = Costs(*(s - e for s, e in zip(steady, event, strict=True)))
+    periodic = cost_model(built.periodic, problem.x, problem.y)
+    return Costs(
+        *(_amortise(s, p, built.period) for s, p in zip(steady, periodic, strict=True))
+    )
+
+
+def _time(
+    built: Stepper | Amortised,
+    problem: Problem,
+    baseline: Stepper,
+    null: Stepper,
+    **settings: Any,
+) -> tuple[float, float, Timing]:
+    """``(ratio, spread, timing)``; an amortised case's steps run in one interleave."""
+    cases = [built] if isinstance(built, Stepper) else [built.steady, built.periodic]
+    timing = measure(baseline, null, cases, problem.x, problem.y, **settings)
+    if isinstance(built, Stepper):
+        return timing.ratio, timing.spread, timing
+    ratio = _amortise(*timing.ratios, built.period)
+    return ratio, _amortise(*timing.spreads, built.period), timing
+
+
+def _select(cases: Sequence[str]) -> list[str]:
+    """Registered names matching ``cases``, in the order of the patterns given."""
+    names = [
+        n
+        for p in cases
+        for n, c in CASES.items()
+        if n == p or (c.by_default and fnmatch.fnmatch(n, p))
+    ]
+    if not names:
+        raise ValueError(f"no benchmark case matches {list(cases)}; have {list(CASES)}")
+    return list(dict.fromkeys(names))
+
+
+class _Baseline(NamedTuple):
+    """A problem, its plain step, the null control's copy and the plain step's costs."""
+
+    problem: Problem
+    step: Stepper
+    null: Stepper
+    costs: Costs
+
+
+def _baseline(model: str, batch_size: int, tiny: bool) -> _Baseline:
+    problem = make_problem(model, batch_size, tiny=tiny)
+    step = train_step(problem)
+    costs = cost_model(step, problem.x, problem.y)
+    return _Baseline(problem, step, train_step(problem), costs)
+
+
+def _figures(name: str, base: _Baseline, timed: bool, settings: dict) -> Result:
+    """The cost-model ratios of one case, and its timing if ``timed``."""
+    problem = base.problem
+    built = CASES[name].build(problem)
+    costs = _costs(built, problem)
+    ratios = (c / b for c, b in zip(costs, base.costs, strict=True))
+    result = Result(name, problem.model, len(problem.x), *ratios)
+    if not timed:
+        return result
+    ratio, spread, t = _time(built, problem, base.step, base.null, **settings)
+    return result._replace(
+        ratio=ratio,
+        spread=spread,
+        null=t.null,
+        null_spread=t.null_spread,
+        baseline_ms=1e3 * t.baseline_seconds,
+        rounds=t.rounds,
+        steps_per_block=t.steps_per_block,
+        note=disagreement(ratio, *result[3:5], t.null, t.null_spread),
+    )
+
+
+def _print_result(result: Result) -> None:
+    print(format_result(result), flush=True)
 
 
 def run(
     cases: Sequence[str] = ("*",),
-    models: Sequence[str] = MODELS,
+    models: Sequence[str] = tuple(MODELS),
+    batch_sizes: Sequence[int] = (BATCH_SIZE,),
     *,
-    rounds: int = 40,
-    block_seconds: float = 0.05,
-    seconds_per_case: float | None = None,
-    warmup: int = 3,
-    log: Callable[[str], None] | None = print,
+    timed_batch_sizes: Sequence[int] | None = None,
+    tiny: bool = False,
+    log: Callable[[Result], None] | None = _print_result,
+    **settings: Any,
 ) -> list[Result]:
-    """Measure every registered case matching a pattern in ``cases`` on ``models``.
+    """Cost-model figures, and timings where asked, per (model, case, batch size).
 
     Args:
-      cases: names or ``fnmatch`` patterns of registered cases.
+      cases: names or ``fnmatch`` patterns of registered cases, run in this order.
       models: model names; a case runs only on the models it registered for.
-      rounds: paired rounds per case (at most).
-      block_seconds: target length of one baseline block.
-      seconds_per_case: cap on the timed rounds of one case, in seconds.
-      warmup: untimed blocks per stepper before timing (the first compiles).
-      log: called with one formatted line per result (``None``: silent).
+      batch_sizes: batch sizes for the cost model.
+      timed_batch_sizes: those of ``batch_sizes`` that are also timed (default
+        all of them; ``()`` for the cost model alone).
+      tiny: the models' tiny copies (a smoke run; tests).
+      log: called with each result as it comes (default: print one line;
+        ``None``: silent).
+      **settings: passed to :func:`measure` (``rounds``, ``steps``, ...).
 
     Returns:
-      One :class:`Result` per (case, model) pair.
+      One :class:`Result` per (model, case, batch size).
     """
-    names = [
-        n
-        for n, c in CASES.items()
-        if n in cases or (c.by_default and any(fnmatch.fnmatch(n, p) for p in cases))
-    ]
-    if not names:
-        raise ValueError(f"no benchmark case matches {list(cases)}; have {list(CASES)}")
+    names = _select(cases)
+    timed = batch_sizes if timed_batch_sizes is None else timed_batch_sizes
     results = []
     for model in models:
         if model not in MODELS:
             raise ValueError(f"unknown model {model!r}; have {list(MODELS)}")
-        problem = make_problem(model)
-        baseline, null = train_step(problem), train_step(problem)
-        baseline_bytes = _bytes_accessed(baseline, problem.x, problem.y)
-        for name in names:
-            builder, case_models, _ = CASES[name]
-            if model not in case_models:
-                continue
-            case = builder(problem)
-            bytes_ratio = _bytes_accessed(case, problem.x, problem.y) / baseline_bytes
-            ratio, null_ratio, spread, per_step, n, done = measure(
-                baseline,
-                null,
-                case,
-                problem.x,
-                problem.y,
-                rounds=rounds,
-                block_seconds=block_seconds,
-                max_seconds=seconds_per_case,
-                warmup=warmup,
-            )
-            result = Result(
-                name,
-                model,
-                ratio,
-                null_ratio,
-                spread,
-                1e3 * per_step,
-                done,
-                n,
-                bytes_ratio,
-            )
-            results.append(result)
-            if log is not None:
-                log(_format(result))
+        bases: dict[int, _Baseline] = {}
+        for name in (n for n in names if model in CASES[n].models):
+            for batch_size in batch_sizes:
+                if batch_size not in bases:
+                    bases[batch_size] = _baseline(model, batch_size, tiny)
+                base = bases[batch_size]
+                results.append(_figures(name, base, batch_size in timed, settings))
+                if log is not None:
+                    log(results[-1])
     return results
 
 
-def _format(r: Result) -> str:
-    return (
-        f"{r.model:4s} {r.case:34s} {r.ratio:6.3f}x  (null {r.null:5.3f}x, "
-        f"IQR {r.spread:5.3f}; bytes {r.bytes_ratio:5.3f}x; "
-        f"baseline {r.baseline_ms:7.2f} ms/step, "
-        f"{r.rounds} rounds x {r.steps_per_block} steps)"
+def format_result(r: Result) -> str:
+    """One line: cost-model ratios, then the timing and any disagreement."""
+    line = (
+        f"{r.model:11s} {r.batch_size:5d} {r.case:30s} "
+        f"flops {r.flops_ratio:6.3f}x  bytes {r.bytes_ratio:6.3f}x"
     )
+    if r.rounds:
+        line += (
+            f"  time {r.ratio:6.3f}x (IQR {r.spread:5.3f}; null {r.null:5.3f}x, "
+            f"IQR {r.null_spread:5.3f}; baseline {r.baseline_ms:8.2f} ms/step, "
+            f"{r.rounds} rounds x {r.steps_per_block} steps)"
+        )
+    return line + (f"  ! {r.note}" if r.note else "")
 
 
 def build_parser(
@@ -546,10 +900,31 @@ def build_parser(
         help=f"case names or patterns (default: all): {', '.join(CASES)}",
     )
     parser.add_argument(
-        "--models", nargs="+", default=list(MODELS), choices=list(MODELS)
+        "--models",
+        nargs="+",
+        default=list(MODELS),
+        choices=list(MODELS),
+        help="; ".join(f"{k}: {v.description}" for k, v in MODELS.items()),
+    )
+    parser.add_argument(
+        "--batch-sizes",
+        nargs="+",
+        type=int,
+        default=list(BATCH_SIZES),
+        help="batch sizes for the cost model (default: 128 4096)",
+    )
+    parser.add_argument(
+        "--timed-batch-sizes",
+        nargs="*",
+        type=int,
+        default=[BATCH_SIZE],
+        help="those also timed (default: 128; none: the cost model alone)",
     )
     parser.add_argument(
         "--rounds", type=int, default=None, help="paired rounds per case, at most"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="steps per timed block (slow models)"
     )
     parser.add_argument(
         "--seconds",
@@ -562,6 +937,11 @@ def build_parser(
         action="store_true",
         help="short rounds for a few seconds per case: a smoke run, noisy figures",
     )
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="tiny copies of the models (widths of a few units): a smoke run",
+    )
     parser.add_argument("--json", help="also write the results to this JSON file")
     return parser
 
@@ -572,26 +952,109 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_from_args(args)
 
 
+def _meta() -> dict[str, Any]:
+    return {
+        "jax": jax.__version__,
+        "device": jax.devices()[0].device_kind,
+        "platform": jax.devices()[0].platform,
+        "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg()[0],
+        "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+    }
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the benchmarks for parsed ``bench`` arguments (shared with the CLI)."""
-    rounds = args.rounds or 400
-    seconds = args.seconds or (4.0 if args.quick else 30.0)
-    block_seconds = 0.02 if args.quick else 0.05
+    meta = _meta()
     print(
-        f"jax {jax.__version__} on {jax.devices()[0].device_kind}; ratio = median "
+        f"jax {meta['jax']} on {meta['device']} (load {meta['load_average']:.1f}); "
+        "flops/bytes = XLA's cost model of one step, case/plain SGD; time = median "
         "paired time(case)/time(plain SGD); null = a second copy of plain SGD; "
-        "bytes = XLA's estimate of bytes accessed per step, case/plain SGD",
+        "! = the time stands outside the cost model by more than the null's spread",
         file=sys.stderr,
     )
-    results = run(
+    results: list[Result] = []
+
+    def log(result: Result) -> None:
+        # Written after every result, so a long run that is stopped keeps its figures.
+        _print_result(result)
+        results.append(result)
+        if args.json:
+            meta["load_average_end"] = os.getloadavg()[0]
+            with open(args.json, "w") as f:
+                json.dump(to_json(meta, results), f, indent=2)
+
+    run(
         args.cases,
         args.models,
-        rounds=rounds,
-        block_seconds=block_seconds,
-        seconds_per_case=seconds,
+        args.batch_sizes,
+        timed_batch_sizes=args.timed_batch_sizes,
+        rounds=args.rounds or 400,
+        steps=args.steps,
+        block_seconds=0.02 if args.quick else 0.05,
+        max_seconds=args.seconds or (4.0 if args.quick else 30.0),
         warmup=1 if args.quick else 3,
+        tiny=args.tiny,
+        log=log,
     )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([r._asdict() for r in results], f, indent=2)
     return 0
+
+
+def to_json(meta: dict[str, Any], results: Sequence[Result]) -> dict[str, Any]:
+    """``{"meta": ..., "results": [...]}`` with ``null`` for NaN (strict JSON)."""
+    rows = [
+        {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row}
+        for row in (r._asdict().items() for r in results)
+    ]
+    return {"meta": meta, "results": rows}
+
+
+def from_json(data: dict[str, Any]) -> list[Result]:
+    """The :class:`Result` list of :func:`to_json`'s output."""
+    return [
+        Result(**{k: math.nan if v is None else v for k, v in row.items()})
+        for row in data["results"]
+    ]
+
+
+def _cell(r: Result | None) -> str:
+    if r is None:
+        return ""
+    cost = f"{r.flops_ratio:.2f}× / {r.bytes_ratio:.2f}×"
+    if not r.rounds:
+        return cost
+    return f"**{r.ratio:.2f}×**{' ⚠' if r.note else ''} · {cost}"
+
+
+def markdown_tables(results: Sequence[Result]) -> str:
+    """The README's tables: one per batch size, a row per case, a column per model.
+
+    A cell reads ``time · FLOPs / bytes`` (ratios to plain SGD); a timed batch size
+    gets a row of null controls, and ⚠ marks a time outside the cost model by more
+    than the null's spread, with the reason listed under the table.
+    """
+    out = []
+    for batch_size in sorted({r.batch_size for r in results}):
+        rows = [r for r in results if r.batch_size == batch_size]
+        names = [m for m in MODELS if any(r.model == m for r in rows)]
+        cases = list(dict.fromkeys(r.case for r in rows))
+        table = {(r.case, r.model): r for r in rows}
+        out += [
+            f"Batch {batch_size}:",
+            "",
+            "| case | " + " | ".join(names) + " |",
+            "|---" * (len(names) + 1) + "|",
+        ]
+        for case in cases:
+            cells = [_cell(table.get((case, m))) for m in names]
+            out.append(f"| `{case}` | " + " | ".join(cells) + " |")
+        nulls = {m: [r.null for r in rows if r.model == m and r.rounds] for m in names}
+        if any(nulls.values()):
+            cells = [
+                f"{statistics.median(v):.2f}×" if v else "" for v in nulls.values()
+            ]
+            out.append("| null control (plain vs plain) | " + " | ".join(cells) + " |")
+        out.append("")
+        notes = [f"- ⚠ {r.model}, `{r.case}`: {r.note}" for r in rows if r.note]
+        out += [*notes, ""] if notes else []
+    return "\n".join(out).rstrip() + "\n"

@@ -289,3 +289,193 @@ def logits_fn(model: nn.Module, params: Any) -> Callable[[jax.Array], jax.Array]
       (5, 3)
     """
     return lambda x: model.apply({"params": params}, x)
+
+
+# --- Benchmark models (issue 16): the shapes users train, for `margin-regs bench` ---
+#
+# Not in :data:`MODELS`: they are sized for CIFAR-10 and sequence tasks, not for the
+# CPU-scale `compare` runs. Each names its last layer ``classifier`` like the models
+# above, and takes its widths as attributes so tests build tiny copies through the
+# same constructors.
+
+
+class VGG11(nn.Module):
+    """A VGG-11-style CNN for 32×32 inputs: eight 3×3 convolutions, five max-pools.
+
+    Channels ``w, M, 2w, M, 4w, 4w, M, 8w, 8w, M, 8w, 8w, M`` (``M`` a 2×2 max-pool,
+    ``w = width``; 64 gives Simonyan & Zisserman's configuration A), ReLU after each
+    convolution and one linear classifier on the flattened ``8w`` features, the usual
+    CIFAR-10 form of the network (no normalisation, so samples stay independent and
+    the Jacobian penalty's batched VJP is exact).
+
+    Attributes:
+      num_classes: outputs.
+      width: channels of the first convolution.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from margin_regs.experiments.models import VGG11
+      >>> x = jnp.zeros((1, 32, 32, 3))
+      >>> params = jax.eval_shape(VGG11(10).init, jax.random.key(0), x)["params"]
+      >>> params["conv_7"]["kernel"].shape, params["classifier"]["kernel"].shape
+      ((3, 3, 512, 512), (512, 10))
+
+    References:
+      Simonyan & Zisserman, "Very Deep Convolutional Networks for Large-Scale Image
+      Recognition", ICLR 2015, Table 1 (A).
+    """
+
+    num_classes: int
+    width: int = 64
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        stages = ((1,), (2,), (4, 4), (8, 8), (8, 8))
+        i = 0
+        for stage in stages:
+            for multiple in stage:
+                conv = nn.Conv(self.width * multiple, (3, 3), name=f"conv_{i}")
+                x = nn.relu(conv(x))
+                i += 1
+            x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+        return nn.Dense(self.num_classes, name="classifier")(x.reshape(len(x), -1))
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=min(32, channels))
+
+
+class _BasicBlock(nn.Module):
+    """Two 3×3 convolutions with a (projected when the shape changes) shortcut."""
+
+    features: int
+    strides: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        s = (self.strides, self.strides)
+        y = nn.Conv(self.features, (3, 3), s, use_bias=False)(x)
+        y = nn.relu(_group_norm(self.features)(y))
+        y = nn.Conv(self.features, (3, 3), use_bias=False)(y)
+        y = _group_norm(self.features)(y)
+        if x.shape != y.shape:
+            x = nn.Conv(self.features, (1, 1), s, use_bias=False, name="shortcut")(x)
+            x = _group_norm(self.features)(x)
+        return nn.relu(x + y)
+
+
+class ResNet18(nn.Module):
+    """A ResNet-18-style CNN for 32×32 inputs (the CIFAR-10 form).
+
+    A 3×3 stem of ``w`` channels, four stages of two basic blocks with ``w, 2w, 4w,
+    8w`` channels (stride 2 at the start of stages 2–4), global average pooling and a
+    linear classifier. GroupNorm stands in for BatchNorm: it normalises each sample
+    on its own, so the model needs no mutable batch statistics and the Jacobian
+    penalty's batched VJP stays exact.
+
+    Attributes:
+      num_classes: outputs.
+      width: channels of the stem and the first stage.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from margin_regs.experiments.models import ResNet18
+      >>> x = jnp.zeros((1, 32, 32, 3))
+      >>> params = jax.eval_shape(ResNet18(10).init, jax.random.key(0), x)["params"]
+      >>> params["stage_3_block_1"]["Conv_1"]["kernel"].shape
+      (3, 3, 512, 512)
+
+    References:
+      He, Zhang, Ren & Sun, "Deep Residual Learning for Image Recognition", CVPR
+      2016, Table 1 (18-layer); Wu & He, "Group Normalization", ECCV 2018.
+    """
+
+    num_classes: int
+    width: int = 64
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.Conv(self.width, (3, 3), use_bias=False, name="stem")(x)
+        x = nn.relu(_group_norm(self.width)(x))
+        for stage in range(4):
+            for block in range(2):
+                strides = 2 if stage > 0 and block == 0 else 1
+                name = f"stage_{stage}_block_{block}"
+                x = _BasicBlock(self.width * 2**stage, strides, name=name)(x)
+        return nn.Dense(self.num_classes, name="classifier")(x.mean(axis=(1, 2)))
+
+
+class _EncoderBlock(nn.Module):
+    """Pre-LayerNorm self-attention and MLP, each with a residual connection."""
+
+    num_heads: int
+    mlp_ratio: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _: None) -> tuple[jax.Array, None]:
+        y = nn.LayerNorm()(x)
+        x = x + nn.MultiHeadDotProductAttention(self.num_heads, name="attention")(y)
+        y = nn.LayerNorm()(x)
+        y = nn.gelu(nn.Dense(self.mlp_ratio * x.shape[-1], name="mlp_in")(y))
+        return x + nn.Dense(x.shape[-1], name="mlp_out")(y), None
+
+
+class TransformerEncoder(nn.Module):
+    """A transformer encoder classifier whose blocks are one ``nn.scan``.
+
+    Inputs ``(n, tokens, features)`` (or ``(n, *spatial, features)``, flattened to
+    tokens) are embedded by a Dense layer to ``d_model``, get a learned position
+    embedding, pass ``num_blocks`` pre-LayerNorm blocks (multi-head self-attention,
+    then a GELU MLP of ``mlp_ratio · d_model``), a final LayerNorm and a mean over
+    tokens before the linear classifier. The blocks' parameters are stacked along a
+    leading axis of ``num_blocks`` (``blocks/attention/query/kernel`` is
+    ``(num_blocks, d_model, num_heads, d_model // num_heads)``): the batched layouts
+    ``weight_dimension_numbers`` describes. ``unroll`` is ``nn.scan``'s; XLA's cost
+    model counts a loop's body once, so ``unroll=num_blocks`` makes it count every
+    block while the parameters stay stacked.
+
+    Attributes:
+      num_classes: outputs.
+      d_model: the residual stream's width.
+      num_heads: attention heads.
+      num_blocks: encoder blocks.
+      mlp_ratio: the MLP's hidden width over ``d_model``.
+      unroll: blocks per iteration of the scan's loop.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from margin_regs.experiments.models import TransformerEncoder
+      >>> x = jnp.zeros((1, 128, 64))
+      >>> params = jax.eval_shape(
+      ...     TransformerEncoder(10).init, jax.random.key(0), x)["params"]
+      >>> params["blocks"]["attention"]["query"]["kernel"].shape
+      (4, 256, 4, 64)
+
+    References:
+      Vaswani et al., "Attention Is All You Need", NeurIPS 2017; the pre-LN order of
+      Xiong et al., "On Layer Normalization in the Transformer Architecture", 2020.
+    """
+
+    num_classes: int
+    d_model: int = 256
+    num_heads: int = 4
+    num_blocks: int = 4
+    mlp_ratio: int = 4
+    unroll: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.reshape(len(x), -1, x.shape[-1])
+        x = nn.Dense(self.d_model, name="embed")(x)
+        position = nn.Embed(x.shape[1], self.d_model, name="position")
+        x = x + position(jax.numpy.arange(x.shape[1]))
+        blocks = nn.scan(
+            _EncoderBlock,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=self.num_blocks,
+            unroll=self.unroll,
+        )
+        x, _ = blocks(self.num_heads, self.mlp_ratio, name="blocks")(x, None)
+        x = nn.LayerNorm(name="final_norm")(x).mean(axis=1)
+        return nn.Dense(self.num_classes, name="classifier")(x)
