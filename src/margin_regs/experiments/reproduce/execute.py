@@ -50,7 +50,7 @@ def estimate_seconds(protocol: Protocol) -> float:
       >>> 0 < estimate_seconds(PROTOCOLS["ludwig-table2"](True)) < 60
       True
     """
-    total = 0.0
+    total, programs = 0.0, set()
     for setting in protocol.settings:
         n = setting.train_size
         for cell in setting.cells:
@@ -63,8 +63,9 @@ def estimate_seconds(protocol: Protocol) -> float:
             train = runs * steps * batch * per_sample * factor
             measured = (n + 1400) * (config.epochs if setting.curves else 1)
             kind = "conv" if config.model in CONV_MODELS else "dense"
-            total += train + runs * measured * per_sample / 3 + _COMPILE_S[kind]
-    return total
+            total += train + runs * measured * per_sample / 3
+            programs.add((cell.recipe, config, n, kind))
+    return total + sum(_COMPILE_S[kind] for *_, kind in programs)
 
 
 @functools.cache

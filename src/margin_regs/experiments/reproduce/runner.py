@@ -1,12 +1,14 @@
 """Training one cell of a reproduction: a method, its coefficient(s), every seed.
 
 Built on the harness's pure :meth:`~margin_regs.experiments.training.Trainer.epoch`
-(the coefficient may be traced): for dense models every (coefficient, seed) trains in
-one ``vmap``-ed program, as ``margin-regs compare`` does; for convolutional models
-the seeds run one after the other through the same compiled program, because on
-XLA's CPU backend a ``vmap`` over per-seed conv kernels becomes a grouped
-convolution whose gradient is several times slower than the runs one by one
-(measured here: 3 seeds of the Table I CNN, 7× one seed's epoch time).
+and :meth:`~margin_regs.experiments.training.Trainer.objective` (the coefficient
+may be traced). For dense models every (coefficient, seed) trains in one
+``vmap``-ed program, as ``margin-regs compare`` does. Convolutional models train one
+run at a time, one jitted call per step, through one compiled program per recipe
+and schedule: on XLA's CPU backend a ``vmap`` over per-seed conv kernels becomes a
+grouped convolution whose gradient is several times slower than the runs one by one
+(3 seeds of the Table I CNN: 7× one seed's epoch time), and a convolution inside a
+``lax.scan`` body about 10× slower than the same step jitted alone.
 
 Unlike :func:`margin_regs.experiments.grid.train_grid`, a cell measures its runs
 only where the protocol needs it (at the end, or after every epoch for
@@ -23,11 +25,12 @@ import dataclasses
 import functools
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from margin_regs.experiments import grid, training
 from margin_regs.experiments.data import Dataset
@@ -140,32 +143,104 @@ def _stack(splits: Sequence[Dataset], name: str) -> jax.Array:
     return jnp.asarray(np.stack([getattr(ds, name) for ds in splits]))
 
 
-def _train(cell: Cell, splits: Sequence[Dataset], seeds, measure_epoch) -> Any:
+def _trainer(cell: Cell, num_classes: int, n: int) -> training.Trainer:
+    # The coefficient is traced in the programs, so every cell of a recipe and
+    # schedule shares one trainer (and its compilation), whatever its grid; "no
+    # regularization" as the weight-decay recipe at 0 shares weight decay's. Only a
+    # dropout rate shapes the model.
+    if cell.recipe.dropout:
+        static = cell.coeffs[0]
+    else:
+        static = 0.0 if cell.recipe.coeff is None else cell.recipe.coeff
+    return training.get_trainer(cell.recipe, static, cell.config, num_classes, n)
+
+
+@functools.cache
+def _step_program(trainer: training.Trainer) -> Callable:
+    """One jitted SGD step ``(coeff, state, x, y, key) -> state``."""
+
+    def step(coeff, state, x, y, key):
+        grads = jax.grad(trainer.objective, argnums=1)(coeff, state.params, x, y, key)
+        optimizer = trainer.make_optimizer(coeff)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        return training.TrainState(
+            optax.apply_updates(state.params, updates), opt_state
+        )
+
+    return jax.jit(step)
+
+
+def _stepwise_epoch(trainer: training.Trainer, coeff, state, x, y, key):
+    """:meth:`~margin_regs.experiments.training.Trainer.epoch` (the same minibatch
+    order and keys) as one jitted call per step instead of one ``lax.scan``.
+
+    On XLA's CPU backend a convolution inside the scan's loop body runs about 10×
+    slower than the same step jitted on its own (measured here on the Table I CNN:
+    1.3 s against 0.14 s for 8 steps), so the conv models step from Python.
+    """
+    step = _step_program(trainer)
+    k_order, k_steps = jax.random.split(key)
+    b, steps = trainer.batch_size, trainer.steps_per_epoch
+    order = np.asarray(jax.random.permutation(k_order, x.shape[0]))
+    keys = jax.random.split(k_steps, steps)
+    for i in range(steps):
+        idx = order[i * b : (i + 1) * b]
+        state = step(coeff, state, x[idx], y[idx], keys[i])
+    return state
+
+
+def _train(cell: Cell, coeffs, splits: Sequence[Dataset], seeds, measure_epoch) -> Any:
     """Params ``(C, S, ...)`` after training; ``measure_epoch(epoch, params)``."""
-    num_classes, n = splits[0].num_classes, len(splits[0].x_train)
-    trainer = training.get_trainer(
-        cell.recipe, cell.coeffs[0], cell.config, num_classes, n
-    )
+    trainer = _trainer(cell, splits[0].num_classes, len(splits[0].x_train))
     init, epoch = _programs(trainer)
-    coeffs = jnp.asarray(cell.coeffs, jnp.float32)
+    coeffs = jnp.asarray(coeffs, jnp.float32)
     keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s)))(jnp.asarray(seeds))
     x, y = _stack(splits, "x_train"), _stack(splits, "y_train")
     state = init(coeffs, keys[:, 0], x)
+    stepwise = cell.config.model in CONV_MODELS
+    if stepwise:  # one run per call (see _programs_of)
+        state = jax.tree.map(lambda leaf: leaf[0, 0], state)
+        x_np, y_np = splits[0].x_train, splits[0].y_train
     for e in range(cell.config.epochs):
         epoch_keys = jax.vmap(jax.random.fold_in, (0, None))(keys[:, 1], e)
-        state, _ = epoch(coeffs, state, x, y, epoch_keys)
-        measure_epoch(e, state.params)
+        if stepwise:
+            state = _stepwise_epoch(
+                trainer, coeffs[0], state, x_np, y_np, epoch_keys[0]
+            )
+            measure_epoch(e, jax.tree.map(lambda leaf: leaf[None, None], state.params))
+        else:
+            state, _ = epoch(coeffs, state, x, y, epoch_keys)
+            measure_epoch(e, state.params)
+    if stepwise:
+        return jax.tree.map(lambda leaf: leaf[None, None], state.params)
     return state.params
 
 
-def _runs(splits: Sequence[Dataset], seeds: Sequence[int], model: str):
-    """``(seed indices, splits, seeds)`` per program: all at once, or one seed each."""
-    if model in CONV_MODELS:
+class _Program(NamedTuple):
+    """Which runs one call of the compiled program trains."""
+
+    coeff_index: list[int]
+    seed_index: list[int]
+    splits: list[Dataset]
+    seeds: list[int]
+
+
+def _programs_of(cell: Cell, splits: Sequence[Dataset], seeds: Sequence[int]):
+    """Every (coefficient, seed) at once, or one run per call for conv models."""
+    if cell.config.model not in CONV_MODELS:
         return [
-            ([i], [ds], [s])
-            for i, (ds, s) in enumerate(zip(splits, seeds, strict=True))
+            _Program(
+                list(range(len(cell.coeffs))),
+                list(range(len(seeds))),
+                [*splits],
+                [*seeds],
+            )
         ]
-    return [(list(range(len(seeds))), list(splits), list(seeds))]
+    return [
+        _Program([c], [i], [ds], [s])
+        for c in range(len(cell.coeffs))
+        for i, (ds, s) in enumerate(zip(splits, seeds, strict=True))
+    ]
 
 
 def train_cell(
@@ -203,22 +278,21 @@ def train_cell(
         for k in ("train_acc", "val_acc", "test_acc", "sigma_max", "stable_rank")
     }
     history = {k: np.zeros((*shape, cell.config.epochs)) for k in ("train", "test")}
-    for index, part, part_seeds in _runs(splits, seeds, cell.config.model):
+    for program in _programs_of(cell, splits, seeds):
 
-        def measure_epoch(e, params, index=index, part=part):
+        def measure_epoch(e, params, program=program):
             if curves:
-                for c, i, p in _each_run(params, index):
+                for c, i, ds, p in _each_run(params, program):
                     for split in history:
-                        history[split][c, i, e] = _accuracy(
-                            evaluator, p, part, i, split
-                        )
+                        history[split][c, i, e] = _accuracy(evaluator, p, ds, split)
             if on_epoch is not None:
                 on_epoch()
 
-        params = _train(cell, part, part_seeds, measure_epoch)
-        for c, i, p in _each_run(params, index):
+        coeffs = [cell.coeffs[c] for c in program.coeff_index]
+        params = _train(cell, coeffs, program.splits, program.seeds, measure_epoch)
+        for c, i, ds, p in _each_run(params, program):
             for split in ("train", "val", "test"):
-                out[f"{split}_acc"][c, i] = _accuracy(evaluator, p, part, i, split)
+                out[f"{split}_acc"][c, i] = _accuracy(evaluator, p, ds, split)
             sigmas, ranks = evaluator.layer_stats(p)
             out["sigma_max"][c, i] = _classifier_value(sigmas)
             out["stable_rank"][c, i] = _classifier_value(ranks)
@@ -233,16 +307,16 @@ def train_cell(
     )
 
 
-def _each_run(params: Any, index: Sequence[int]):
-    """``(coefficient index, seed index, params)`` of every run of a program."""
-    num_coeffs = jax.tree.leaves(params)[0].shape[0]
-    for c in range(num_coeffs):
-        for j, i in enumerate(index):
-            yield c, i, jax.tree.map(lambda leaf, c=c, j=j: leaf[c, j], params)
+def _each_run(params: Any, program: _Program):
+    """``(coefficient index, seed index, data, params)`` of every run of a call."""
+    for a, c in enumerate(program.coeff_index):
+        for b, (i, ds) in enumerate(
+            zip(program.seed_index, program.splits, strict=True)
+        ):
+            yield c, i, ds, jax.tree.map(lambda leaf, a=a, b=b: leaf[a, b], params)
 
 
-def _accuracy(evaluator, params, part: Sequence[Dataset], i: int, split: str) -> float:
-    ds = part[0] if len(part) == 1 else part[i]
+def _accuracy(evaluator, params, ds: Dataset, split: str) -> float:
     x, y = getattr(ds, f"x_{split}"), getattr(ds, f"y_{split}")
     return evaluator.evaluate(params, x, y)[1]
 

@@ -44,13 +44,15 @@ def _ours(values: list[float] | None, scale: float) -> str:
 def _rows(result: dict[str, Any]) -> list[list[str]]:
     paper = {(p["cell"], p["method"], p["metric"]): p["value"] for p in result["paper"]}
     labels = result["labels"]
+    reported = {metric for _, _, metric in paper}
     rows = []
     for cell, methods in result["results"].items():
         for method, measured in methods.items():
             row = [cell, labels.get(method, method)]
             present = False
             for metric, _, scale in result["metrics"]:
-                row.append(_fmt(paper.get((cell, method, metric)), scale))
+                if metric in reported:
+                    row.append(_fmt(paper.get((cell, method, metric)), scale))
                 row.append(_ours(measured.get(metric), scale))
                 present |= metric in measured
             if present:
@@ -72,12 +74,13 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def _claim_line(j: dict[str, Any], scale: float, unit: str) -> str:
     d = j["difference"]
+    spec = "+.2f" if scale == 100 else "+.3g"
     if d["low"] is None:
-        interval = f"{scale * d['mean']:+.2f}{unit} (one seed: no interval)"
+        interval = f"{scale * d['mean']:{spec}}{unit} (one seed: no interval)"
     else:
         interval = (
-            f"{scale * d['mean']:+.2f}{unit} "
-            f"[{scale * d['low']:+.2f}, {scale * d['high']:+.2f}]"
+            f"{scale * d['mean']:{spec}}{unit} "
+            f"[{scale * d['low']:{spec}}, {scale * d['high']:{spec}}]"
         )
     counts = {}
     for c in j["cells"].values():
@@ -99,8 +102,11 @@ def format_report(result: dict[str, Any]) -> str:
       The text to print.
     """
     header = ["setting", "method"]
-    for _, name, _ in result["metrics"]:
-        header += [f"paper {name}", f"ours {name} (95% CI)"]
+    reported = {p["metric"] for p in result["paper"]}
+    for metric, name, _ in result["metrics"]:
+        if metric in reported:
+            header.append(f"paper {name}")
+        header.append(f"ours {name} (95% CI)")
     header.append("coeff")
     scales = {m: (s, " points" if s == 100 else "") for m, _, s in result["metrics"]}
     lines = [
