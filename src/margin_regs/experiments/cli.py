@@ -460,10 +460,21 @@ def bench(argv: Sequence[str]) -> int:
     return harness.main(list(argv))
 
 
+def reproduce(argv: Sequence[str]) -> int:
+    """``margin-regs reproduce``: :func:`margin_regs.experiments.reproduce.main`."""
+    from margin_regs.experiments import reproduce as harness
+
+    return harness.main(list(argv))
+
+
 COMMANDS = {
     "compare": (compare, "train one reference model per regularizer, print one table"),
     "report": (report_command, "re-print the table and plots of a saved results.json"),
     "bench": (bench, "overhead benchmarks: step-time ratios against plain SGD"),
+    "reproduce": (
+        reproduce,
+        "run a seed paper's protocol at CPU scale, its numbers beside ours",
+    ),
 }
 
 

@@ -479,3 +479,131 @@ class TransformerEncoder(nn.Module):
         x, _ = blocks(self.num_heads, self.mlp_ratio, name="blocks")(x, None)
         x = nn.LayerNorm(name="final_norm")(x).mean(axis=1)
         return nn.Dense(self.num_classes, name="classifier")(x)
+
+
+# ---------------------------------------------------------------------------------
+# The papers' other architectures, for ``margin-regs reproduce``
+# (:mod:`margin_regs.experiments.reproduce`).
+# ---------------------------------------------------------------------------------
+
+
+class SokolicCNN3(nn.Module):
+    """Sokolić et al.'s 3-layer CNN of Table I: the 2-layer CNN plus a third conv.
+
+    ``(32, 5, 5)-conv, (2, 2)-max-pool, (32, 5, 5)-conv, (2, 2)-max-pool,
+    (32, 5, 5)-conv``, then a linear classifier, ReLU after each convolution, ``SAME``
+    padding (as :class:`SokolicCNN`; the paper does not state it).
+
+    Attributes:
+      num_classes: outputs.
+      features: channels of the three convolutions.
+      dropout_rate: dropout before the classifier (0: none).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from margin_regs.experiments.models import SokolicCNN3
+      >>> x = jnp.zeros((1, 28, 28, 1))
+      >>> params = jax.eval_shape(SokolicCNN3(10).init, jax.random.key(0), x)["params"]
+      >>> params["conv_2"]["kernel"].shape, params["classifier"]["kernel"].shape
+      ((5, 5, 32, 32), (1568, 10))
+
+    References:
+      Sokolić et al., "Robust Large Margin Deep Neural Networks", 2017, §V and
+      Appendix ("MNIST CNN").
+    """
+
+    num_classes: int
+    features: int = 32
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        for i in range(3):
+            x = nn.Conv(self.features, _window(x, 5), padding="SAME", name=f"conv_{i}")(
+                x
+            )
+            x = nn.relu(x)
+            if i < 2:
+                x = nn.max_pool(x, _window(x, 2), strides=_window(x, 2), padding="SAME")
+            self.sow("intermediates", "activations", x)
+        x = x.reshape(x.shape[0], -1)
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        return nn.Dense(self.num_classes, name="classifier")(x)
+
+
+class SokolicMLP1(SokolicMLP):
+    """:class:`SokolicMLP` with one hidden layer (784 → 392 → 10 on MNIST)."""
+
+    num_hidden: int = 1
+
+
+class SokolicMLP3(SokolicMLP):
+    """:class:`SokolicMLP` with three hidden layers (784 → 392 ×3 → 10 on MNIST)."""
+
+    num_hidden: int = 3
+
+
+class KerasMLP(nn.Module):
+    """The Keras ``mnist_mlp`` example Ludwig et al. regularize: 512-512, dropout 0.2.
+
+    ``Dense(512) - ReLU - Dropout - Dense(512) - ReLU - Dropout - Dense(classes)``.
+    Dropout is part of the architecture (Ludwig et al. keep the example's DropOut in
+    every column of Table 2): rate ``keras_dropout``, or ``dropout_rate`` when a
+    recipe sets one.
+
+    Attributes:
+      num_classes: outputs.
+      width: hidden units per layer.
+      keras_dropout: the example's own dropout rate.
+      dropout_rate: a recipe's dropout rate (0: use ``keras_dropout``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from margin_regs.experiments.models import KerasMLP
+      >>> x = jnp.zeros((1, 28, 28, 1))
+      >>> params = jax.eval_shape(KerasMLP(10).init, jax.random.key(0), x)["params"]
+      >>> params["hidden_1"]["kernel"].shape, params["classifier"]["kernel"].shape
+      ((512, 512), (512, 10))
+
+    References:
+      Ludwig et al., "Eigenvalue Decay: A New Method for Neural Network
+      Regularization", §5 and Table 2 (MNIST row).
+    """
+
+    num_classes: int
+    width: int = 512
+    keras_dropout: float = 0.2
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        rate = self.dropout_rate or self.keras_dropout
+        x = x.reshape(x.shape[0], -1)
+        for i in range(2):
+            x = nn.relu(nn.Dense(self.width, name=f"hidden_{i}")(x))
+            self.sow("intermediates", "activations", x)
+            x = nn.Dropout(rate, deterministic=not train)(x)
+        return nn.Dense(self.num_classes, name="classifier")(x)
+
+
+MODELS.update(
+    {
+        "cnn3": (
+            SokolicCNN3,
+            "Sokolić et al. Table I: 3-layer CNN, the 2-layer CNN plus a (32,5,5)-conv",
+        ),
+        "mlp1": (
+            SokolicMLP1,
+            "Sokolić et al. Fig. 2: 1 hidden layer of half the input",
+        ),
+        "mlp3": (
+            SokolicMLP3,
+            "Sokolić et al. Fig. 2: 3 hidden layers of half the input",
+        ),
+        "keras_mlp": (
+            KerasMLP,
+            "Ludwig et al. Table 2 (Keras mnist_mlp): 512-512 ReLU, dropout 0.2",
+        ),
+    }
+)
+__all__ += ["KerasMLP", "SokolicCNN3", "SokolicMLP1", "SokolicMLP3"]

@@ -1,0 +1,184 @@
+"""What a reproduction reports: the table beside the paper's numbers, the verdicts,
+``<name>.json`` and ``<name>.png``; all from the JSON-ready result of
+:func:`~.execute.run_protocol`, so a saved run re-renders the same way."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from margin_regs.experiments.reproduce.verdicts import mean_interval
+
+__all__ = ["RULE", "format_report", "plot", "write"]
+
+RULE = (
+    "verdict rule: the per-seed paired difference (methods share data and "
+    "initialization per seed), averaged over the claim's cells, with its 95% "
+    "t-interval: 'reproduced' if the interval lies above 0 (for '≥' claims: above "
+    "−tolerance), 'not reproduced' if it lies below 0, else 'inconclusive'"
+)
+
+
+def _fmt(value: float | None, scale: float) -> str:
+    if value is None or not math.isfinite(value):
+        return "—"
+    return f"{scale * value:.2f}" if scale != 1 else f"{value:.3g}"
+
+
+def _ours(values: list[float] | None, scale: float) -> str:
+    if not values:
+        return "—"
+    values = [v for v in values if math.isfinite(v)]
+    if not values:
+        return "undefined"
+    mean, half = mean_interval(values)
+    if half is None:
+        return _fmt(mean, scale)
+    return f"{_fmt(mean, scale)} ± {_fmt(half, scale)}"
+
+
+def _rows(result: dict[str, Any]) -> list[list[str]]:
+    paper = {(p["cell"], p["method"], p["metric"]): p["value"] for p in result["paper"]}
+    labels = result["labels"]
+    reported = {metric for _, _, metric in paper}
+    rows = []
+    for cell, methods in result["results"].items():
+        for method, measured in methods.items():
+            row = [cell, labels.get(method, method)]
+            present = False
+            for metric, _, scale in result["metrics"]:
+                if metric in reported:
+                    row.append(_fmt(paper.get((cell, method, metric)), scale))
+                row.append(_ours(measured.get(metric), scale))
+                present |= metric in measured
+            if present:
+                coeff = measured.get("coeff")
+                row.append("" if coeff is None else f"{coeff:g}")
+                rows.append(row)
+    return rows
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += [
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows
+    ]
+    return "\n".join(lines)
+
+
+def _claim_line(j: dict[str, Any], scale: float, unit: str) -> str:
+    d = j["difference"]
+    spec = "+.2f" if scale == 100 else "+.3g"
+    if d["low"] is None:
+        interval = f"{scale * d['mean']:{spec}}{unit} (one seed: no interval)"
+    else:
+        interval = (
+            f"{scale * d['mean']:{spec}}{unit} "
+            f"[{scale * d['low']:{spec}}, {scale * d['high']:{spec}}]"
+        )
+    counts = {}
+    for c in j["cells"].values():
+        counts[c["verdict"]] = counts.get(c["verdict"], 0) + 1
+    per_cell = ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
+    return (
+        f"  {j['verdict'].upper():<15} {j['text']} ({j['source']}): {interval}; "
+        f"cells: {per_cell}"
+    )
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """The table (paper vs ours, 95% intervals over seeds) and a verdict per claim.
+
+    Args:
+      result: what :func:`~.execute.run_protocol` returned (or its JSON).
+
+    Returns:
+      The text to print.
+    """
+    header = ["setting", "method"]
+    reported = {p["metric"] for p in result["paper"]}
+    for metric, name, _ in result["metrics"]:
+        if metric in reported:
+            header.append(f"paper {name}")
+        header.append(f"ours {name} (95% CI)")
+    header.append("coeff")
+    scales = {m: (s, " points" if s == 100 else "") for m, _, s in result["metrics"]}
+    lines = [
+        f"== {result['name']}: {result['title']} ==",
+        f"{result['seeds']} seeds; {result['seconds'] / 60:.1f} min",
+        "scaled from the paper:",
+        *[f"  - {s}" for s in result["scaling"]],
+        f"coefficients: {result['coefficients']}",
+        f"paper's numbers: {result['paper_note']}",
+        "",
+        _table(header, _rows(result)),
+        "",
+        "claims (" + RULE + "):",
+    ]
+    for j in result["judgements"]:
+        lines.append(_claim_line(j, *scales.get(j["metric"], (1, ""))))
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+    """One panel per metric: ours (mean and 95% interval per setting and method)
+    as filled markers, the paper's numbers as open ones."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = result["metrics"]
+    paper = {(p["cell"], p["method"], p["metric"]): p["value"] for p in result["paper"]}
+    fig, axes = plt.subplots(
+        1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False
+    )
+    for ax, (metric, name, scale) in zip(axes[0], metrics, strict=True):
+        cells = [
+            c
+            for c, ms in result["results"].items()
+            if any(metric in m for m in ms.values())
+        ]
+        methods = list(dict.fromkeys(m for c in cells for m in result["results"][c]))
+        width = 0.8 / max(len(methods), 1)
+        for k, method in enumerate(methods):
+            xs, means, halves, px, pv = [], [], [], [], []
+            for i, cell in enumerate(cells):
+                values = result["results"][cell].get(method, {}).get(metric)
+                x = i + (k - (len(methods) - 1) / 2) * width
+                if values and any(math.isfinite(v) for v in values):
+                    mean, half = mean_interval([v for v in values if math.isfinite(v)])
+                    xs.append(x)
+                    means.append(scale * mean)
+                    halves.append(0.0 if half is None else scale * half)
+                if (cell, method, metric) in paper:
+                    px.append(x)
+                    pv.append(scale * paper[(cell, method, metric)])
+            label = result["labels"].get(method, method)
+            bars = ax.errorbar(xs, means, yerr=halves, fmt="o", capsize=3, label=label)
+            if pv:
+                ax.plot(px, pv, "o", mfc="none", color=bars[0].get_color())
+        ax.set_xticks(np.arange(len(cells)), cells, rotation=20)
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8, title="filled: ours; open: paper", title_fontsize=8)
+    fig.suptitle(f"{result['name']}: {result['title']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(result: dict[str, Any], out: str) -> list[str]:
+    """Write ``<out>/<name>.json`` and ``<out>/<name>.png``; return their paths."""
+    os.makedirs(out, exist_ok=True)
+    base = os.path.join(out, result["name"])
+    with open(base + ".json", "w") as f:
+        json.dump(result, f, indent=1, allow_nan=True)
+    plot(result, base + ".png")
+    return [base + ".json", base + ".png"]
