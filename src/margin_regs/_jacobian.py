@@ -188,11 +188,9 @@ def jacobian_margin_penalty(
     cannot interact, and a batch-coupled model becomes a different function): exact
     for any per-sample model, and about ``C`` times the work. Both agree to float32
     precision, in value and in gradient w.r.t. the parameters ``logits_fn`` closes
-    over. Cost of a training step with the penalty, in XLA's FLOP count, relative to
-    a plain SGD step on the 784-392-392-10 ReLU MLP at batch 128: 2.3× with one
-    class per sample (``"vjp"``; the double backprop through the first layer alone
-    needs three extra matmuls of its size), 13.8× with ``"all"`` or with
-    ``"jacrev"`` (ten backward passes and their double backprop).
+    over. One class per sample costs one extra backward pass and its double
+    backprop; ``"all"`` and ``"jacrev"`` cost ``C`` of them (the README's Overhead
+    section has the measured ratios).
 
     Args:
       logits_fn: the model, ``(n, ...) -> (n, n_classes)``.
