@@ -809,3 +809,14 @@ def test_a_conv_operator_layout_is_an_error_naming_the_leaf():
         # resolve_layouts' TypeError, which names the leaf too
         with pytest.raises((ValueError, TypeError), match="'conv'"):
             call()
+
+
+def test_state_leaves_are_distinct_buffers_so_it_can_be_donated(params):
+    # jit(..., donate_argnums) rejects a buffer donated twice; AdaReg's initial
+    # state once held one zeros array as both anchor and rotated.
+    for state in (
+        mr.adareg(0.1).init(params),
+        mr.AdaRegPrecisions.from_dense({"w": jnp.eye(3)}, {"w": jnp.eye(2)}),
+    ):
+        leaves = jax.tree.leaves(state)
+        assert len({id(x) for x in leaves}) == len(leaves)

@@ -174,8 +174,10 @@ class AdaRegPrecisions(NamedTuple):
             o_in, o_out = jnp.asarray(o_in, dtype), jnp.asarray(o_out, dtype)
             c_in, q_in = jnp.linalg.eigh(0.5 * (o_in + _mT(o_in)))
             c_out, q_out = jnp.linalg.eigh(0.5 * (o_out + _mT(o_out)))
-            zeros = jnp.zeros((*q_in.shape[:-1], q_out.shape[-1]), dtype)
-            return cls(q_in, c_in, q_out, c_out, zeros, zeros)
+            shape = (*q_in.shape[:-1], q_out.shape[-1])
+            # two buffers, so that the state can be donated
+            anchor, rotated = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+            return cls(q_in, c_in, q_out, c_out, anchor, rotated)
 
         leaves, treedef = jax.tree.flatten(omega_in)
         pairs = zip(leaves, jax.tree.leaves(omega_out), strict=True)
@@ -316,9 +318,10 @@ def _identity(k: jax.Array) -> AdaRegPrecisions:
     def eye(n):
         return jnp.broadcast_to(jnp.eye(n, dtype=k.dtype), (*batch, n, n))
 
-    zeros = jnp.zeros(k.shape, k.dtype)
+    # every leaf its own buffer (none shared), so that the state can be donated
+    anchor, rotated = jnp.zeros(k.shape, k.dtype), jnp.zeros(k.shape, k.dtype)
     ones = jnp.ones((*batch, d), k.dtype), jnp.ones((*batch, p), k.dtype)
-    return AdaRegPrecisions(eye(d), ones[0], eye(p), ones[1], zeros, zeros)
+    return AdaRegPrecisions(eye(d), ones[0], eye(p), ones[1], anchor, rotated)
 
 
 # --------------------------------------------------------------- over pytrees
