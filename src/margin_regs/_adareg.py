@@ -57,10 +57,10 @@ same on ``Ω_out`` when ``d < p``); penalty, gradient and precisions stay within
 1e-5 (measured ≤ 2.2e-6) of float64 Alg. 1 on those shapes.
 
 **CPU threads.** On the CPU, ``jnp.linalg.svd`` runs LAPACK from OpenBLAS, whose
-worker threads compete with XLA's own: on a shared 2-core machine a 1024² ``eigh``
-took 3.8 s with OpenBLAS's default threads and 0.44 s with one. On small or shared
-CPUs set ``OPENBLAS_NUM_THREADS=1`` in the environment before Python starts (numpy
-and scipy read it when they load); ``benchmarks/adareg.py`` measures both settings.
+worker threads compete with XLA's own and can slow a re-solve several-fold. On
+small or shared CPUs set ``OPENBLAS_NUM_THREADS=1`` in the environment before Python
+starts (numpy and scipy read it when they load); ``benchmarks/adareg.py`` measures
+both settings, and the README's Overhead section has the figures.
 """
 
 from __future__ import annotations
