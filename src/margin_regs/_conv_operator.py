@@ -12,6 +12,7 @@ Thm. 5); the σ of the reshaped ``(kh·kw·in, out)`` kernel matrix (Yoshida & M
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -384,6 +385,27 @@ class ConvLinearOperator:
                 "ConvOperator.singular_values: method must be 'auto', 'dense' or"
                 f" 'krylov', got {method!r}"
             )
+        return self._decompose(kernel, k, method, tol, max_rounds)[0]
+
+    def top_right_singular_vector(self, kernel: jax.Array) -> jax.Array:
+        """The unit input ``v`` with ``‖A v‖ = σ₁``: a converged power-iteration start.
+
+        A convolution's top singular values cluster (they sample ``|K̂(ω)|`` near
+        its maximum), where power iteration from a random vector mixes the top
+        singular vectors and settles σ only to about 1e-4 in a thousand steps. This
+        is the dense SVD's vector, or the top Ritz vector of the Krylov iteration
+        of :meth:`singular_values`.
+
+        Returns:
+          A float32 array of ``in_shape``, unit norm (up to sign).
+        """
+        return _top_right_singular_vector(self, kernel)
+
+    def _decompose(
+        self, kernel: jax.Array, k: int | None, method: str, tol: float, rounds: int
+    ) -> tuple[jax.Array, jax.Array]:
+        """The top ``k`` (or all) singular values, and the ``(n, k)`` right vectors."""
+        n, m = math.prod(self.in_shape), math.prod(self.out_shape)
         kernel = jnp.asarray(kernel, jnp.float32)
         scale = jnp.max(jnp.abs(kernel))
         safe = jnp.where(scale > 0, scale, 1.0)  # the zero kernel: σ = 0, not NaN
@@ -395,17 +417,24 @@ class ConvLinearOperator:
             dense = True
         if dense:
             basis = jnp.eye(n, dtype=jnp.float32).reshape(n, *self.in_shape)
+            # Row j is A e_j: the matrix is Aᵀ, whose left vectors are A's right ones.
             matrix = self.matvec(unit, basis).reshape(n, m)
-            sigma = jnp.linalg.svd(matrix, compute_uv=False)[:k]
-        else:
+            vectors, sigma, _ = jnp.linalg.svd(matrix, full_matrices=False)
+            return sigma[:k] * safe, vectors[:, :k]
 
-            def gram(x: jax.Array) -> jax.Array:
-                xs = x.T.reshape(-1, *self.in_shape)
-                return self.rmatvec(unit, self.matvec(unit, xs)).reshape(-1, n).T
+        def gram(x: jax.Array) -> jax.Array:
+            xs = x.T.reshape(-1, *self.in_shape)
+            return self.rmatvec(unit, self.matvec(unit, xs)).reshape(-1, n).T
 
-            theta = _block_krylov(gram, n, k, block, depth, tol, max_rounds)
-            sigma = jnp.sqrt(jnp.maximum(theta, 0.0))
-        return sigma * safe
+        theta, vectors = _block_krylov(gram, n, k, block, depth, tol, rounds)
+        return jnp.sqrt(jnp.maximum(theta, 0.0)) * safe, vectors
+
+
+# Compiled once per operator: init_power_iteration calls it outside any jit.
+@functools.partial(jax.jit, static_argnums=0)
+def _top_right_singular_vector(op: ConvLinearOperator, kernel: jax.Array) -> jax.Array:
+    vectors = op._decompose(kernel, 1, "auto", 1e-5, 100)[1]
+    return vectors[:, 0].reshape(op.in_shape)
 
 
 # Krylov parameters: extra block vectors beyond k (so the k-th value converges at
@@ -461,7 +490,7 @@ def _orthonormal(w: jax.Array, basis: jax.Array) -> jax.Array:
 def _block_krylov(
     gram, n: int, k: int, block: int, depth: int, tol: float, max_rounds: int
 ) -> jax.Array:
-    """The top ``k`` eigenvalues of the PSD ``gram`` on ``R^n``, descending.
+    """The top ``k`` eigenpairs of the PSD ``gram`` on ``R^n``: ``(k,)``, ``(n, k)``.
 
     Each round builds the block Krylov basis ``[V, GV, …, G^depth V]`` (orthonormal),
     takes the Ritz pairs of ``G`` on it, and restarts from the top ``block`` Ritz
@@ -509,7 +538,8 @@ def _block_krylov(
     theta = jnp.zeros(block, jnp.float32)
     start = start @ _whitener(start, _BLOCK_THRESHOLD)
     init = (start, theta, jnp.full_like(theta, -jnp.inf), 0)
-    return lax.while_loop(not_done, body, init)[1][:k]
+    v, theta, _, _ = lax.while_loop(not_done, body, init)
+    return theta[:k], v[:, :k]
 
 
 def _check_kernel_shape(spec: ConvOperator, kernel_shape: Sequence[int]) -> tuple:
