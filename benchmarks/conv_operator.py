@@ -76,18 +76,17 @@ def main() -> None:
     problem = bench.make_problem("cnn")
     baseline, null = bench.train_step(problem), bench.train_step(problem)
     x, y = problem.x, problem.y
-    base_bytes = bench._bytes_accessed(baseline, x, y)
+    base_bytes = bench.cost_model(baseline, x, y).bytes
     plain = min(bench._block(baseline, 1, x, y) for _ in range(10))
     for name, tx in _transforms(problem).items():
         case = bench.train_step(problem, tx=optax.chain(tx, problem.sgd()))
-        ratio, null_ratio, iqr, seconds, _, rounds = bench.measure(
-            baseline, null, case, x, y, rounds=args.rounds
-        )
+        timing = bench.measure(baseline, null, case, x, y, rounds=args.rounds)
         alone = _update_alone(problem, tx)
         print(
-            f"{name:9s} time {ratio:.3f}x (IQR {iqr:.3f}, null {null_ratio:.3f}x,"
-            f" {rounds} rounds, SGD {seconds * 1e3:.1f} ms/step)  XLA bytes"
-            f" {bench._bytes_accessed(case, x, y) / base_bytes:.3f}x  update alone"
+            f"{name:9s} time {timing.ratio:.3f}x (IQR {timing.spread:.3f}, null"
+            f" {timing.null:.3f}x, {timing.rounds} rounds, SGD"
+            f" {timing.baseline_seconds * 1e3:.1f} ms/step)  XLA bytes"
+            f" {bench.cost_model(case, x, y).bytes / base_bytes:.3f}x  update alone"
             f" {alone * 1e3:.2f} ms = {alone / plain:.3f} of the fastest plain step"
         )
 
