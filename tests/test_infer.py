@@ -42,6 +42,12 @@ def _assert_maps(x_rows, leaf, dims, y_rows):
     np.testing.assert_allclose(got, np.asarray(y_rows), rtol=1e-5, atol=2e-5)
 
 
+def _rank_one(matrix):
+    """``σ u vᵀ`` of a matrix, from its float64 SVD."""
+    u, s, vt = np.linalg.svd(np.asarray(matrix, np.float64), full_matrices=False)
+    return s[0] * np.outer(u[:, 0], vt[0])
+
+
 def _normal(shape, seed=0):
     return jax.random.normal(jax.random.key(seed), shape)
 
@@ -528,6 +534,52 @@ def test_nnx_scan_stack():
     np.testing.assert_allclose(forward(x, stack), want, rtol=1e-5, atol=2e-5)
 
 
+class _NnxNet(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(4, 3, (2, 3), padding="VALID", rngs=rngs)
+        self.linear = nnx.Linear(3, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.linear(self.conv(x).mean((1, 2)))
+
+
+@pytest.mark.parametrize("conv", ["matrix", "operator"])
+def test_nnx_optimizer_takes_the_inferred_state(conv):
+    """Regression: ``tx.init`` gets the ``Param``-wrapped state and ``tx.update``
+    the pure arrays, and the inferred ``Param(layout)`` tree must fit both."""
+    coeff, lr = 0.3, 0.5
+    model = _NnxNet(nnx.Rngs(0))
+    layouts = _nnx_infer(model, IMAGES, conv=conv)
+    before = nnx.as_pure(nnx.state(model, nnx.Param))
+    tx = mr.spectral_norm_regularization(coeff, weight_dimension_numbers=layouts)
+    optimizer = nnx.Optimizer(model, optax.chain(tx, optax.sgd(lr)), wrt=nnx.Param)
+    optimizer.update(model, jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param)))
+    after = nnx.as_pure(nnx.state(model, nnx.Param))
+    kernels = {name: before[name]["kernel"] for name in ("conv", "linear")}
+    if conv == "matrix":
+        # Kernels (kh, kw, in, out) and (in, out): the reshape(-1, out) matrices.
+        added = {
+            name: _rank_one(k.reshape(-1, k.shape[-1])).reshape(k.shape)
+            for name, k in kernels.items()
+        }
+    else:
+        # The same transform on the raw arrays with the layouts written by hand.
+        hand = {
+            "conv": {"kernel": mr.ConvOperator((5, 5, 4), padding="VALID")},
+            "linear": {"kernel": Dims(0, 1)},
+        }
+        plain = mr.spectral_norm_regularization(1.0, weight_dimension_numbers=hand)
+        raw = {name: {"kernel": k} for name, k in kernels.items()}
+        zeros = jax.tree.map(jnp.zeros_like, raw)
+        updates = plain.update(zeros, plain.init(raw), raw)[0]
+        added = {name: updates[name]["kernel"] for name in kernels}
+    for name, kernel in kernels.items():
+        np.testing.assert_allclose(
+            after[name]["kernel"], kernel - lr * coeff * added[name], atol=2e-6
+        )
+        np.testing.assert_array_equal(after[name]["bias"], before[name]["bias"])
+
+
 # equinox: partition, infer on the arrays, vmap over the batch.
 
 
@@ -564,6 +616,47 @@ def test_equinox_conv2d():
         (4, 5, 5), padding=((0, 0), (0, 0)), dimension_numbers=("NCHW", "OIHW", "NCHW")
     )
     _assert_operator_applies(ops.weight, model.weight, x, y)
+
+
+class _EqxNet(eqx.Module):
+    conv: eqx.nn.Conv2d
+    linear: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2 = jax.random.split(key)
+        self.conv = eqx.nn.Conv2d(4, 3, (2, 3), key=k1)
+        self.linear = eqx.nn.Linear(3, 2, key=k2)
+
+    def __call__(self, x):
+        return self.linear(self.conv(x).mean((1, 2)))
+
+
+def test_inferred_equinox_module_is_a_tree_not_a_function():
+    """Regression: the inferred layouts are an equinox Module, which is callable,
+    and must be read as the layouts tree, not called on the params."""
+    model = _EqxNet(jax.random.key(0))
+    layouts, _ = _eqx_infer(model, IMAGES.transpose(0, 3, 1, 2))
+    assert callable(layouts)
+    params = eqx.filter(model, eqx.is_array)
+    # Fan-out first: (out, in) and (out, in, kh, kw) are reshape(out, -1) transposed.
+    matrices = {
+        name: np.asarray(getattr(params, name).weight, np.float64)
+        for name in ("conv", "linear")
+    }
+    matrices = {name: w.reshape(w.shape[0], -1).T for name, w in matrices.items()}
+    norms = mr.spectral_norms(params, weight_dimension_numbers=layouts)
+    assert set(norms) == {"conv/weight", "linear/weight"}
+    for name, matrix in matrices.items():
+        sigma = np.linalg.svd(matrix, compute_uv=False)[0]
+        np.testing.assert_allclose(norms[f"{name}/weight"], sigma, rtol=1e-5)
+    tx = mr.spectral_norm_regularization(0.3, weight_dimension_numbers=layouts)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates = tx.update(zeros, tx.init(params), params)[0]
+    for name, matrix in matrices.items():
+        weight = getattr(updates, name).weight
+        expected = 0.3 * _rank_one(matrix).T.reshape(weight.shape)
+        np.testing.assert_allclose(weight, expected, atol=2e-6)
+        np.testing.assert_array_equal(getattr(updates, name).bias, 0.0)
 
 
 # Bad input.

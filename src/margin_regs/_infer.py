@@ -130,8 +130,11 @@ def infer_weight_dimension_numbers(
     ``graphdef, state = nnx.split(model, nnx.Param)`` then
     ``infer_weight_dimension_numbers(lambda s, x: nnx.merge(graphdef, s)(x), state,
     x)``, which returns an ``nnx.State`` with a layout (or ``None``) in each
-    variable. For equinox, ``params, static = eqx.partition(model, eqx.is_array)``
-    and ``fn = lambda p, x: jax.vmap(eqx.combine(p, static))(x)``.
+    variable; it fits both the state and its ``nnx.as_pure`` arrays, so a transform
+    given it works inside ``nnx.Optimizer(model, tx, wrt=nnx.Param)``. For equinox,
+    ``params, static = eqx.partition(model, eqx.is_array)`` and ``fn = lambda p, x:
+    jax.vmap(eqx.combine(p, static))(x)``, which returns an equinox Module of
+    layouts (callable, but read as a tree, never called).
 
     Args:
       fn: the model's forward function, called as ``fn(params, *args)``; it is only

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -73,6 +74,45 @@ def is_layout(x: Any) -> bool:
 def is_spec(x: Any) -> bool:
     """A layout or ``None``: a leaf of a resolved layouts tree."""
     return x is None or is_layout(x)
+
+
+def _is_nnx_variable(x: Any) -> bool:
+    # flax is imported only if the user uses it, and only then can a tree hold one.
+    nnx = sys.modules.get("flax.nnx")
+    return nnx is not None and isinstance(x, nnx.Variable)
+
+
+def _unwrap_variables(tree: Any) -> Any:
+    """``tree`` with every nnx ``Variable`` holding a layout or ``None`` replaced by it.
+
+    :func:`margin_regs.infer_weight_dimension_numbers` on an ``nnx.State`` returns
+    ``Param(layout)`` leaves, but ``nnx.Optimizer`` passes ``tx.init`` the state
+    with its ``Param`` wrappers and ``tx.update`` the pure arrays
+    (``nnx.as_pure``). Bare layouts are a prefix of both: a layout broadcasts over a
+    ``Param(array)`` as over an array.
+    """
+
+    def unwrap(x):
+        if _is_nnx_variable(x) and is_spec(x.get_value()):
+            return x.get_value()
+        return x
+
+    return jax.tree.map(
+        unwrap, tree, is_leaf=lambda x: is_spec(x) or _is_nnx_variable(x)
+    )
+
+
+def _is_function(wdn: Any) -> bool:
+    """Whether ``weight_dimension_numbers`` is a ``params -> layouts`` function.
+
+    A callable that is itself a pytree node is a tree of layouts, not a function:
+    equinox Modules (what inference returns for equinox params) and nnx
+    Variables are callable. Wrap a callable pytree meant as the function in a
+    plain ``lambda params: ...``.
+    """
+    return callable(wdn) and jax.tree_util.treedef_is_leaf(
+        jax.tree.structure(wdn, is_leaf=is_spec)
+    )
 
 
 def default_layout(ndim: int) -> MuonDimensionNumbers:
@@ -175,7 +215,12 @@ def resolve_layouts(
     * one layout value: every leaf the mask selects gets it;
     * a pytree of layouts and ``None`` (a prefix of params allowed) or a callable
       ``params -> such a pytree``: the leaves where it is not None (and that a
-      user-given mask selects).
+      user-given mask selects). A callable that is a pytree node (an equinox
+      Module, as :func:`margin_regs.infer_weight_dimension_numbers` returns for
+      equinox params) is a tree, never called. nnx Variables holding a
+      layout or ``None`` (inference on an ``nnx.State``) stand for their value, so
+      the same tree fits the ``nnx.State`` and its pure arrays (``nnx.as_pure``),
+      the two trees ``nnx.Optimizer`` gives ``tx.init`` and ``tx.update``.
 
     ``optax.MaskedNode`` leaves (from an outer ``optax.masked``) are never
     selected.
@@ -202,8 +247,9 @@ def resolve_layouts(
       MuonDimensionNumbers(reduction_axis=(1,), output_axis=(2,))
     """
     wdn = weight_dimension_numbers
-    if callable(wdn) and not is_layout(wdn):
+    if _is_function(wdn):
         wdn = wdn(params)
+    wdn = _unwrap_variables(wdn)
     if wdn is None or is_layout(wdn):
         selected = _tree.resolve_mask(mask, params)
         layouts = jax.tree.map(
