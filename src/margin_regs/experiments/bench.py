@@ -1020,7 +1020,8 @@ def from_json(data: dict[str, Any]) -> list[Result]:
 def _cell(r: Result | None) -> str:
     if r is None:
         return ""
-    cost = f"{r.flops_ratio:.2f}× / {r.bytes_ratio:.2f}×"
+    # Three decimals for the deterministic cost model, two for the noisy timing.
+    cost = f"{r.flops_ratio:.3f}× / {r.bytes_ratio:.3f}×"
     if not r.rounds:
         return cost
     return f"**{r.ratio:.2f}×**{' ⚠' if r.note else ''} · {cost}"
@@ -1029,7 +1030,8 @@ def _cell(r: Result | None) -> str:
 def markdown_tables(results: Sequence[Result]) -> str:
     """The README's tables: one per batch size, a row per case, a column per model.
 
-    A cell reads ``time · FLOPs / bytes`` (ratios to plain SGD); a timed batch size
+    A cell reads ``time · FLOPs / bytes`` (ratios to plain SGD), cases in the
+    registry's order; a timed batch size
     gets a row of null controls, and ⚠ marks a time outside the cost model by more
     than the null's spread, with the reason listed under the table.
     """
@@ -1037,7 +1039,8 @@ def markdown_tables(results: Sequence[Result]) -> str:
     for batch_size in sorted({r.batch_size for r in results}):
         rows = [r for r in results if r.batch_size == batch_size]
         names = [m for m in MODELS if any(r.model == m for r in rows)]
-        cases = list(dict.fromkeys(r.case for r in rows))
+        present = {r.case for r in rows}
+        cases = [n for n in CASES if n in present] + sorted(present - set(CASES))
         table = {(r.case, r.model): r for r in rows}
         out += [
             f"Batch {batch_size}:",
