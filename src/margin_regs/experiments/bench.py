@@ -539,7 +539,15 @@ def cost_model(stepper: Stepper, x: jax.Array, y: jax.Array) -> Costs:
 
 
 def compiled_costs(compiled: Any) -> Costs:
-    """FLOPs and bytes accessed of a compiled executable (``Lowered.compile()``)."""
+    """FLOPs and bytes accessed of a compiled executable (``Lowered.compile()``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from margin_regs.experiments.bench import compiled_costs
+      >>> a = jnp.ones((8, 8))
+      >>> compiled_costs(jax.jit(jnp.matmul).lower(a, a).compile())  # 2·8³ FLOPs
+      Costs(flops=1024.0, bytes=768.0)
+    """
     costs = compiled.cost_analysis()
     costs = (costs[0] if isinstance(costs, list) else costs) or {}
     return Costs(
@@ -1034,6 +1042,16 @@ def markdown_tables(results: Sequence[Result]) -> str:
     registry's order; a timed batch size
     gets a row of null controls, and ⚠ marks a time outside the cost model by more
     than the null's spread, with the reason listed under the table.
+
+    Example:
+      >>> from margin_regs.experiments.bench import Result, markdown_tables
+      >>> print(markdown_tables([Result("eigenvalue_decay", "mlp", 128, 1.01, 1.23)]))
+      Batch 128:
+      <BLANKLINE>
+      | case | mlp |
+      |---|---|
+      | `eigenvalue_decay` | 1.010× / 1.230× |
+      <BLANKLINE>
     """
     out = []
     for batch_size in sorted({r.batch_size for r in results}):
