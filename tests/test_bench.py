@@ -120,6 +120,8 @@ def test_every_model_runs_every_method():
     assert {"mlp", "cnn"} <= set(bench.CASES["jacobian_margin_all"].models)
     for name in ("spectral_norm_regularization", "eigenvalue_decay"):
         assert "transformer" in bench.CASES[f"{name}_layouts"].models
+    conv_operator = bench.CASES["spectral_norm_regularization_conv_operator"]
+    assert set(conv_operator.models) == {"cnn", "vgg11", "resnet18"}
 
 
 def _trace_steps(model, names):

@@ -375,6 +375,18 @@ def _eigenvalue_decay_layouts(problem: Problem) -> Stepper:
     return train_step(problem, tx=optax.chain(transform, problem.sgd()))
 
 
+@register(
+    "spectral_norm_regularization_conv_operator", models=("cnn", "vgg11", "resnet18")
+)
+def _spectral_transform_conv_operator(problem: Problem) -> Stepper:
+    """Each convolution as the linear map it is on its input (``mr.ConvOperator``):
+    power iteration runs a convolution and its transpose on one input-shaped vector."""
+    transform = mr.spectral_norm_regularization(
+        COEFF, weight_dimension_numbers=_inferred_layouts(problem, "operator")
+    )
+    return train_step(problem, tx=optax.chain(transform, problem.sgd()))
+
+
 @register("spectral_norm_penalty")
 def _spectral_penalty(problem: Problem) -> Stepper:
     def penalty(params, vectors, x, y):
