@@ -375,6 +375,18 @@ def _eigenvalue_decay_layouts(problem: Problem) -> Stepper:
     return train_step(problem, tx=optax.chain(transform, problem.sgd()))
 
 
+@register(
+    "spectral_norm_regularization_conv_operator", models=("cnn", "vgg11", "resnet18")
+)
+def _spectral_transform_conv_operator(problem: Problem) -> Stepper:
+    """Each convolution as the linear map it is on its input (``mr.ConvOperator``):
+    power iteration runs a convolution and its transpose on one input-shaped vector."""
+    transform = mr.spectral_norm_regularization(
+        COEFF, weight_dimension_numbers=_inferred_layouts(problem, "operator")
+    )
+    return train_step(problem, tx=optax.chain(transform, problem.sgd()))
+
+
 @register("spectral_norm_penalty")
 def _spectral_penalty(problem: Problem) -> Stepper:
     def penalty(params, vectors, x, y):
@@ -539,7 +551,15 @@ def cost_model(stepper: Stepper, x: jax.Array, y: jax.Array) -> Costs:
 
 
 def compiled_costs(compiled: Any) -> Costs:
-    """FLOPs and bytes accessed of a compiled executable (``Lowered.compile()``)."""
+    """FLOPs and bytes accessed of a compiled executable (``Lowered.compile()``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from margin_regs.experiments.bench import compiled_costs
+      >>> a = jnp.ones((8, 8))
+      >>> compiled_costs(jax.jit(jnp.matmul).lower(a, a).compile())  # 2·8³ FLOPs
+      Costs(flops=1024.0, bytes=768.0)
+    """
     costs = compiled.cost_analysis()
     costs = (costs[0] if isinstance(costs, list) else costs) or {}
     return Costs(
@@ -1020,7 +1040,8 @@ def from_json(data: dict[str, Any]) -> list[Result]:
 def _cell(r: Result | None) -> str:
     if r is None:
         return ""
-    cost = f"{r.flops_ratio:.2f}× / {r.bytes_ratio:.2f}×"
+    # Three decimals for the deterministic cost model, two for the noisy timing.
+    cost = f"{r.flops_ratio:.3f}× / {r.bytes_ratio:.3f}×"
     if not r.rounds:
         return cost
     return f"**{r.ratio:.2f}×**{' ⚠' if r.note else ''} · {cost}"
@@ -1029,15 +1050,27 @@ def _cell(r: Result | None) -> str:
 def markdown_tables(results: Sequence[Result]) -> str:
     """The README's tables: one per batch size, a row per case, a column per model.
 
-    A cell reads ``time · FLOPs / bytes`` (ratios to plain SGD); a timed batch size
+    A cell reads ``time · FLOPs / bytes`` (ratios to plain SGD), cases in the
+    registry's order; a timed batch size
     gets a row of null controls, and ⚠ marks a time outside the cost model by more
     than the null's spread, with the reason listed under the table.
+
+    Example:
+      >>> from margin_regs.experiments.bench import Result, markdown_tables
+      >>> print(markdown_tables([Result("eigenvalue_decay", "mlp", 128, 1.01, 1.23)]))
+      Batch 128:
+      <BLANKLINE>
+      | case | mlp |
+      |---|---|
+      | `eigenvalue_decay` | 1.010× / 1.230× |
+      <BLANKLINE>
     """
     out = []
     for batch_size in sorted({r.batch_size for r in results}):
         rows = [r for r in results if r.batch_size == batch_size]
         names = [m for m in MODELS if any(r.model == m for r in rows)]
-        cases = list(dict.fromkeys(r.case for r in rows))
+        present = {r.case for r in rows}
+        cases = [n for n in CASES if n in present] + sorted(present - set(CASES))
         table = {(r.case, r.model): r for r in rows}
         out += [
             f"Batch {batch_size}:",
