@@ -87,6 +87,16 @@ def test_smaller_is_better_metric_flips_the_sign():
     assert judge(claim, results).verdict == NOT_REPRODUCED
 
 
+def test_an_undefined_measurement_gives_no_verdict():
+    # A diverged run's spectrum is recorded as NaN: its cell, and the pooled claim,
+    # stay inconclusive however clear the other cells are.
+    base = np.array([0.90, 0.92, 0.91])
+    results = _results([base + 0.05, [np.nan, 0.5, 0.5]], [base, base])
+    j = judge(CLAIM, results)
+    assert j.cells["n=256"][0] == REPRODUCED
+    assert j.cells["n=1024"][0] == INCONCLUSIVE and j.verdict == INCONCLUSIVE
+
+
 def test_at_least_claim_uses_the_tolerance():
     tie = Interval(-0.001, -0.004, 0.002, 3)
     worse = Interval(-0.02, -0.03, -0.01, 3)
@@ -209,3 +219,12 @@ def test_quick_experiment(name, tmp_path, capsys):
         for m in methods.values():
             for acc in m.get("test_acc", []):
                 assert 0.0 <= acc <= 1.0
+
+
+def test_cli_dispatches_reproduce_and_rejects_unknown_names(capsys):
+    from margin_regs.experiments import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["reproduce", "sokolic-table2"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'sokolic-table2'" in capsys.readouterr().err

@@ -439,7 +439,7 @@ _LARGE = "B=500"
 def yoshida_gap(quick: bool) -> Protocol:
     """Yoshida & Miyato Table 1 on the 784-392-392-10 MLP: small vs large batch."""
     n = 256 if quick else 2000
-    epochs = 2 if quick else 20
+    epochs = 1 if quick else 20
     large = 64 if quick else 500
     methods = ("vanilla", "decay", "adversarial", "spectral")
     recipes = {

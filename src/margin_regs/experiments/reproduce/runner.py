@@ -294,8 +294,13 @@ def train_cell(
             for split in ("train", "val", "test"):
                 out[f"{split}_acc"][c, i] = _accuracy(evaluator, p, ds, split)
             sigmas, ranks = evaluator.layer_stats(p)
-            out["sigma_max"][c, i] = _classifier_value(sigmas)
-            out["stable_rank"][c, i] = _classifier_value(ranks)
+            finite = all(
+                bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(p)
+            )
+            # A diverged run's weights have no spectrum (mr.stable_ranks reports 0
+            # for a NaN kernel): record it as undefined, so no verdict rests on it.
+            out["sigma_max"][c, i] = _classifier_value(sigmas) if finite else np.nan
+            out["stable_rank"][c, i] = _classifier_value(ranks) if finite else np.nan
     return CellResult(
         method=cell.method,
         coeffs=np.asarray(cell.coeffs, float),
