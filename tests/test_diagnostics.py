@@ -11,6 +11,7 @@ import optax
 import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
+from optax.contrib import MuonDimensionNumbers
 
 import margin_regs as mr
 
@@ -127,6 +128,76 @@ def test_mask_selects_and_rejects_vectors():
     np.testing.assert_allclose(norms["conv"], expected, rtol=1e-5)
     with pytest.raises(ValueError, match="layers/0/b"):
         mr.stable_ranks(params, mask=lambda p: jax.tree.map(lambda _: True, p))
+
+
+# A 2-D kernel, a batched layout (two 4 x 3 matrices) and a convolution operator.
+_RANK_LAYOUTS = {
+    "dense": MuonDimensionNumbers(0, 1),  # the default layout of a 2-D leaf
+    "batched": MuonDimensionNumbers(1, 2),
+    "conv": mr.ConvOperator((5, 5, 2)),
+}
+_ranks_by_layout = jax.jit(
+    functools.partial(mr.stable_ranks, weight_dimension_numbers=_RANK_LAYOUTS)
+)
+
+
+def _dense_stable_ranks(params):
+    """Float64 ``Σσ²/σ₁²`` per matrix, the conv's from its dense operator matrix."""
+    op = mr.ConvOperator((5, 5, 2)).operator(params["conv"].shape)
+    conv = jax.jacfwd(lambda x: op.matvec(params["conv"], x))(jnp.zeros((5, 5, 2)))
+    matrices = {
+        "dense": [params["dense"]],
+        "batched": list(params["batched"]),
+        "conv": [np.reshape(conv, (50, 50))],
+    }
+    out = {}
+    for name, mats in matrices.items():
+        s = [np.linalg.svd(np.asarray(m, np.float64), compute_uv=False) for m in mats]
+        out[name] = np.squeeze([np.sum(v**2) / v[0] ** 2 for v in s])
+    return out
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_stable_rank_is_nan_for_a_nonfinite_kernel_and_zero_only_for_zero(rng, bad):
+    # `σ₁ > 0` is False for NaN, so a NaN kernel used to take the zero-matrix branch
+    # and report stable rank 0 where spectral_norms gives NaN.
+    params = {
+        "dense": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32),
+        "batched": jnp.asarray(rng.normal(size=(2, 4, 3)), jnp.float32),
+        "conv": jnp.asarray(rng.normal(size=(3, 3, 2, 2)), jnp.float32),
+    }
+    expected = _dense_stable_ranks(params)
+    ranks = _ranks_by_layout(params)
+    assert set(ranks) == set(expected)
+    for name, value in ranks.items():
+        np.testing.assert_allclose(value, expected[name], rtol=1e-5)
+    # one entry of each leaf non-finite; the batched leaf's other slice unaffected
+    poisoned = {
+        "dense": params["dense"].at[2, 1].set(bad),
+        "batched": params["batched"].at[0, 3, 0].set(bad),
+        "conv": params["conv"].at[1, 1, 0, 1].set(bad),
+    }
+    ranks = _ranks_by_layout(poisoned)
+    assert np.isnan(ranks["dense"]) and np.isnan(ranks["conv"])
+    assert np.isnan(ranks["batched"][0])
+    np.testing.assert_allclose(ranks["batched"][1], expected["batched"][1], rtol=1e-5)
+    assert np.isnan(mr.stable_rank(poisoned["dense"]))
+    batched = mr.stable_rank(
+        poisoned["batched"], weight_dimension_numbers=_RANK_LAYOUTS["batched"]
+    )
+    assert np.isnan(batched[0]) and np.isfinite(batched[1])
+    op = _RANK_LAYOUTS["conv"].operator(params["conv"].shape)
+    assert np.isnan(op.stable_rank(poisoned["conv"]))
+    # the exact zero matrix (a zero slice beside a nonzero one) keeps 0
+    zeros = {
+        "dense": jnp.zeros_like(params["dense"]),
+        "batched": params["batched"].at[0].set(0.0),
+        "conv": jnp.zeros_like(params["conv"]),
+    }
+    ranks = _ranks_by_layout(zeros)
+    assert ranks["dense"] == 0 and ranks["conv"] == 0 and ranks["batched"][0] == 0
+    np.testing.assert_allclose(ranks["batched"][1], expected["batched"][1], rtol=1e-5)
+    assert op.stable_rank(zeros["conv"]) == 0
 
 
 # ----------------------------------------------------------------------------------

@@ -294,11 +294,15 @@ class ConvLinearOperator:
         """``‖A‖_F² / σ₁²``, in ``[1, rank A]``; 0 for the zero kernel.
 
         From :meth:`frobenius_norm` and the top singular value alone, so it is
-        exact without the full spectrum (Krylov for large operators).
+        exact without the full spectrum (Krylov for large operators). NaN for a
+        kernel with NaN or inf entries, whose Frobenius norm is NaN.
         """
-        top = self.singular_values(kernel, 1)[0]
-        safe = jnp.where(top > 0, top, 1.0)
-        return jnp.where(top > 0, (self.frobenius_norm(kernel) / safe) ** 2, 0.0)
+        frobenius = self.frobenius_norm(kernel)
+        # Only the zero kernel has ‖A‖_F = 0; a NaN norm fails every comparison,
+        # so it must not be the branch that a failed `> 0` test selects.
+        zero = frobenius == 0
+        top = jnp.where(zero, 1.0, self.singular_values(kernel, 1)[0])
+        return jnp.where(zero, 0.0, (frobenius / top) ** 2)
 
     def spectrum(self, kernel: jax.Array) -> jax.Array:
         """The singular values a spectrum plot shows, descending.

@@ -327,10 +327,16 @@ def singular_values(
 
 
 def stable_rank_of(s: jax.Array) -> jax.Array:
-    """``Σ σ_i² / σ_1²`` over the last axis of descending singular values; 0 if σ_1 = 0."""
+    """``Σ σ_i² / σ_1²`` over the last axis of descending singular values.
+
+    0 only where ``σ_1 == 0`` (the zero matrix); NaN singular values (the SVD of a
+    kernel with NaN or inf entries) give NaN, never that 0.
+    """
     top = s[..., 0]
-    safe_top = jnp.where(top > 0, top, 1.0)
-    return jnp.where(top > 0, jnp.sum((s / safe_top[..., None]) ** 2, axis=-1), 0.0)
+    # Test for the zero matrix, not for a positive σ_1: NaN > 0 is False.
+    zero = top == 0
+    safe_top = jnp.where(zero, 1.0, top)
+    return jnp.where(zero, 0.0, jnp.sum((s / safe_top[..., None]) ** 2, axis=-1))
 
 
 def stable_rank(
@@ -340,6 +346,8 @@ def stable_rank(
     weight_dimension_numbers: MuonDimensionNumbers | None = None,
 ) -> jax.Array:
     """Stable rank ``‖K‖_F² / σ_max(K)²``, in ``[1, rank K]``; 0 for the zero matrix.
+
+    NaN for a kernel with NaN or inf entries (as :func:`spectral_norm`).
 
     The smooth surrogate of rank that Zhao et al. 2019 (§5) track; per batch slice
     for a batched layout (see :func:`as_matrix`).
