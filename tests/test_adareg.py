@@ -743,6 +743,74 @@ def test_default_bounds_train_the_toy_problem_under_scan(rng):
     assert np.linalg.norm(p["k"] - target) <= 0.15 * np.linalg.norm(target)
 
 
+def _train_last_layer(rng, lower, upper, epochs):
+    """zhao-fig2's classifier alone: a 50 x 10 softmax layer on ReLU features,
+    AdaReg (λ = 1e-4, re-solved every epoch of 14 steps) before Nesterov SGD
+    (rate 0.05, momentum 0.9), one lax.scan. Returns (params, state, max |K| per
+    step)."""
+    d, p, batch, steps = 50, 10, 32, 14
+    features = np.maximum(rng.normal(size=(steps * batch, d)), 0).astype(np.float32)
+    logits = features @ rng.normal(size=(d, p)) + rng.gumbel(size=(steps * batch, p))
+    x = jnp.asarray(features).reshape(steps, batch, d)
+    y = jnp.asarray(np.argmax(logits, -1)).reshape(steps, batch)
+    params = {
+        "kernel": jnp.asarray(rng.normal(size=(d, p)) / np.sqrt(d), jnp.float32),
+        "bias": jnp.zeros(p, jnp.float32),
+    }
+    ada = mr.adareg(1e-4, lower=lower, upper=upper, update_every=steps)
+    tx = optax.chain(ada, optax.sgd(0.05, momentum=0.9, nesterov=True))
+
+    def loss(q, xb, yb):
+        z = xb @ q["kernel"] + q["bias"]
+        return optax.softmax_cross_entropy_with_integer_labels(z, yb).mean()
+
+    def step(carry, batch_xy):
+        q, state = carry
+        updates, state = tx.update(jax.grad(loss)(q, *batch_xy), state, q)
+        q = optax.apply_updates(q, updates)
+        return (q, state), jnp.max(jnp.abs(q["kernel"]))
+
+    data = (jnp.tile(x, (epochs, 1, 1)), jnp.tile(y, (epochs, 1)))
+    (q, state), top = jax.jit(lambda c: jax.lax.scan(step, c, data))(
+        (params, tx.init(params))
+    )
+    return q, state, ada, np.asarray(top)
+
+
+def test_default_bounds_keep_zhao_fig2s_last_layer_finite():
+    # `reproduce zhao-fig2` at n = 3600 (14 steps an epoch) ended with NaN weights
+    # in every seed: it ran on the library from before the default box became
+    # [0.1, 10], i.e. at [1e-3, 1e3], where the added term's curvature reaches
+    # 2·λ·upper² = 200, while Nesterov SGD (rate 0.05, β = 0.9) is stable only
+    # below 2(1 + β)/((1 + 2β)·0.05) = 27. Once a mode grows, each re-solve gives
+    # `upper` again to the directions where the kernel is small (Ω = m / σ², and
+    # Ω_in on the d − p directions K does not reach), so it keeps growing. With the
+    # same layer, rates and period, [1e-3, 1e3] passes 1e9 within 6 epochs; the
+    # default box (curvature ≤ 0.02) stays at the data's scale.
+    _, _, _, top = _train_last_layer(np.random.default_rng(0), 1e-3, 1e3, 6)
+    assert not np.all(np.isfinite(top)) or top.max() > 1e9
+    params, state, ada, top = _train_last_layer(
+        np.random.default_rng(0), LOWER, UPPER, 6
+    )
+    assert np.all(np.isfinite(top)) and top.max() < 2.0
+    # the next step (count 84) re-solves: its precisions and added term are float64
+    # Alg. 1 from the stored precisions at the trained kernel
+    adastate = state[0]
+    o_in, o_out = (
+        np.asarray(x, np.float64)
+        for x in _at(adastate.inner_state.precisions, "kernel")
+    )
+    k = np.asarray(params["kernel"], np.float64)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    added, new = jax.jit(ada.update)(zeros, adastate, params)
+    want_in, want_out = _sweep64(k, o_in, o_out, LOWER, UPPER)
+    got_in, got_out = _at(new.inner_state.precisions, "kernel")
+    assert _relative_error(got_in, want_in) <= 1e-5
+    assert _relative_error(got_out, want_out) <= 1e-5
+    assert _relative_error(added["kernel"], 2e-4 * want_in @ k @ want_out) <= 1e-5
+    assert not np.any(added["bias"])
+
+
 def test_weight_dimension_numbers_give_each_matrix_its_precisions(rng):
     # A scanned stack (layers, in, out): three separate 6 × 4 matrices; an equinox
     # Linear weight (out, in): the matrix is its transpose; a stacked bias: none.
