@@ -6,11 +6,13 @@ import json
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 import margin_regs
-from margin_regs.experiments import cli, recipes
+from margin_regs.experiments import cli, data, recipes, training
+from margin_regs.experiments.grid import train_grid
 
 TINY = ["--train-size", "64", "--epochs", "2", "--batch-size", "16", "--no-progress"]
 
@@ -318,3 +320,62 @@ def test_the_module_runs_as_a_script():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"margin-regs {margin_regs.__version__}"
+
+
+CONV_TINY = ["--model", "cnn", "--seeds", "1", "--regularizers", "vanilla,spectral"]
+
+
+@pytest.fixture(scope="module")
+def conv_operator(tmp_path_factory):
+    out = tmp_path_factory.mktemp("conv")
+    argv = ["compare", *TINY, *CONV_TINY, "--coeff", "spectral=0.01"]
+    code, stdout = _compare([*argv, "--conv-operator", "--out", str(out)])
+    with open(out / "results.json") as f:
+        return code, stdout, json.load(f)
+
+
+def test_conv_operator_flag_reports_operator_norms(conv_operator):
+    code, stdout, results = conv_operator
+    assert code == 0
+    assert results["config"]["conv"] == "operator"
+    assert {s["sigma_definition"] for s in results["summary"].values()} == {"operator"}
+    assert "σ_max (conv op)" in _table(stdout)["regularizer"]
+    assert "σ: conv operator norm" in stdout
+
+
+def _dense_operator(kernel, input_shape):
+    """The SAME, stride-1 convolution's matrix: the conv of every basis input."""
+    n = int(np.prod(input_shape))
+    basis = np.eye(n, dtype=np.float32).reshape(n, *input_shape)
+    out = jax.lax.conv_general_dilated(
+        basis, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    return np.asarray(out, np.float64).reshape(n, -1)
+
+
+def test_conv_operator_sigma_is_the_dense_operators(conv_operator):
+    # The comparison's own settings: train_grid reuses its compiled programs.
+    config = training.TrainConfig(model="cnn", epochs=2, batch_size=16, conv="operator")
+    splits = [data.prepare(data.load("digits"), train_size=64, seed=0)]
+    grid = train_grid("spectral", recipes.RECIPES["spectral"], [0.01], splits, config)
+    run = grid.run_results(0, splits, config)[0]
+    assert run.final["sigma_definition"] == "operator"
+    for name, input_shape in (("conv_0", (8, 8, 1)), ("conv_1", (4, 4, 32))):
+        kernel = np.asarray(run.params[name]["kernel"])
+        dense = np.linalg.svd(_dense_operator(kernel, input_shape), compute_uv=False)
+        reshaped = np.linalg.svd(
+            kernel.astype(np.float64).reshape(-1, kernel.shape[-1]), compute_uv=False
+        )
+        reported = run.final["sigma_max"][f"{name}/kernel"]
+        np.testing.assert_allclose(reported, dense[0], rtol=1e-4)
+        assert abs(reported - reshaped[0]) > 0.05 * reshaped[0]
+        np.testing.assert_allclose(
+            run.singular_values[f"{name}/kernel"][:5], dense[:5], rtol=1e-3
+        )
+
+
+def test_conv_operator_needs_a_model_with_convolutions(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["compare", "--model", "mlp", "--conv-operator"])
+    assert info.value.code == 2
+    assert "--conv-operator: model 'mlp' has no convolutions" in capsys.readouterr().err

@@ -160,6 +160,18 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
         + " (default: mlp; on mnist5k the MLP is the papers' 784-392-392-10)",
     )
     parser.add_argument(
+        "--conv-operator",
+        action="store_true",
+        help=(
+            "take each convolution as the linear map x ↦ conv(x, K) on its input "
+            "(mr.ConvOperator, its operator norm) instead of the reshaped "
+            "(kh·kw·in, out) kernel (Yoshida & Miyato): in spectral and "
+            "eigenvalue_decay and in every σ, stable rank and spectrum reported; "
+            "adareg and max_norm need matrices and keep theirs (a model with "
+            "convolutions only)"
+        ),
+    )
+    parser.add_argument(
         "--train-size",
         type=_positive_int,
         default=512,
@@ -309,12 +321,27 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Plan:
         batch_size=args.batch_size,
         learning_rate=args.lr,
         patience=args.patience,
+        conv="operator" if args.conv_operator else "matrix",
     )
+    if args.conv_operator:
+        _check_convolutions(parser, args.model, full)
     given = dict(args.coeff)
     grids = {
         n: list(given.get(n, RECIPES[n].grid or (RECIPES[n].coeff,))) for n in names
     }
     return _Plan(names, full, splits, config, grids)
+
+
+def _check_convolutions(parser: argparse.ArgumentParser, model: str, full: Any) -> None:
+    from margin_regs.experiments import models
+
+    net = models.make_model(model, full.num_classes)
+    layouts = models.weight_layouts(net, full.x_train.shape[1:], "operator")
+    if not models.has_convolutions(layouts):
+        parser.error(
+            f"--conv-operator: model {model!r} has no convolutions; use a convolutional "
+            "--model (e.g. cnn)"
+        )
 
 
 def _train(plan: _Plan, progress: Any, grids: dict[str, Any]) -> None:

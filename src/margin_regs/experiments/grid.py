@@ -232,16 +232,19 @@ def get_grid_trainer(
     num_classes: int,
     train_size: int,
     static_coeff: float | None = None,
+    input_shape: tuple[int, ...] | None = None,
 ) -> GridTrainer:
     """The cached :class:`GridTrainer` (compiled programs shared across calls).
 
     ``static_coeff`` is the coefficient the model is built with (a dropout rate);
-    ``None`` for every other recipe.
+    ``None`` for every other recipe. ``input_shape`` (one sample's) matters only
+    with ``config.conv == "operator"``.
     """
-    key = (recipe, config, num_classes, train_size, static_coeff)
+    shape = None if config.conv == "matrix" else input_shape and tuple(input_shape)
+    key = (recipe, config, num_classes, train_size, static_coeff, shape)
     if key not in _GRID_TRAINERS:
         coeff = recipe.coeff if static_coeff is None else static_coeff
-        trainer = get_trainer(recipe, coeff, config, num_classes, train_size)
+        trainer = get_trainer(recipe, coeff, config, num_classes, train_size, shape)
         patience = "coeff" if recipe.early_stopping else config.patience
         _GRID_TRAINERS[key] = GridTrainer(trainer, patience)
     return _GRID_TRAINERS[key]
@@ -286,7 +289,12 @@ class GridRun:
         self, index: int, splits: Sequence[Dataset], config: TrainConfig
     ) -> list[RunResult]:
         """The full :class:`RunResult` of every seed at coefficient ``coeffs[index]``."""
-        evaluator = get_evaluator(config.model, splits[0].num_classes)
+        evaluator = get_evaluator(
+            config.model,
+            splits[0].num_classes,
+            config.conv,
+            splits[0].x_train.shape[1:],
+        )
         results = []
         per_run = self.seconds_per_run_epoch()
         for s, (seed, ds) in enumerate(zip(self.seeds, splits, strict=True)):
@@ -368,14 +376,16 @@ def train_grid(
     seeds = np.arange(len(splits)) if seeds is None else np.asarray(seeds)
     data = stack_splits(splits)
     num_classes, train_size = splits[0].num_classes, len(splits[0].x_train)
+    shape = splits[0].x_train.shape[1:]
     values = [0.0 if c is None else float(c) for c in coeffs]
     if recipe.dropout:
         programs = [
-            (get_grid_trainer(recipe, config, num_classes, train_size, c), [c])
+            (get_grid_trainer(recipe, config, num_classes, train_size, c, shape), [c])
             for c in values
         ]
     else:
-        programs = [(get_grid_trainer(recipe, config, num_classes, train_size), values)]
+        grid = get_grid_trainer(recipe, config, num_classes, train_size, None, shape)
+        programs = [(grid, values)]
     parts = [
         _train_program(g, np.asarray(cs, np.float32), data, seeds, config, on_epoch)
         for g, cs in programs

@@ -26,6 +26,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 import margin_regs as mr
 
@@ -37,9 +38,11 @@ __all__ = [
     "SokolicMLP",
     "classifier_kernel",
     "classifier_mask",
+    "has_convolutions",
     "kernel_mask",
     "logits_fn",
     "make_model",
+    "weight_layouts",
 ]
 
 CLASSIFIER_PATH: tuple[str, str] = ("classifier", "kernel")
@@ -289,6 +292,53 @@ def logits_fn(model: nn.Module, params: Any) -> Callable[[jax.Array], jax.Array]
       (5, 3)
     """
     return lambda x: model.apply({"params": params}, x)
+
+
+def weight_layouts(
+    model: nn.Module, input_shape: tuple[int, ...], conv: str = "matrix"
+) -> Any:
+    """Which matrix or operator each kernel of ``model`` is, on inputs of ``input_shape``.
+
+    ``conv="matrix"``: ``None``, the library's default layouts (a conv kernel is its
+    reshaped ``(kh·kw·in, out)`` matrix, Yoshida & Miyato's definition).
+    ``conv="operator"``: :func:`margin_regs.infer_weight_dimension_numbers` of the
+    model's forward pass with ``conv="operator"``, so each conv kernel is the
+    :class:`margin_regs.ConvOperator` it applies to its traced input (nothing runs:
+    the model is traced on shapes only).
+
+    Args:
+      model: a reference model.
+      input_shape: one sample's shape ``(*spatial, channels)``.
+      conv: ``"matrix"`` or ``"operator"``.
+
+    Returns:
+      ``None`` or a pytree of layouts with the params' structure.
+
+    Example:
+      >>> from margin_regs.experiments.models import SokolicCNN, weight_layouts
+      >>> layouts = weight_layouts(SokolicCNN(10), (8, 8, 1), "operator")
+      >>> layouts["conv_1"]["kernel"].input_shape
+      (4, 4, 32)
+    """
+    if conv not in ("matrix", "operator"):
+        raise ValueError(f"conv must be 'matrix' or 'operator', got {conv!r}")
+    if conv == "matrix":
+        return None
+    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    return mr.infer_weight_dimension_numbers(
+        lambda p, b: model.apply({"params": p}, b), params, x, conv="operator"
+    )
+
+
+def has_convolutions(layouts: Any) -> bool:
+    """Whether a :func:`weight_layouts` pytree holds a :class:`margin_regs.ConvOperator`."""
+    return any(
+        isinstance(leaf, mr.ConvOperator)
+        for leaf in jax.tree.leaves(
+            layouts, is_leaf=lambda x: isinstance(x, mr.ConvOperator)
+        )
+    )
 
 
 # --- Benchmark models (issue 16): the shapes users train, for `margin-regs bench` ---

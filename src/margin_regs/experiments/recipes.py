@@ -36,6 +36,8 @@ class StepContext(NamedTuple):
       num_classes: number of classes.
       apply_with_activations: ``(params, x) -> (logits, activations)``, the
         hidden representations the reference models sow (a pytree, batch first).
+      layouts: the ``weight_dimension_numbers`` of the run (``None``: the library's
+        default, conv kernels reshaped; see :attr:`Setup.layouts`).
     """
 
     params: Any
@@ -45,6 +47,7 @@ class StepContext(NamedTuple):
     apply: Callable[[Any, jax.Array], jax.Array]
     num_classes: int
     apply_with_activations: Callable[[Any, jax.Array], tuple[jax.Array, Any]]
+    layouts: Any = None
 
     def logits_fn(self) -> Callable[[jax.Array], jax.Array]:
         """``x -> logits`` at this step's params."""
@@ -58,11 +61,21 @@ class StepContext(NamedTuple):
 
 
 class Setup(NamedTuple):
-    """What a recipe's transform factory may need to know about the run."""
+    """What a recipe's transform factory may need to know about the run.
+
+    ``layouts`` is the ``weight_dimension_numbers`` of the run's kernels:
+    ``None`` (the library's default: a conv kernel is its reshaped matrix) or, with
+    ``--conv-operator``, :func:`~margin_regs.experiments.models.weight_layouts`'
+    pytree in which each conv kernel is a :class:`margin_regs.ConvOperator`. Only
+    the methods defined on any linear operator take it (spectral norm
+    regularization, Eigenvalue Decay); AdaReg and max-norm need true matrices and
+    keep their matrix layouts.
+    """
 
     model: nn.Module
     steps_per_epoch: int
     epochs: int
+    layouts: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +139,13 @@ def _jacobian_penalty(ctx: StepContext, coeff: float) -> jax.Array:
     return coeff * value
 
 
+def _eigenvalue_decay(ctx: StepContext, coeff: float) -> jax.Array:
+    value = mr.eigenvalue_decay_penalty(
+        ctx.params, weight_dimension_numbers=ctx.layouts
+    )
+    return coeff * value
+
+
 def _adversarial(ctx: StepContext, coeff: float) -> jax.Array:
     return mr.adversarial_loss(
         ctx.per_sample_loss, ctx.x, ctx.y, epsilon=coeff, alpha=0.5
@@ -164,7 +184,9 @@ RECIPES: dict[str, Recipe] = {
         coeff=0.01,
         grid=(0.003, 0.01, 0.03, 0.1),
         coeff_name="λ",
-        transform=lambda c, s: mr.spectral_norm_regularization(c),
+        transform=lambda c, s: mr.spectral_norm_regularization(
+            c, weight_dimension_numbers=s.layouts
+        ),
     ),
     "eigenvalue_decay": Recipe(
         "Eigenvalue Decay: C·Σ sqrt(λ_dom(KᵀK)) by 9 power iterations, autodiff (the seed's form)",
@@ -172,7 +194,7 @@ RECIPES: dict[str, Recipe] = {
         coeff=1e-3,
         grid=(3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
         coeff_name="C",
-        penalty=lambda ctx, c: c * mr.eigenvalue_decay_penalty(ctx.params),
+        penalty=_eigenvalue_decay,
     ),
     "jacobian": Recipe(
         "Jacobian large-margin penalty ‖∇ₓ z_c‖/‖v_c‖, one random class per sample",

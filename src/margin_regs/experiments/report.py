@@ -23,6 +23,7 @@ from margin_regs.experiments.data import Dataset
 from margin_regs.experiments.training import RunResult, TrainConfig, Trainer
 
 __all__ = [
+    "SIGMA_DEFINITIONS",
     "add_differences",
     "build_payload",
     "format_table",
@@ -116,6 +117,7 @@ def _group(runs: Sequence[RunResult], threshold: float) -> dict[str, Any]:
         "gap": float((train - test).mean()),
         "yoshida_gap": None if np.all(np.isnan(gaps)) else float(np.nanmean(gaps)),
         "yoshida_threshold": threshold,
+        "sigma_definition": runs[0].final.get("sigma_definition", "matrix"),
         "sigma_max": {k: mean(r.final["sigma_max"][k] for r in runs) for k in layers},
         "stable_rank": {
             k: mean(r.final["stable_rank"][k] for r in runs) for k in layers
@@ -270,8 +272,12 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
     """
     layers = _layers(summary)
     short = [k.removesuffix("/kernel") for k in layers]
+    first = next(iter(summary.values()))
+    # Results written before the field existed measured reshaped kernels.
+    definition = first.get("sigma_definition", "matrix")
+    tag = " (conv op)" if definition == "operator" else ""
     head = ["regularizer", "coeff", "test acc %", "Δ vs vanilla", "gap %"]
-    head += [f"σ_max {'/'.join(short)}", f"srank {'/'.join(short)}"]
+    head += [f"σ_max{tag} {'/'.join(short)}", f"srank{tag} {'/'.join(short)}"]
     head += ["out margin", "in margin", "ms/epoch"]
     rows = [head] + [_row(name, s, layers) for name, s in summary.items()]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
@@ -279,7 +285,6 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
         "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
         for r in rows
     ]
-    first = next(iter(summary.values()))
     seeds, threshold = first["seeds"], first["yoshida_threshold"]
     spread = (
         f"mean ± std over {seeds} seeds; Δ vs vanilla: mean paired difference in test "
@@ -292,7 +297,8 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
         "coeff: selected by the best mean validation accuracy over the grid (never "
         f"the test set); test acc: {spread}; gap: Yoshida & Miyato's generalization "
         f"gap at α = {100 * threshold:.1f}% test accuracy; σ_max, srank: top "
-        f"singular value and stable rank of each layer ({'/'.join(short)}); out "
+        f"singular value and stable rank of each layer ({'/'.join(short)}), "
+        f"{SIGMA_DEFINITIONS[definition]}; out "
         "margin: median logit margin z_y − max z_j on the test set (logits); in "
         "margin: median first-order l2 distance to the decision boundary in input "
         "space (input units); ms/epoch: training milliseconds per epoch and run, "
@@ -300,6 +306,16 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
         "more of each step's cost; margin-regs bench measures step overheads).",
     ]
     return "\n".join(lines)
+
+
+SIGMA_DEFINITIONS = {
+    "matrix": "σ: reshaped kernel (Yoshida & Miyato), a conv kernel taken as its "
+    "(kh·kw·in, out) matrix",
+    "operator": "σ: conv operator norm, each conv taken as the linear map x ↦ "
+    "conv(x, K) on its input (mr.ConvOperator)",
+}
+"""The table's note on what σ and the stable rank of a conv kernel are, by
+``sigma_definition`` (:attr:`~margin_regs.experiments.training.TrainConfig.conv`)."""
 
 
 def provenance() -> dict[str, Any]:

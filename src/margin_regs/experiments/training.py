@@ -67,6 +67,10 @@ class TrainConfig:
       patience: early stopping for every recipe (``None``: only the
         ``early_stopping`` recipe stops early).
       margin_samples: test samples whose input margins are estimated.
+      conv: what a conv kernel is, for the regularizers that take layouts and for
+        every σ reported: ``"matrix"``, the reshaped ``(kh·kw·in, out)`` kernel
+        (Yoshida & Miyato's definition), or ``"operator"``, the convolution
+        ``x ↦ conv(x, K)`` on the layer's input (:class:`margin_regs.ConvOperator`).
     """
 
     model: str = "mlp"
@@ -76,6 +80,7 @@ class TrainConfig:
     momentum: float = 0.9
     patience: int | None = None
     margin_samples: int = 1000
+    conv: str = "matrix"
 
 
 class TrainState(NamedTuple):
@@ -88,6 +93,8 @@ class Trainer:
 
     Build it through :func:`get_trainer`, which caches it, so that every seed and
     every caller with the same settings reuses the compiled functions.
+    ``input_shape`` (one sample's) is needed with ``config.conv == "operator"``: a
+    convolution's operator depends on the size of its input.
     """
 
     def __init__(
@@ -97,6 +104,7 @@ class Trainer:
         config: TrainConfig,
         num_classes: int,
         train_size: int,
+        input_shape: tuple[int, ...] | None = None,
     ):
         self.recipe = recipe
         self.coeff = coeff
@@ -107,14 +115,16 @@ class Trainer:
         self.model = models.make_model(
             config.model, num_classes, dropout_rate=coeff if recipe.dropout else 0.0
         )
-        self.setup = Setup(self.model, self.steps_per_epoch, config.epochs)
+        self.eval = get_evaluator(config.model, num_classes, config.conv, input_shape)
+        self.setup = Setup(
+            self.model, self.steps_per_epoch, config.epochs, self.eval.layouts
+        )
         total = self.steps_per_epoch * config.epochs
         self.schedule = optax.piecewise_constant_schedule(
             config.learning_rate, {total // 2: 0.1, (3 * total) // 4: 0.1}
         )
         self.optimizer = self.make_optimizer(coeff)
         self.train_epoch = jax.jit(functools.partial(self.epoch, coeff))
-        self.eval = get_evaluator(config.model, num_classes)
 
     def make_optimizer(self, coeff: Any) -> optax.GradientTransformation:
         """The recipe's transform, SGD with the step schedule, then its projection.
@@ -163,7 +173,14 @@ class Trainer:
             return logits, state["intermediates"]
 
         ctx = StepContext(
-            params, x, y, k_penalty, apply, self.num_classes, apply_with_activations
+            params,
+            x,
+            y,
+            k_penalty,
+            apply,
+            self.num_classes,
+            apply_with_activations,
+            self.setup.layouts,
         )
         loss = (
             recipe.loss(ctx, coeff) if recipe.loss is not None else cross_entropy(ctx)
@@ -213,16 +230,38 @@ class Evaluator:
     the recipe. Data pass through in chunks of :data:`EVAL_CHUNK` samples (the last
     one padded), so every function compiles once per (model, number of classes),
     whatever the sizes of the splits.
+
+    ``conv`` says what the σ, stable ranks and spectra of conv kernels are
+    (:attr:`TrainConfig.conv`); ``"operator"`` needs one sample's ``input_shape``.
+    :attr:`layouts` is the ``weight_dimension_numbers`` they are measured with.
     """
 
-    def __init__(self, model_name: str, num_classes: int):
+    def __init__(
+        self,
+        model_name: str,
+        num_classes: int,
+        conv: str = "matrix",
+        input_shape: tuple[int, ...] | None = None,
+    ):
         self.model = models.make_model(model_name, num_classes)
+        if conv == "operator" and input_shape is None:
+            raise ValueError("conv='operator' needs the input_shape of one sample")
+        self.conv = conv
+        self.layouts = models.weight_layouts(self.model, input_shape, conv)
         # Dropout adds no parameters: one jitted init serves every recipe.
         self.init = jax.jit(self.model.init)
         self._per_sample = jax.jit(self._per_sample_fn)
         self._input_margins = jax.jit(self._input_margins_fn)
-        self.layer_stats = jax.jit(lambda p: (mr.spectral_norms(p), mr.stable_ranks(p)))
-        self.spectra = jax.jit(mr.singular_value_spectra)
+        wdn = self.layouts
+        self.layer_stats = jax.jit(
+            lambda p: (
+                mr.spectral_norms(p, weight_dimension_numbers=wdn),
+                mr.stable_ranks(p, weight_dimension_numbers=wdn),
+            )
+        )
+        self.spectra = jax.jit(
+            lambda p: mr.singular_value_spectra(p, weight_dimension_numbers=wdn)
+        )
 
     def _per_sample_fn(self, params, x, y):
         logits = self.model.apply({"params": params}, x)
@@ -266,14 +305,21 @@ def _chunked(fn, params, x: np.ndarray, y: np.ndarray) -> list[np.ndarray]:
     return [np.concatenate(parts) for parts in zip(*outs, strict=True)]
 
 
-_EVALUATORS: dict[tuple[str, int], Evaluator] = {}
+_EVALUATORS: dict[tuple, Evaluator] = {}
 
 
-def get_evaluator(model_name: str, num_classes: int) -> Evaluator:
-    """The cached :class:`Evaluator` for a model architecture."""
-    key = (model_name, num_classes)
+def get_evaluator(
+    model_name: str,
+    num_classes: int,
+    conv: str = "matrix",
+    input_shape: tuple[int, ...] | None = None,
+) -> Evaluator:
+    """The cached :class:`Evaluator` for a model architecture (and conv definition)."""
+    # Matrix layouts do not depend on the input: one evaluator serves every shape.
+    shape = None if conv == "matrix" else input_shape and tuple(input_shape)
+    key = (model_name, num_classes, conv, shape)
     if key not in _EVALUATORS:
-        _EVALUATORS[key] = Evaluator(model_name, num_classes)
+        _EVALUATORS[key] = Evaluator(model_name, num_classes, conv, shape)
     return _EVALUATORS[key]
 
 
@@ -286,8 +332,11 @@ def get_trainer(
     config: TrainConfig,
     num_classes: int,
     train_size: int,
+    input_shape: tuple[int, ...] | None = None,
 ) -> Trainer:
     """The cached :class:`Trainer` for these settings (compiled functions shared).
+
+    ``input_shape`` (one sample's) matters only with ``config.conv == "operator"``.
 
     Example:
       >>> from margin_regs.experiments.training import TrainConfig, get_trainer
@@ -298,9 +347,10 @@ def get_trainer(
     if isinstance(recipe, str):
         recipe = RECIPES[recipe]
     coeff = recipe.coeff if coeff is None else coeff
-    key = (recipe, coeff, config, num_classes, train_size)
+    shape = None if config.conv == "matrix" else input_shape and tuple(input_shape)
+    key = (recipe, coeff, config, num_classes, train_size, shape)
     if key not in _TRAINERS:
-        _TRAINERS[key] = Trainer(recipe, coeff, config, num_classes, train_size)
+        _TRAINERS[key] = Trainer(recipe, coeff, config, num_classes, train_size, shape)
     return _TRAINERS[key]
 
 
@@ -313,7 +363,8 @@ class RunResult:
     (the mean regularized training loss over the epoch's steps), ``sigma_max`` and
     ``stable_rank`` (``{layer: [...]}``) and ``seconds`` (the epoch's training time).
     ``final`` is measured on the returned params (the best epoch's when early
-    stopping restored them).
+    stopping restored them); its ``sigma_definition`` says what the σ of a conv
+    kernel is (:attr:`TrainConfig.conv`: ``"matrix"`` or ``"operator"``).
     """
 
     regularizer: str
@@ -379,7 +430,12 @@ def run(
     recipe = recipes[regularizer]
     coeff = recipe.coeff if coeff is None else coeff
     trainer = get_trainer(
-        recipe, coeff, config, dataset.num_classes, len(dataset.x_train)
+        recipe,
+        coeff,
+        config,
+        dataset.num_classes,
+        len(dataset.x_train),
+        dataset.x_train.shape[1:],
     )
     patience = int(coeff) if recipe.early_stopping else config.patience
 
@@ -476,6 +532,7 @@ def measure(
         final[f"{split}_loss"], final[f"{split}_acc"] = evaluator.evaluate(params, x, y)
     sigmas, ranks = evaluator.layer_stats(params)
     final["sigma_max"], final["stable_rank"] = _floats(sigmas), _floats(ranks)
+    final["sigma_definition"] = evaluator.conv
     x_margin = dataset.x_test[:margin_samples]
     return {
         "final": final,
