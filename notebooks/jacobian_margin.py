@@ -35,6 +35,7 @@ from margin_regs.experiments import training
 from margin_regs.experiments.data import load_digits, prepare
 from margin_regs.experiments.models import classifier_kernel
 from margin_regs.experiments.recipes import Recipe
+from margin_regs.experiments.reproduce.verdicts import Claim, judge
 
 # The test suite sets MARGIN_REGS_SMOKE=1 to run every notebook on tiny settings.
 SMOKE = os.environ.get("MARGIN_REGS_SMOKE") == "1"
@@ -145,13 +146,48 @@ ax.legend()
 plt.tight_layout()
 plt.show()
 
+# %% [markdown]
+# ## The verdicts, by the reproduce package's rule
+#
+# Every method of a training-set size trains on the same per-seed split and
+# initialization, so the evidence for "A beats B" is the paired difference of test
+# accuracy over seeds with its 95% t-interval; `judge` applies the rule of
+# `margin_regs.experiments.reproduce` (reproduced when the interval lies above 0,
+# or above −tolerance for an "at least as good" claim; with one seed, no interval
+# and so inconclusive).
+
 # %%
-for size in TRAIN_SIZES:
-    lm, wd, none = table[size, "LM"], table[size, "WD"], table[size, "no reg."]
-    print(
-        f"{size} samples: LM beats WD: {lm > wd} ({lm - wd:+.2f} points); "
-        f"WD at least as good as no reg.: {wd >= none} ({wd - none:+.2f} points)"
-    )
+results = {
+    f"n={size}": {
+        name: {"test_acc": [runs[size, name, s].final["test_acc"] for s in SEEDS]}
+        for name in recipes
+    }
+    for size in TRAIN_SIZES
+}
+claims = (
+    Claim("LM > WD", "Table I", "LM", "WD", tuple(results)),
+    Claim(
+        "WD ≥ no reg. (tolerance 0.5 points)",
+        "Table I",
+        "WD",
+        "no reg.",
+        tuple(results),
+        kind="at_least",
+        tolerance=0.005,
+    ),
+)
+
+
+def points(d):
+    interval = "" if d.low is None else f" [{100 * d.low:+.2f}, {100 * d.high:+.2f}]"
+    return f"{100 * d.mean:+.2f}{interval} points"
+
+
+for claim in claims:
+    judgement = judge(claim, results)
+    print(f"{claim.text}: {judgement.verdict} ({points(judgement.difference)})")
+    for cell, (cell_verdict, d) in judgement.cells.items():
+        print(f"  {cell}: {cell_verdict} ({points(d)})")
 
 # %% [markdown]
 # ## Did it reproduce?
