@@ -42,6 +42,7 @@ from margin_regs.experiments import bench, training
 from margin_regs.experiments.data import load_digits, prepare
 from margin_regs.experiments.models import logits_fn, make_model
 from margin_regs.experiments.recipes import RECIPES, Recipe
+from margin_regs.experiments.reproduce.verdicts import Claim, judge
 
 # The test suite sets MARGIN_REGS_SMOKE=1 to run every notebook on tiny settings.
 SMOKE = os.environ.get("MARGIN_REGS_SMOKE") == "1"
@@ -182,10 +183,33 @@ print(
     "penalty and transform agree on every layer's σ within 10%:",
     all(abs(p["sigma"][k] - f["sigma"][k]) <= 0.1 * p["sigma"][k] for k in layers),
 )
-print(
-    "both shrink every σ below vanilla's:",
-    all(max(p["sigma"][k], f["sigma"][k]) < v["sigma"][k] for k in layers),
-)
+# Shrinking σ and gaining accuracy are "A beats vanilla" claims on paired runs (the
+# same seeds' data and initialization), judged by the reproduce package's rule: the
+# paired difference over seeds and its 95% t-interval (one seed: inconclusive).
+results = {
+    "digits": {
+        name: {
+            "test_acc": [runs[name, s].final["test_acc"] for s in SEEDS],
+            **{k: [runs[name, s].final["sigma_max"][k] for s in SEEDS] for k in layers},
+        }
+        for name in methods
+    }
+}
+for name in ("eigenvalue_decay", "eigenvalue_decay_fast"):
+    for metric in ("test_acc", *layers):
+        claim = Claim(
+            f"{name} beats vanilla on {metric}",
+            "Ludwig et al.",
+            name,
+            "vanilla",
+            ("digits",),
+            metric=metric,
+            higher_is_better=metric == "test_acc",
+        )
+        judgement = judge(claim, results)
+        d = judgement.difference
+        interval = "" if d.low is None else f" [{d.low:+.4f}, {d.high:+.4f}]"
+        print(f"{claim.text}: {judgement.verdict} ({d.mean:+.4f}{interval})")
 print(
     "median input margin, vanilla / penalty / transform:",
     f"{v['margin']:.3f} / {p['margin']:.3f} / {f['margin']:.3f}",
@@ -200,7 +224,7 @@ print(
 # | method | test acc | σ classifier | σ hidden_0 | σ hidden_1 | median input margin | step cost (MNIST MLP) |
 # |---|---|---|---|---|---|---|
 # | vanilla | 0.958 | 2.99 | 2.81 | 2.96 | 0.456 | 1 |
-# | penalty (9 iterations, autodiff) | 0.957 | 2.48 | 2.46 | 2.56 | 0.478 | 1.7–2.0× |
+# | penalty (9 iterations, autodiff) | 0.957 | 2.48 | 2.45 | 2.56 | 0.476 | 1.7–2.0× |
 # | transform (1 persisted iteration) | 0.955 | 2.37 | 2.34 | 2.43 | 0.481 | 1.08–1.21× |
 #
 # * **Same effect: yes.** The seed-faithful penalty and the fast transform shrink
@@ -223,3 +247,11 @@ print(
 # * **Accuracy: no gain at this scale** (the paper's gains are 0.4–2.7 points over
 #   dropout-regularized Keras models; here all three are within 0.3 points, with
 #   `C` not tuned by cross-validation).
+# * **The paired verdicts** (the reproduce package's rule, same run): both
+#   implementations lower every layer's σ below vanilla's, **reproduced** per layer
+#   (penalty: by 0.36 to 0.51, the transform: by 0.47 to 0.63, every 95% interval
+#   above 0 despite two seeds). Accuracy: the penalty's −0.08 points is
+#   **inconclusive** ([−1.15, +0.98]); the transform's −0.34 points reads **not
+#   reproduced** with a zero-width interval, because it is exactly two of the 597
+#   test digits on both seeds: the rule has no minimum effect size, and two seeds
+#   cannot tell a two-digit difference from noise.
