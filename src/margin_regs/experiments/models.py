@@ -105,8 +105,10 @@ class SokolicCNN(nn.Module):
 
     Attributes:
       num_classes: outputs.
-      features: channels of both convolutions.
+      features: channels of the convolutions.
       dropout_rate: dropout before the classifier (0: none).
+      num_conv: convolutions; a max-pool follows each of the first two (the paper's
+        2- and 3-layer CNNs, :class:`SokolicCNN3`).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -125,16 +127,17 @@ class SokolicCNN(nn.Module):
     num_classes: int
     features: int = 32
     dropout_rate: float = 0.0
+    num_conv: int = 2
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        for i in range(2):
+        for i in range(self.num_conv):
             x = nn.Conv(self.features, _window(x, 5), padding="SAME", name=f"conv_{i}")(
                 x
             )
-            x = nn.max_pool(
-                nn.relu(x), _window(x, 2), strides=_window(x, 2), padding="SAME"
-            )
+            x = nn.relu(x)
+            if i < 2:
+                x = nn.max_pool(x, _window(x, 2), strides=_window(x, 2), padding="SAME")
             self.sow("intermediates", "activations", x)
         x = x.reshape(x.shape[0], -1)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
@@ -537,7 +540,7 @@ class TransformerEncoder(nn.Module):
 # ---------------------------------------------------------------------------------
 
 
-class SokolicCNN3(nn.Module):
+class SokolicCNN3(SokolicCNN):
     """Sokolić et al.'s 3-layer CNN of Table I: the 2-layer CNN plus a third conv.
 
     ``(32, 5, 5)-conv, (2, 2)-max-pool, (32, 5, 5)-conv, (2, 2)-max-pool,
@@ -548,6 +551,7 @@ class SokolicCNN3(nn.Module):
       num_classes: outputs.
       features: channels of the three convolutions.
       dropout_rate: dropout before the classifier (0: none).
+      num_conv: 3.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -562,23 +566,7 @@ class SokolicCNN3(nn.Module):
       Appendix ("MNIST CNN").
     """
 
-    num_classes: int
-    features: int = 32
-    dropout_rate: float = 0.0
-
-    @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        for i in range(3):
-            x = nn.Conv(self.features, _window(x, 5), padding="SAME", name=f"conv_{i}")(
-                x
-            )
-            x = nn.relu(x)
-            if i < 2:
-                x = nn.max_pool(x, _window(x, 2), strides=_window(x, 2), padding="SAME")
-            self.sow("intermediates", "activations", x)
-        x = x.reshape(x.shape[0], -1)
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        return nn.Dense(self.num_classes, name="classifier")(x)
+    num_conv: int = 3
 
 
 class SokolicMLP1(SokolicMLP):
