@@ -21,7 +21,14 @@ import optax
 import margin_regs as mr
 from margin_regs.experiments import models
 
-__all__ = ["RECIPES", "Recipe", "Setup", "StepContext", "cross_entropy"]
+__all__ = [
+    "RECIPES",
+    "Recipe",
+    "Setup",
+    "StepContext",
+    "cross_entropy",
+    "jacobian_penalty",
+]
 
 
 class StepContext(NamedTuple):
@@ -128,7 +135,8 @@ def cross_entropy(ctx: StepContext, smoothing: float = 0.0) -> jax.Array:
     return jnp.mean(optax.softmax_cross_entropy(logits, targets))
 
 
-def _jacobian_penalty(ctx: StepContext, coeff: float) -> jax.Array:
+def jacobian_penalty(ctx: StepContext, coeff: float) -> jax.Array:
+    """``coeff`` times Sokolić et al.'s LM penalty for one random class per sample."""
     value = mr.jacobian_margin_penalty(
         ctx.logits_fn(),
         ctx.x,
@@ -202,7 +210,7 @@ RECIPES: dict[str, Recipe] = {
         coeff=0.1,
         grid=(0.01, 0.1, 1.0, 2.0),
         coeff_name="λ",
-        penalty=_jacobian_penalty,
+        penalty=jacobian_penalty,
     ),
     "adareg": Recipe(
         "AdaReg matrix-normal prior on the classifier's kernel, precisions re-solved "

@@ -23,7 +23,12 @@ import optax
 
 import margin_regs as mr
 from margin_regs.experiments import models
-from margin_regs.experiments.recipes import RECIPES, Recipe, StepContext
+from margin_regs.experiments.recipes import (
+    RECIPES,
+    Recipe,
+    StepContext,
+    jacobian_penalty,
+)
 from margin_regs.experiments.reproduce.runner import Cell
 from margin_regs.experiments.reproduce.verdicts import Claim
 from margin_regs.experiments.training import TrainConfig
@@ -97,14 +102,7 @@ def _lm_all_classes(ctx: StepContext, coeff: float) -> jax.Array:
     # Unbiased estimator of the paper's sum over all C classes: C times the penalty
     # of one uniformly random class per sample (E[C·term_c] = Σ_c term_c), at the
     # cost of one double backprop instead of C.
-    value = mr.jacobian_margin_penalty(
-        ctx.logits_fn(),
-        ctx.x,
-        classes="random",
-        key=ctx.key,
-        classifier=models.classifier_kernel(ctx.params),
-    )
-    return coeff * ctx.num_classes * value
+    return ctx.num_classes * jacobian_penalty(ctx, coeff)
 
 
 def _weight_decay(coeff, setup):
