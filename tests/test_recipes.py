@@ -1,35 +1,21 @@
 """Each recipe does what it claims, on the same seed and batches as vanilla."""
 
-import jax
 import numpy as np
 import pytest
+from _digits_runs import CONFIG, digits, matrices, vanilla_run
 
 from margin_regs.experiments import models, recipes
 from margin_regs.experiments import training as tr
-from margin_regs.experiments.data import load_digits, prepare
-
-# The same schedule as test_cli's end-to-end run, so both share compiled trainers.
-CONFIG = tr.TrainConfig(epochs=2, batch_size=16)
 
 
 @pytest.fixture(scope="module")
 def ds():
-    return prepare(load_digits(), train_size=64, seed=0)
+    return digits()
 
 
 @pytest.fixture(scope="module")
 def vanilla(ds):
-    return tr.run("vanilla", ds, seed=0, config=CONFIG)
-
-
-def _matrices(params):
-    return {
-        "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf).reshape(
-            -1, leaf.shape[-1]
-        )
-        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
-        if leaf.ndim >= 2
-    }
+    return vanilla_run()
 
 
 def test_spectral_lowers_the_top_singular_value(ds, vanilla):
@@ -40,13 +26,13 @@ def test_spectral_lowers_the_top_singular_value(ds, vanilla):
 
 def test_weight_decay_shrinks_kernels(ds, vanilla):
     decayed = tr.run("weight_decay", ds, seed=0, config=CONFIG, coeff=5.0)
-    norm = lambda p: sum(np.sum(m**2) for m in _matrices(p).values())  # noqa: E731
+    norm = lambda p: sum(np.sum(m**2) for m in matrices(p).values())  # noqa: E731
     assert norm(decayed.params) < 0.95 * norm(vanilla.params)
 
 
 def test_max_norm_keeps_every_column_in_the_ball(ds):
     constrained = tr.run("max_norm", ds, seed=0, config=CONFIG, coeff=0.5)
-    for name, matrix in _matrices(constrained.params).items():
+    for name, matrix in matrices(constrained.params).items():
         assert np.linalg.norm(matrix, axis=0).max() <= 0.5 + 1e-5, name
 
 

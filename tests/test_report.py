@@ -5,23 +5,20 @@ import time
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _digits_runs import CONFIG, digits, vanilla_run
 
 from margin_regs.experiments import report
 from margin_regs.experiments import training as tr
-from margin_regs.experiments.data import load_digits, prepare
-
-# The same schedule as test_cli's end-to-end run, so both share compiled trainers.
-CONFIG = tr.TrainConfig(epochs=2, batch_size=16)
 
 
 @pytest.fixture(scope="module")
 def ds():
-    return prepare(load_digits(), train_size=64, seed=0)
+    return digits()
 
 
 @pytest.fixture(scope="module")
 def vanilla(ds):
-    return tr.run("vanilla", ds, seed=0, config=CONFIG)
+    return vanilla_run()
 
 
 def test_summary_is_the_mean_over_seeds(ds, vanilla):

@@ -7,34 +7,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _digits_runs import CONFIG, digits, matrices, vanilla_run
 
 from margin_regs.experiments import models
 from margin_regs.experiments import training as tr
-from margin_regs.experiments.data import load_digits, prepare
+from margin_regs.experiments.data import load_digits
 from margin_regs.experiments.recipes import RECIPES, Recipe
-
-# The same schedule as test_cli's end-to-end run, so both share compiled trainers.
-CONFIG = tr.TrainConfig(epochs=2, batch_size=16)
 
 
 @pytest.fixture(scope="module")
 def ds():
-    return prepare(load_digits(), train_size=64, seed=0)
+    return digits()
 
 
 @pytest.fixture(scope="module")
 def vanilla(ds):
-    return tr.run("vanilla", ds, seed=0, config=CONFIG)
-
-
-def _matrices(params):
-    return {
-        "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf).reshape(
-            -1, leaf.shape[-1]
-        )
-        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
-        if leaf.ndim >= 2
-    }
+    return vanilla_run()
 
 
 def test_same_seed_same_run_other_seed_other_run(ds, vanilla):
@@ -53,7 +41,7 @@ def test_recorded_metrics_match_an_independent_evaluation(ds, vanilla):
     acc = float(np.mean(logits.argmax(1) == ds.y_test))
     assert vanilla.final["test_acc"] == pytest.approx(acc, abs=1e-6)
     assert vanilla.history["test_acc"][-1] == pytest.approx(acc, abs=1e-6)
-    for name, matrix in _matrices(vanilla.params).items():
+    for name, matrix in matrices(vanilla.params).items():
         s = np.linalg.svd(matrix, compute_uv=False)
         assert vanilla.final["sigma_max"][name] == pytest.approx(s[0], rel=1e-4)
         assert vanilla.final["stable_rank"][name] == pytest.approx(
