@@ -4,10 +4,13 @@ data, compiles the trainer and trains the vanilla run once for all of them."""
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 from margin_regs.experiments import training as tr
 from margin_regs.experiments.data import load_digits, prepare
+from margin_regs.experiments.recipes import Recipe
 
 # The same schedule as test_cli's end-to-end run, so both share compiled trainers.
 CONFIG = tr.TrainConfig(epochs=2, batch_size=16)
@@ -32,3 +35,17 @@ def matrices(params):
         for path, leaf in jax.tree_util.tree_leaves_with_path(params)
         if leaf.ndim >= 2
     }
+
+
+def ascent_recipe(steps):
+    """Plain SGD for two epochs of ``steps``, then gradient ascent: validation accuracy
+    peaks early and collapses, so early stopping must keep an early epoch's params."""
+    return Recipe(
+        "test: descent, then ascent",
+        "test",
+        coeff=2,
+        transform=lambda c, s: optax.scale_by_schedule(
+            lambda count: jnp.where(count < 2 * steps, 1.0, -20.0)
+        ),
+        early_stopping=True,
+    )

@@ -13,3 +13,19 @@ def key():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+# The harness tests' digits setting (tests/_digits_runs.py), imported only when a
+# test asks for it, so the core tests never load the experiment harness.
+@pytest.fixture(scope="module")
+def ds():
+    from _digits_runs import digits
+
+    return digits()
+
+
+@pytest.fixture(scope="module")
+def vanilla():
+    from _digits_runs import vanilla_run
+
+    return vanilla_run()

@@ -4,18 +4,15 @@ coefficient selection that only validation accuracy can move."""
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+from _digits_runs import CONFIG, ascent_recipe
 
 from margin_regs.experiments import cli, grid
 from margin_regs.experiments import training as tr
 from margin_regs.experiments.data import load_digits, prepare
-from margin_regs.experiments.recipes import RECIPES, Recipe
+from margin_regs.experiments.recipes import RECIPES
 
-# The schedule of test_training and test_cli: the single-run trainers are shared.
-CONFIG = tr.TrainConfig(epochs=2, batch_size=16)
 COEFFS = [0.01, 0.5]
 
 
@@ -60,23 +57,9 @@ def test_full_results_of_the_selected_coefficient(splits, spectral):
         assert len(r.history["val_acc"]) == CONFIG.epochs
 
 
-def _ascent(steps):
-    # Plain SGD for two epochs, then gradient ascent: validation accuracy peaks
-    # early and collapses, so early stopping must keep an early epoch's params.
-    return Recipe(
-        "test: descent, then ascent",
-        "test",
-        coeff=2,
-        transform=lambda c, s: optax.scale_by_schedule(
-            lambda count: jnp.where(count < 2 * steps, 1.0, -20.0)
-        ),
-        early_stopping=True,
-    )
-
-
 def test_early_stopping_inside_the_program_matches_the_loop(splits):
     config = dataclasses.replace(CONFIG, epochs=8, learning_rate=0.05)
-    recipe = _ascent(len(splits[0].x_train) // config.batch_size)
+    recipe = ascent_recipe(len(splits[0].x_train) // config.batch_size)
     batched = grid.train_grid("ascent", recipe, [2], splits[:1], config)
     alone = tr.run(
         "ascent", splits[0], seed=0, config=config, recipes={"ascent": recipe}

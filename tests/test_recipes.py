@@ -1,21 +1,10 @@
 """Each recipe does what it claims, on the same seed and batches as vanilla."""
 
 import numpy as np
-import pytest
-from _digits_runs import CONFIG, digits, matrices, vanilla_run
+from _digits_runs import CONFIG, matrices
 
 from margin_regs.experiments import models, recipes
 from margin_regs.experiments import training as tr
-
-
-@pytest.fixture(scope="module")
-def ds():
-    return digits()
-
-
-@pytest.fixture(scope="module")
-def vanilla(ds):
-    return vanilla_run()
 
 
 def test_spectral_lowers_the_top_singular_value(ds, vanilla):

@@ -5,20 +5,10 @@ import time
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _digits_runs import CONFIG, digits, vanilla_run
+from _digits_runs import CONFIG
 
 from margin_regs.experiments import report
 from margin_regs.experiments import training as tr
-
-
-@pytest.fixture(scope="module")
-def ds():
-    return digits()
-
-
-@pytest.fixture(scope="module")
-def vanilla(ds):
-    return vanilla_run()
 
 
 def test_summary_is_the_mean_over_seeds(ds, vanilla):

@@ -3,26 +3,14 @@
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from _digits_runs import CONFIG, digits, matrices, vanilla_run
+from _digits_runs import CONFIG, ascent_recipe, matrices
 
 from margin_regs.experiments import models
 from margin_regs.experiments import training as tr
 from margin_regs.experiments.data import load_digits
-from margin_regs.experiments.recipes import RECIPES, Recipe
-
-
-@pytest.fixture(scope="module")
-def ds():
-    return digits()
-
-
-@pytest.fixture(scope="module")
-def vanilla(ds):
-    return vanilla_run()
+from margin_regs.experiments.recipes import RECIPES
 
 
 def test_same_seed_same_run_other_seed_other_run(ds, vanilla):
@@ -60,18 +48,7 @@ def test_recorded_metrics_match_an_independent_evaluation(ds, vanilla):
 
 
 def test_early_stopping_restores_the_best_epoch(ds):
-    # Plain SGD for two epochs, then gradient *ascent*: validation accuracy peaks
-    # early and collapses, so early stopping must hand back an early epoch's params.
-    steps = len(ds.x_train) // CONFIG.batch_size
-    ascent = Recipe(
-        "test: descent, then ascent",
-        "test",
-        coeff=2,
-        transform=lambda c, s: optax.scale_by_schedule(
-            lambda count: jnp.where(count < 2 * steps, 1.0, -20.0)
-        ),
-        early_stopping=True,
-    )
+    ascent = ascent_recipe(len(ds.x_train) // CONFIG.batch_size)
     config = dataclasses.replace(CONFIG, epochs=8, learning_rate=0.05)
     result = tr.run("ascent", ds, seed=0, config=config, recipes={"ascent": ascent})
     val = result.history["val_acc"]
