@@ -35,7 +35,7 @@ DEFAULT_REGULARIZERS = (
 
 # The import names of the ``experiments`` extra (pyproject.toml), checked before a
 # subcommand imports the harness.
-EXTRA_MODULES = ("flax", "sklearn", "mnist1d", "mlxtend", "matplotlib")
+EXTRA_MODULES = ("flax", "sklearn", "mnist1d", "mlxtend", "matplotlib", "dm_pix")
 INSTALL_HINT = "pip install 'margin_regs[experiments]'"
 
 
@@ -275,6 +275,8 @@ def _check_value(parser, name: str, recipe: Any, value: float) -> None:
         parser.error(f"--coeff {name}={value:g}: a dropout rate must be in [0, 1)")
     if recipe.early_stopping and (value < 1 or value != int(value)):
         parser.error(f"--coeff {name}={value:g}: patience must be a whole number ≥ 1")
+    if recipe.bagging and (value < 1 or value != int(value)):
+        parser.error(f"--coeff {name}={value:g}: members must be a whole number ≥ 1")
     if not math.isfinite(value) or value < 0:
         parser.error(f"--coeff {name}={value:g}: must be a finite number ≥ 0")
 
@@ -310,6 +312,12 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Plan:
         _fail(f"--dataset: {e}")
     except ValueError as e:
         _fail(f"--train-size: {e}")
+    for name in names:
+        if RECIPES[name].images_only and full.x_train.ndim != 4:
+            _fail(
+                f"--regularizers {name}: needs images (n, H, W, C), but {args.dataset} "
+                f"holds samples of shape {full.input_shape}"
+            )
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         parser.error(
             f"--out {args.out}: the folder is not empty; pass --overwrite to replace "

@@ -166,16 +166,21 @@ class GridTrainer:
         vmapped (its own coefficient matters only for a dropout recipe's model).
       patience: early stopping: ``"coeff"`` (the coefficient is the patience), an
         int, or ``None`` (off: the last epoch's params are the result).
+      resampled: if true, each run of the leading axis trains on its own training
+        set (:meth:`epoch`'s ``train_data``; bagging's bootstrap resamples).
     """
 
-    def __init__(self, trainer: Trainer, patience: str | int | None):
+    def __init__(
+        self, trainer: Trainer, patience: str | int | None, resampled: bool = False
+    ):
         self.trainer = trainer
         self.patience = patience
         self.metrics = get_grid_metrics(trainer)
         init = jax.vmap(self._init_one, in_axes=(None, 0))
         self.init = jax.jit(jax.vmap(init, in_axes=(0, None)))
         train = jax.vmap(trainer.epoch, in_axes=(None, 0, 0, 0, 0))
-        self._train = jax.jit(jax.vmap(train, in_axes=(0, 0, None, None, None)))
+        data = 0 if resampled else None
+        self._train = jax.jit(jax.vmap(train, in_axes=(0, 0, data, data, None)))
         self._track = jax.jit(
             jax.vmap(
                 jax.vmap(self._track_one, in_axes=(None, 0, 0, None, 0)),
@@ -190,12 +195,21 @@ class GridTrainer:
         )
 
     def epoch(
-        self, coeffs, state: GridState, epoch: int, data: SeedData, keys
+        self,
+        coeffs,
+        state: GridState,
+        epoch: int,
+        data: SeedData,
+        keys,
+        train_data=None,
     ) -> tuple[GridState, dict[str, Any]]:
-        """One epoch of every run, then its measurements (``(C, S)`` each)."""
-        train, objective = self._train(
-            coeffs, state.train, data.x_train, data.y_train, keys
-        )
+        """One epoch of every run, then its measurements (``(C, S)`` each).
+
+        ``train_data``: ``(x, y)`` of shape ``(C, S, n, ...)`` for a ``resampled``
+        trainer, else ``None`` (every coefficient trains on ``data``'s).
+        """
+        x, y = (data.x_train, data.y_train) if train_data is None else train_data
+        train, objective = self._train(coeffs, state.train, x, y, keys)
         metrics = self.metrics.measure(train.params, data)
         metrics["objective"] = objective
         if self.patience is None:
@@ -233,20 +247,21 @@ def get_grid_trainer(
     train_size: int,
     static_coeff: float | None = None,
     input_shape: tuple[int, ...] | None = None,
+    resampled: bool = False,
 ) -> GridTrainer:
     """The cached :class:`GridTrainer` (compiled programs shared across calls).
 
     ``static_coeff`` is the coefficient the model is built with (a dropout rate);
     ``None`` for every other recipe. ``input_shape`` (one sample's) matters only
-    with ``config.conv == "operator"``.
+    with ``config.conv == "operator"``. ``resampled``: see :class:`GridTrainer`.
     """
     shape = None if config.conv == "matrix" else input_shape and tuple(input_shape)
-    key = (recipe, config, num_classes, train_size, static_coeff, shape)
+    key = (recipe, config, num_classes, train_size, static_coeff, shape, resampled)
     if key not in _GRID_TRAINERS:
         coeff = recipe.coeff if static_coeff is None else static_coeff
         trainer = get_trainer(recipe, coeff, config, num_classes, train_size, shape)
         patience = "coeff" if recipe.early_stopping else config.patience
-        _GRID_TRAINERS[key] = GridTrainer(trainer, patience)
+        _GRID_TRAINERS[key] = GridTrainer(trainer, patience, resampled)
     return _GRID_TRAINERS[key]
 
 
@@ -373,6 +388,12 @@ def train_grid(
       >>> grid.val_acc.shape, grid.history["test_acc"].shape
       ((2, 2), (2, 2, 2))
     """
+    if recipe.bagging:
+        from margin_regs.experiments.bagging import train_bagged
+
+        return train_bagged(
+            regularizer, recipe, coeffs, splits, config, seeds=seeds, on_epoch=on_epoch
+        )
     seeds = np.arange(len(splits)) if seeds is None else np.asarray(seeds)
     data = stack_splits(splits)
     num_classes, train_size = splits[0].num_classes, len(splits[0].x_train)
@@ -394,7 +415,13 @@ def train_grid(
 
 
 def _train_program(
-    grid: GridTrainer, coeffs, data: SeedData, seeds, config: TrainConfig, on_epoch
+    grid: GridTrainer,
+    coeffs,
+    data: SeedData,
+    seeds,
+    config: TrainConfig,
+    on_epoch,
+    train_data=None,
 ) -> dict[str, Any]:
     keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s)))(jnp.asarray(seeds))
     k_init, k_train = keys[:, 0], keys[:, 1]
@@ -404,7 +431,9 @@ def _train_program(
     for epoch in range(config.epochs):
         start = time.perf_counter()
         epoch_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(k_train, epoch)
-        state, metrics = grid.epoch(jnp.asarray(coeffs), state, epoch, data, epoch_keys)
+        state, metrics = grid.epoch(
+            jnp.asarray(coeffs), state, epoch, data, epoch_keys, train_data
+        )
         epochs.append(jax.device_get(metrics))
         seconds.append(time.perf_counter() - start)
         if on_epoch is not None:

@@ -1,0 +1,249 @@
+"""Bagging (Deep Learning book §7.11) in ``margin-regs compare``.
+
+For each seed, ``k`` members train on ``k`` bootstrap resamples of the seed's training
+set (``n`` indices drawn uniformly with replacement each), from the seed's
+initialization and minibatch order: only the resample differs between members. The
+``k × S`` member runs are one vmapped program (:class:`~margin_regs.experiments.grid.
+GridTrainer` with ``resampled=True``: each run has its own training set). The ensemble
+predicts the members' averaged probabilities; its accuracy is the regularizer's result
+(selected on validation, reported on test), and every member's accuracies are kept in
+each run's ``final`` (``member_train_acc``, ``member_val_acc``, ``member_test_acc``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from margin_regs.experiments.data import Dataset
+from margin_regs.experiments.grid import (
+    METRICS,
+    GridRun,
+    _combine,
+    _train_program,
+    get_grid_trainer,
+    stack_splits,
+)
+from margin_regs.experiments.recipes import Recipe
+from margin_regs.experiments.training import (
+    Evaluator,
+    RunResult,
+    TrainConfig,
+    _chunked,
+    get_evaluator,
+)
+
+__all__ = [
+    "BaggedRun",
+    "bootstrap_indices",
+    "ensemble_log_probabilities",
+    "train_bagged",
+]
+
+# Folded into a seed's key for its resamples, apart from its init and batch order.
+_BOOTSTRAP_STREAM = 0xB007
+
+
+def bootstrap_indices(key: jax.Array, members: int, n: int) -> jax.Array:
+    """``(members, n)`` indices into ``n`` samples, drawn uniformly with replacement.
+
+    Example:
+      >>> import jax
+      >>> from margin_regs.experiments.bagging import bootstrap_indices
+      >>> idx = bootstrap_indices(jax.random.key(0), 3, 100)
+      >>> idx.shape, bool(idx.min() >= 0), bool(idx.max() < 100)
+      ((3, 100), True, True)
+    """
+    return jax.random.randint(key, (members, n), 0, n)
+
+
+def ensemble_log_probabilities(logits: jax.Array) -> jax.Array:
+    """``log((1/k) Σₘ softmax(logitsₘ))`` of member logits ``(k, n, C)``: ``(n, C)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from margin_regs.experiments.bagging import ensemble_log_probabilities
+      >>> logits = jnp.log(jnp.array([[[0.9, 0.1]], [[0.3, 0.7]]]))
+      >>> jnp.exp(ensemble_log_probabilities(logits)).round(3).tolist()
+      [[0.6, 0.4]]
+    """
+    log_p = jax.nn.log_softmax(logits, axis=-1)
+    return jax.nn.logsumexp(log_p, axis=0) - math.log(logits.shape[0])
+
+
+@functools.cache
+def _ensemble_fn(evaluator: Evaluator) -> Callable:
+    def fn(stacked, x, y):
+        logits = jax.vmap(lambda p: evaluator.model.apply({"params": p}, x))(stacked)
+        log_p = ensemble_log_probabilities(logits)
+        loss = -jnp.take_along_axis(log_p, y[:, None], axis=1)[:, 0]
+        return loss, jnp.argmax(log_p, axis=-1) == y
+
+    return jax.jit(fn)
+
+
+def ensemble_scores(
+    evaluator: Evaluator, stacked: Any, dataset: Dataset
+) -> dict[str, float]:
+    """The ensemble's loss and accuracy on each split; ``stacked``: members first."""
+    fn = _ensemble_fn(evaluator)
+    out = {}
+    for split in ("train", "val", "test"):
+        x, y = getattr(dataset, f"x_{split}"), getattr(dataset, f"y_{split}")
+        loss, correct = _chunked(fn, stacked, x, y)
+        out[f"{split}_loss"], out[f"{split}_acc"] = (
+            float(loss.mean()),
+            float(correct.mean()),
+        )
+    return out
+
+
+@dataclasses.dataclass
+class BaggedRun(GridRun):
+    """A bagging :class:`~margin_regs.experiments.grid.GridRun`: one row per ``k``.
+
+    ``val_acc``/``test_acc`` are the ensembles'; ``history`` the members' mean per
+    epoch; ``members[i]`` the member runs of ``coeffs[i]`` (a ``GridRun`` whose
+    leading axis is the member); ``seconds_per_run_epoch`` is per ensemble (all
+    ``k`` members).
+    """
+
+    members: list[GridRun] = dataclasses.field(default_factory=list)
+
+    def run_results(
+        self, index: int, splits: Sequence[Dataset], config: TrainConfig
+    ) -> list[RunResult]:
+        """Each seed's ensemble at ``coeffs[index]`` as a :class:`RunResult`: its
+        losses and accuracies; the members' mean σ and stable ranks, mean spectra,
+        pooled margins and their accuracies (``final["member_*_acc"]``)."""
+        grid = self.members[index]
+        per_member = [
+            grid.run_results(m, splits, config) for m in range(len(grid.coeffs))
+        ]
+        evaluator = get_evaluator(
+            config.model,
+            splits[0].num_classes,
+            config.conv,
+            splits[0].x_train.shape[1:],
+        )
+        results = []
+        for s, ds in enumerate(splits):
+            runs = [member[s] for member in per_member]
+            stop = int(self.stopped_epoch[index, s])
+            history = {k: self.history[k][index, s, :stop].tolist() for k in METRICS}
+            results.append(
+                _ensemble_result(
+                    runs, evaluator, ds, history, self.seconds_per_run_epoch()
+                )
+            )
+        return results
+
+
+def _ensemble_result(
+    runs: list[RunResult], evaluator: Evaluator, ds: Dataset, history, seconds: float
+) -> RunResult:
+    stacked = jax.tree.map(lambda *p: jnp.stack(p), *[r.params for r in runs])
+    final: dict[str, Any] = ensemble_scores(evaluator, stacked, ds)
+    for key in ("sigma_max", "stable_rank"):
+        layers = runs[0].final[key]
+        final[key] = {
+            k: float(np.mean([r.final[key][k] for r in runs])) for k in layers
+        }
+    final["sigma_definition"] = runs[0].final["sigma_definition"]
+    for split in ("train", "val", "test"):
+        final[f"member_{split}_acc"] = [r.final[f"{split}_acc"] for r in runs]
+    spectra = runs[0].singular_values
+    return dataclasses.replace(
+        runs[0],
+        coeff=float(len(runs)),
+        history=history,
+        final=final,
+        seconds_per_epoch=seconds,
+        cpu_seconds_per_epoch=seconds,
+        singular_values={
+            k: np.mean([r.singular_values[k] for r in runs], axis=0).tolist()
+            for k in spectra
+        },
+        input_margins=[m for r in runs for m in r.input_margins],
+        output_margins=[m for r in runs for m in r.output_margins],
+        params=stacked,
+    )
+
+
+def train_bagged(
+    regularizer: str,
+    recipe: Recipe,
+    coeffs: Sequence[float],
+    splits: Sequence[Dataset],
+    config: TrainConfig,
+    *,
+    seeds: Sequence[int] | None = None,
+    on_epoch: Callable[[int, float, int], None] | None = None,
+) -> BaggedRun:
+    """Train ``k`` bootstrap members per seed for each ``k`` in ``coeffs`` (one
+    program per ``k``) and score their ensembles; arguments as
+    :func:`~margin_regs.experiments.grid.train_grid`, which calls this for a recipe
+    with ``bagging=True``. ``on_epoch`` counts ensembles, not members."""
+    seeds = np.arange(len(splits)) if seeds is None else np.asarray(seeds)
+    data = stack_splits(splits)
+    n, shape = len(splits[0].x_train), splits[0].x_train.shape[1:]
+    grid = get_grid_trainer(
+        recipe, config, splits[0].num_classes, n, None, shape, resampled=True
+    )
+    members = []
+    for k in (int(c) for c in coeffs):
+        idx = jnp.stack([bootstrap_indices(_key(s), k, n) for s in seeds], axis=1)
+        take = jax.vmap(jax.vmap(lambda a, i: a[i]), in_axes=(None, 0))
+        train_data = (take(data.x_train, idx), take(data.y_train, idx))
+        report = on_epoch and functools.partial(_per_ensemble, on_epoch, k)
+        part = _train_program(
+            grid, np.full(k, k, np.float32), data, seeds, config, report, train_data
+        )
+        members.append(_combine(regularizer, grid.patience, [k] * k, seeds, [part]))
+    return _bagged(regularizer, coeffs, seeds, members, splits, config)
+
+
+def _key(seed) -> jax.Array:
+    return jax.random.fold_in(jax.random.key(int(seed)), _BOOTSTRAP_STREAM)
+
+
+def _per_ensemble(on_epoch, k: int, epoch: int, seconds: float, runs: int) -> None:
+    on_epoch(epoch, seconds, runs // k)
+
+
+def _bagged(regularizer, coeffs, seeds, members, splits, config) -> BaggedRun:
+    evaluator = get_evaluator(
+        config.model, splits[0].num_classes, config.conv, splits[0].x_train.shape[1:]
+    )
+    val, test = [], []
+    for grid in members:
+        scores = [
+            ensemble_scores(
+                evaluator, jax.tree.map(lambda p, s=s: p[:, s], grid.params), ds
+            )
+            for s, ds in enumerate(splits)
+        ]
+        val.append([sc["val_acc"] for sc in scores])
+        test.append([sc["test_acc"] for sc in scores])
+    return BaggedRun(
+        regularizer=regularizer,
+        coeffs=np.asarray(coeffs, np.float64),
+        seeds=np.asarray(seeds),
+        history={k: np.stack([g.history[k].mean(0) for g in members]) for k in METRICS},
+        stopped_epoch=np.stack([g.stopped_epoch.max(0) for g in members]),
+        best_epoch=np.stack([g.best_epoch.max(0) for g in members]),
+        val_acc=np.asarray(val),
+        test_acc=np.asarray(test),
+        params=[g.params for g in members],
+        seconds=[t for g in members for t in g.seconds],
+        runs_per_program=len(seeds),
+        patience=members[0].patience,
+        members=members,
+    )
