@@ -389,7 +389,7 @@ RECIPES: dict[str, Recipe] = {
         "scaling tangents (mr.image_tangents), forward mode",
         "Goodfellow et al. §7.14; Simard et al. 1992 (λ=0.01 here)",
         coeff=0.01,
-        grid=(1e-3, 0.01, 0.1),
+        grid=(1e-3, 0.01, 0.1, 1.0),
         coeff_name="λ",
         penalty=_tangent_prop,
         images_only=True,
