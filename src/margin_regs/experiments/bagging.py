@@ -43,7 +43,10 @@ from margin_regs.experiments.training import (
 __all__ = [
     "BaggedRun",
     "bootstrap_indices",
+    "bootstrap_key",
+    "bootstrap_training_sets",
     "ensemble_log_probabilities",
+    "ensemble_scores",
     "train_bagged",
 ]
 
@@ -71,8 +74,8 @@ def ensemble_log_probabilities(logits: jax.Array) -> jax.Array:
       >>> import jax.numpy as jnp
       >>> from margin_regs.experiments.bagging import ensemble_log_probabilities
       >>> logits = jnp.log(jnp.array([[[0.9, 0.1]], [[0.3, 0.7]]]))
-      >>> jnp.exp(ensemble_log_probabilities(logits)).round(3).tolist()
-      [[0.6, 0.4]]
+      >>> print(jnp.exp(ensemble_log_probabilities(logits)).round(3))
+      [[0.6 0.4]]
     """
     log_p = jax.nn.log_softmax(logits, axis=-1)
     return jax.nn.logsumexp(log_p, axis=0) - math.log(logits.shape[0])
@@ -199,9 +202,7 @@ def train_bagged(
     )
     members = []
     for k in (int(c) for c in coeffs):
-        idx = jnp.stack([bootstrap_indices(_key(s), k, n) for s in seeds], axis=1)
-        take = jax.vmap(jax.vmap(lambda a, i: a[i]), in_axes=(None, 0))
-        train_data = (take(data.x_train, idx), take(data.y_train, idx))
+        train_data = bootstrap_training_sets(data.x_train, data.y_train, seeds, k)
         report = on_epoch and functools.partial(_per_ensemble, on_epoch, k)
         part = _train_program(
             grid, np.full(k, k, np.float32), data, seeds, config, report, train_data
@@ -210,8 +211,30 @@ def train_bagged(
     return _bagged(regularizer, coeffs, seeds, members, splits, config)
 
 
-def _key(seed) -> jax.Array:
+def bootstrap_key(seed: int) -> jax.Array:
+    """The key of a seed's resamples (apart from its init and minibatch order)."""
     return jax.random.fold_in(jax.random.key(int(seed)), _BOOTSTRAP_STREAM)
+
+
+def bootstrap_training_sets(
+    x: jax.Array, y: jax.Array, seeds: Sequence[int], members: int
+) -> tuple[jax.Array, jax.Array]:
+    """Member ``m``'s training set for seed ``s``: ``x[s][bootstrap_indices(
+    bootstrap_key(seeds[s]), members, n)[m]]``, stacked ``(members, S, n, ...)``.
+
+    Args:
+      x: the seeds' training inputs ``(S, n, ...)``.
+      y: their labels ``(S, n)``.
+      seeds: ``(S,)``.
+      members: ``k``.
+
+    Returns:
+      ``(x, y)`` of shapes ``(k, S, n, ...)`` and ``(k, S, n)``.
+    """
+    n = x.shape[1]
+    idx = jnp.stack([bootstrap_indices(bootstrap_key(s), members, n) for s in seeds], 1)
+    take = jax.vmap(jax.vmap(lambda a, i: a[i]), in_axes=(None, 0))
+    return take(x, idx), take(y, idx)
 
 
 def _per_ensemble(on_epoch, k: int, epoch: int, seconds: float, runs: int) -> None:
