@@ -403,9 +403,9 @@ RECIPES: dict[str, Recipe] = {
     "tangent_prop": Recipe(
         "tangent propagation: λ·Σ‖J t‖² along the images' translation, rotation and "
         "scaling tangents (mr.image_tangents), forward mode",
-        "Goodfellow et al. §7.14; Simard et al. 1992 (λ=0.01 here)",
-        coeff=0.01,
-        grid=(1e-3, 0.01, 0.1, 1.0),
+        "Goodfellow et al. §7.14; Simard et al. 1992 (λ=1e-3 here)",
+        coeff=1e-3,
+        grid=(1e-4, 1e-3, 0.01, 0.1),
         coeff_name="λ",
         penalty=_tangent_prop,
         images_only=True,
@@ -415,7 +415,7 @@ RECIPES: dict[str, Recipe] = {
         "5c degrees (dm_pix.affine_transform)",
         "Goodfellow et al. §7.4 (c=2: ±2 pixels, ±10° here)",
         coeff=2.0,
-        grid=(0.5, 1.0, 2.0, 3.0),
+        grid=(0.25, 0.5, 1.0, 2.0),
         coeff_name="c",
         perturb_inputs=augment_images,
         images_only=True,
