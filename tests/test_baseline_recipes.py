@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import ndimage
 
 import margin_regs as mr
 from margin_regs.experiments import bagging, cli, models, recipes
@@ -101,11 +102,26 @@ def test_shift_and_rotate_moves_and_turns_the_content(rng):
     want[1:, :-2] = x[0, :-1, 2:]  # content one row down, two columns left, zero fill
     np.testing.assert_allclose(moved[0], want, atol=1e-6)
     np.testing.assert_allclose(moved[1], x[1], atol=1e-6)
-    # np.rot90 turns counter-clockwise as displayed, as dm_pix.rotate does. A zero
-    # border: dm_pix fills a sample a rounding error outside the image with 0.
-    x = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    # np.rot90 turns counter-clockwise as displayed, as dm_pix.rotate does; edge
+    # pixels too (their samples fall a rounding error outside the image).
     turned = recipes.shift_and_rotate(x, jnp.zeros((2, 2)), jnp.full(2, np.pi / 2))
     np.testing.assert_allclose(turned, np.rot90(x, axes=(1, 2)), atol=1e-5)
+
+
+def test_shift_and_rotate_matches_scipy_with_zero_fill_at_the_edges(rng):
+    x = rng.uniform(size=(3, 7, 8, 2))
+    shifts, angles = rng.uniform(-2, 2, size=(3, 2)), rng.uniform(-0.3, 0.3, size=3)
+    ours = recipes.shift_and_rotate(jnp.asarray(x, jnp.float32), shifts, angles)
+    i, j = np.indices((7, 8)) - np.array([3.0, 3.5])[:, None, None]
+    for n in range(3):
+        c, s = np.cos(angles[n]), np.sin(angles[n])
+        source = np.stack([3 + c * i + s * j, 3.5 - s * i + c * j])
+        source -= shifts[n][:, None, None]
+        for ch in range(2):
+            want = ndimage.map_coordinates(
+                x[n, ..., ch], source, order=1, mode="grid-constant"
+            )
+            np.testing.assert_allclose(ours[n, ..., ch], want, atol=1e-5)
 
 
 def test_augmentation_is_tangent_prop_made_finite(rng):
