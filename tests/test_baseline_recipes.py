@@ -83,12 +83,11 @@ def test_tangent_prop_recipe_is_its_coefficient_times_the_dense_penalty(tiny):
 
     ctx = recipes.StepContext(params, x, None, None, apply, 10, None)
     tangents = mr.image_tangents(x)  # (6, 4, 8, 8, 1)
-    dense = 0.0
-    for i in range(6):
-        jac = jax.jacrev(lambda xi: apply(params, xi[None])[0])(x[i]).reshape(10, -1)
-        dense += np.sum(
-            (np.asarray(tangents[i]).reshape(4, -1) @ np.asarray(jac).T) ** 2
-        )
+    jacobians = jax.vmap(jax.jacrev(lambda xi: apply(params, xi[None])[0]))(x)
+    rows = np.asarray(tangents).reshape(6, 4, -1)
+    dense = np.sum(
+        np.einsum("nkd,ncd->nkc", rows, np.asarray(jacobians).reshape(6, 10, -1)) ** 2
+    )
     value = recipes.RECIPES["tangent_prop"].penalty(ctx, 0.5)
     np.testing.assert_allclose(value, 0.5 * dense / 6, rtol=1e-4)
 
