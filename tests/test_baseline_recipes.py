@@ -218,6 +218,11 @@ def test_bagging_row_is_the_averaged_probability_ensemble(bagged, ch7_splits):
         assert results[s].final["test_loss"] == pytest.approx(loss, rel=1e-4)
 
 
+def test_a_single_run_refuses_bagging(ch7_splits):
+    with pytest.raises(ValueError, match="ensemble of runs"):
+        ex.run("bagging", ch7_splits[0], config=CH7_CONFIG)
+
+
 def test_each_bagging_member_is_a_run_on_its_resample(bagged, ch7_splits):
     data = grid_module.stack_splits(ch7_splits)
     bx, by = bagging.bootstrap_training_sets(data.x_train, data.y_train, [0, 1], 3)

@@ -428,6 +428,10 @@ def run(
             "run needs a validation set: pass the data through data.prepare"
         )
     recipe = recipes[regularizer]
+    if recipe.bagging:
+        raise ValueError(
+            f"{regularizer!r} is an ensemble of runs: train it with grid.train_grid"
+        )
     coeff = recipe.coeff if coeff is None else coeff
     trainer = get_trainer(
         recipe,
