@@ -429,9 +429,7 @@ def run(
         )
     recipe = recipes[regularizer]
     if recipe.bagging:
-        raise ValueError(
-            f"{regularizer!r} is an ensemble of runs: train it with grid.train_grid"
-        )
+        raise ValueError(f"{regularizer!r} is an ensemble of runs: use grid.train_grid")
     coeff = recipe.coeff if coeff is None else coeff
     trainer = get_trainer(
         recipe,
