@@ -87,8 +87,8 @@ def image_tangents(
     """``d/dt`` of each image under each infinitesimal transformation, at ``t = 0``.
 
     Pixel ``(i, j)`` = (row, column), centre ``c = ((H−1)/2, (W−1)/2)``, ``u = p − c``;
-    ``∂ᵢ, ∂ⱼ``: central differences, the image 0 outside (so they are exactly the
-    symmetric finite difference of the bilinearly transformed image, zero fill):
+    ``∂ᵢ, ∂ⱼ``: central differences, the image 0 outside (the limit of the symmetric
+    finite difference of the bilinearly transformed image, zero fill):
 
     - ``translate_x``: ``d/dt I(i, j − t) = −∂ⱼI`` (content moves right, per pixel);
     - ``translate_y``: ``d/dt I(i − t, j) = −∂ᵢI`` (content moves down, per pixel);
