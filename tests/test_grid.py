@@ -34,12 +34,13 @@ def _alone(recipe, coeff, ds, seed, config):
     trainer = tr.get_trainer(recipe, coeff, config, 10, len(ds.x_train))
     k_init, k_train = jax.random.split(jax.random.key(seed))
     x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
-    state, val = trainer.init(k_init, x), []
+    state, params, val = trainer.init(k_init, x), [], []
     for epoch in range(config.epochs):
         state, _ = trainer.train_epoch(state, x, y, jax.random.fold_in(k_train, epoch))
         logits = trainer.model.apply({"params": state.params}, ds.x_val)
         val.append(float(np.mean(np.argmax(logits, 1) == ds.y_val)))
-    return state.params, val
+        params.append(state.params)
+    return params, val
 
 
 def _close(a, b):
@@ -50,9 +51,8 @@ def test_vmapped_runs_equal_the_runs_trained_one_by_one(splits, spectral):
     for c, coeff in enumerate(COEFFS):
         for s, ds in enumerate(splits):
             params, val = _alone(RECIPES["spectral"], coeff, ds, s, CONFIG)
-            jax.tree.map(
-                _close, params, jax.tree.map(lambda p: p[c, s], spectral.params)
-            )
+            batched = jax.tree.map(lambda p, c=c, s=s: p[c, s], spectral.params)
+            jax.tree.map(_close, params[-1], batched)
             np.testing.assert_allclose(
                 spectral.history["val_acc"][c, s], val, atol=1e-6
             )
@@ -92,6 +92,8 @@ def test_early_stopping_inside_the_program_follows_the_rule(splits):
             stopped,
         )
         assert batched.val_acc[0, s] == pytest.approx(val[best - 1])
+        restored = jax.tree.map(lambda p, s=s: p[0, s], batched.params)
+        jax.tree.map(_close, params[best - 1], restored)
         np.testing.assert_allclose(
             batched.history["val_acc"][0, s, :stopped], val[:stopped], atol=1e-6
         )

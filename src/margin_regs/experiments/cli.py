@@ -368,15 +368,18 @@ def _results(plan: _Plan, grids: dict[str, Any]) -> tuple[list[Any], dict[str, A
     from margin_regs.experiments import report
     from margin_regs.experiments.grid import select
 
-    results, test_acc, seconds = [], {}, {}
+    results, test_acc, seconds, edges = [], {}, {}, {}
     for name, grid in grids.items():
         index = select(grid.val_acc)
         runs = grid.run_results(index, plan.splits, plan.config)
         results += runs
         test_acc[name] = [r.final["test_acc"] for r in runs]
         seconds[name] = grid.seconds_per_run_epoch()
+        edges[name] = report.grid_edge(grid.coeffs, index)
     summary = report.summarize(results, seconds)
     report.add_differences(summary, test_acc)
+    for name, edge in edges.items():
+        summary[name]["coeff_edge"] = edge
     return results, summary
 
 
@@ -405,8 +408,11 @@ def compare(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     plan = _plan(parser, args)
     start = time.perf_counter()
+    from margin_regs.experiments.recipes import RECIPES
+
     runs = sum(len(g) for g in plan.grids.values()) * args.seeds
-    progress = Progress(runs * args.epochs, enabled=not args.no_progress)
+    programs = sum(len(plan.grids[n]) if RECIPES[n].dropout else 1 for n in plan.names)
+    progress = Progress(runs * args.epochs, programs, enabled=not args.no_progress)
     grids: dict[str, Any] = {}
     partial = False
     try:
