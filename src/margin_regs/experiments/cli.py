@@ -35,32 +35,27 @@ DEFAULT_REGULARIZERS = (
 
 # The import names of the ``experiments`` extra (pyproject.toml), checked before a
 # subcommand imports the harness.
-EXTRA_MODULES = ("flax", "sklearn", "mnist1d", "mlxtend", "matplotlib")
+EXTRA_MODULES = ("flax", "sklearn", "mnist1d", "mlxtend", "matplotlib", "rich")
 INSTALL_HINT = "pip install 'margin_regs[experiments]'"
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a positive integer, got {text!r}"
-        ) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _positive(kind: type, what: str):
+    """An argparse type: ``kind(text)``, finite and > 0, else a message naming ``what``."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0 or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a positive {what}, got {text}")
+        return value
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a positive number, got {text!r}"
-        ) from None
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
+_positive_int = _positive(int, "integer")
+_positive_float = _positive(float, "number")
 
 
 def _coeff(text: str) -> tuple[str, tuple[float, ...]]:
