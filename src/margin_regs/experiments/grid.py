@@ -407,7 +407,7 @@ class _Program:
             if np.all(history[-1]["stopped"]):
                 break
         history = jax.tree.map(lambda *e: _pad(np.stack(e, -1), epochs), *history)
-        out = self._result(state, history, per_epoch)
+        out = self._result(state, history)
         return out | {"seconds": _pad(np.asarray(seconds).T / runs, epochs)}
 
     def _measure(self, state: GridState, metrics, per_epoch, layer_stats):
@@ -422,7 +422,7 @@ class _Program:
             )
         return out
 
-    def _result(self, state: GridState, history, per_epoch) -> dict[str, Any]:
+    def _result(self, state: GridState, history) -> dict[str, Any]:
         stopped = history.pop("stopped") == 1
         # The epoch (1-based) after which a run stopped: its first True, else the last.
         trained = int(np.sum(np.isfinite(history["objective"][0, 0])))
