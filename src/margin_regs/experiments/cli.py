@@ -355,7 +355,6 @@ def _train(plan: _Plan, progress: Any, grids: dict[str, Any]) -> None:
             plan.config,
             on_epoch=progress.epoch,
         )
-    return grids
 
 
 def _results(plan: _Plan, grids: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
@@ -398,13 +397,12 @@ def compare(argv: Sequence[str]) -> int:
     ``results.json`` (marked ``"partial": true``) and the exit status is 130.
     """
     from margin_regs.experiments.progress import Progress
+    from margin_regs.experiments.recipes import RECIPES
 
     parser = build_parser()
     args = parser.parse_args(argv)
     plan = _plan(parser, args)
     start = time.perf_counter()
-    from margin_regs.experiments.recipes import RECIPES
-
     runs = sum(len(g) for g in plan.grids.values()) * args.seeds
     programs = sum(len(plan.grids[n]) if RECIPES[n].dropout else 1 for n in plan.names)
     progress = Progress(runs * args.epochs, programs, enabled=not args.no_progress)
