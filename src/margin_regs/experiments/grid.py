@@ -417,9 +417,7 @@ class _Program:
         if per_epoch and "val_acc" not in metrics:
             out |= ev.grid_metrics(params, self.data)
         if layer_stats:
-            out["sigma_max"], out["stable_rank"] = ev.grid_layer_stats(
-                params, self.data
-            )
+            out["sigma_max"], out["stable_rank"] = ev.grid_layer_stats(params)
         return out
 
     def _result(self, state: GridState, history) -> dict[str, Any]:

@@ -246,8 +246,9 @@ class Evaluator:
     the recipe. ``conv`` says what the σ, stable ranks and spectra of conv kernels
     are (:attr:`TrainConfig.conv`; ``"operator"`` needs one sample's
     ``input_shape``); :attr:`layouts` is the ``weight_dimension_numbers`` they use.
-    :attr:`grid_metrics` measures every run of a grid, leading axes
-    ``(coefficient, seed)``, in one program.
+    :attr:`grid_metrics` ``(params, data)`` and :attr:`grid_layer_stats`
+    ``(params)`` measure every run of a grid (leading axes ``(coefficient, seed)``;
+    data :class:`~margin_regs.experiments.grid.SeedData`) in one program.
     """
 
     def __init__(
@@ -275,8 +276,9 @@ class Evaluator:
                 p, weight_dimension_numbers=self.layouts
             )
         )
-        self.grid_metrics = _over_grid(self.metrics_fn)
-        self.grid_layer_stats = _over_grid(lambda p, _: self.layer_stats_fn(p))
+        over_seeds = jax.vmap(self.metrics_fn)  # params (S, ...), data (S, ...)
+        self.grid_metrics = jax.jit(jax.vmap(over_seeds, in_axes=(0, None)))
+        self.grid_layer_stats = jax.jit(jax.vmap(jax.vmap(self.layer_stats_fn)))
 
     def per_sample_fn(self, params, x, y):
         logits = self.model.apply({"params": params}, x)
@@ -320,11 +322,6 @@ class Evaluator:
     def input_margins(self, params, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """First-order input-margin estimate of every sample."""
         return np.asarray(self._input_margins(params, x, y))
-
-
-def _over_grid(fn):
-    """``fn(params, data)`` jitted over params ``(C, S, ...)`` and data ``(S, ...)``."""
-    return jax.jit(jax.vmap(jax.vmap(fn), in_axes=(0, None)))
 
 
 def _shape(conv: str, input_shape) -> tuple[int, ...] | None:
