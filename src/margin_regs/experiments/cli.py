@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
             "regularizer's grid and every seed in one vmapped program; select each "
             "coefficient on the validation split, print one table with paired 95% "
             "intervals against vanilla, and write results.json and PNG plots. The "
-            "defaults run in about two minutes on 2 CPU cores.",
+            "defaults take about 70 s of CPU time (3 to 7 minutes of wall time on a "
+            "shared 2-core machine).",
             88,
         ),
         epilog=_recipes_epilog(),
