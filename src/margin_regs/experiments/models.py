@@ -34,8 +34,12 @@ __all__ = [
     "CLASSIFIER_PATH",
     "MODELS",
     "AdaRegCNN",
+    "KerasMLP",
     "SokolicCNN",
+    "SokolicCNN3",
     "SokolicMLP",
+    "SokolicMLP1",
+    "SokolicMLP3",
     "classifier_kernel",
     "classifier_mask",
     "has_convolutions",
@@ -192,22 +196,6 @@ class AdaRegCNN(nn.Module):
         self.sow("intermediates", "activations", x)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         return nn.Dense(self.num_classes, name="classifier")(x)
-
-
-MODELS: dict[str, tuple[type[nn.Module], str]] = {
-    "mlp": (
-        SokolicMLP,
-        "Sokolić et al. §V: ReLU MLP, 2 hidden layers of half the input width",
-    ),
-    "cnn": (
-        SokolicCNN,
-        "Sokolić et al. Table I: 2-layer CNN, (32,5,5)-conv + 2×2 max-pool, twice",
-    ),
-    "adareg_cnn": (
-        AdaRegCNN,
-        "Zhao et al. App. B.1: CONV5×5×10 - CONV5×5×20 - FC50 - FC10",
-    ),
-}
 
 
 def make_model(name: str, num_classes: int, *, dropout_rate: float = 0.0) -> nn.Module:
@@ -541,17 +529,8 @@ class TransformerEncoder(nn.Module):
 
 
 class SokolicCNN3(SokolicCNN):
-    """Sokolić et al.'s 3-layer CNN of Table I: the 2-layer CNN plus a third conv.
-
-    ``(32, 5, 5)-conv, (2, 2)-max-pool, (32, 5, 5)-conv, (2, 2)-max-pool,
-    (32, 5, 5)-conv``, then a linear classifier, ReLU after each convolution, ``SAME``
-    padding (as :class:`SokolicCNN`; the paper does not state it).
-
-    Attributes:
-      num_classes: outputs.
-      features: channels of the three convolutions.
-      dropout_rate: dropout before the classifier (0: none).
-      num_conv: 3.
+    """Sokolić et al.'s 3-layer CNN of Table I: :class:`SokolicCNN` with a third
+    ``(32, 5, 5)``-conv after the second max-pool (``SAME`` padding).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -562,8 +541,7 @@ class SokolicCNN3(SokolicCNN):
       ((5, 5, 32, 32), (1568, 10))
 
     References:
-      Sokolić et al., "Robust Large Margin Deep Neural Networks", 2017, §V and
-      Appendix ("MNIST CNN").
+      Sokolić et al., "Robust Large Margin Deep Neural Networks", 2017, Table I.
     """
 
     num_conv: int = 3
@@ -624,24 +602,28 @@ class KerasMLP(nn.Module):
         return nn.Dense(self.num_classes, name="classifier")(x)
 
 
-MODELS.update(
-    {
-        "cnn3": (
-            SokolicCNN3,
-            "Sokolić et al. Table I: 3-layer CNN, the 2-layer CNN plus a (32,5,5)-conv",
-        ),
-        "mlp1": (
-            SokolicMLP1,
-            "Sokolić et al. Fig. 2: 1 hidden layer of half the input",
-        ),
-        "mlp3": (
-            SokolicMLP3,
-            "Sokolić et al. Fig. 2: 3 hidden layers of half the input",
-        ),
-        "keras_mlp": (
-            KerasMLP,
-            "Ludwig et al. Table 2 (Keras mnist_mlp): 512-512 ReLU, dropout 0.2",
-        ),
-    }
-)
-__all__ += ["KerasMLP", "SokolicCNN3", "SokolicMLP1", "SokolicMLP3"]
+MODELS: dict[str, tuple[type[nn.Module], str]] = {
+    "mlp": (
+        SokolicMLP,
+        "Sokolić et al. §V: ReLU MLP, 2 hidden layers of half the input width",
+    ),
+    "cnn": (
+        SokolicCNN,
+        "Sokolić et al. Table I: 2-layer CNN, (32,5,5)-conv + 2×2 max-pool, twice",
+    ),
+    "adareg_cnn": (
+        AdaRegCNN,
+        "Zhao et al. App. B.1: CONV5×5×10 - CONV5×5×20 - FC50 - FC10",
+    ),
+    "cnn3": (
+        SokolicCNN3,
+        "Sokolić et al. Table I: 3-layer CNN, the 2-layer CNN plus a (32,5,5)-conv",
+    ),
+    "mlp1": (SokolicMLP1, "Sokolić et al. Fig. 2: 1 hidden layer of half the input"),
+    "mlp3": (SokolicMLP3, "Sokolić et al. Fig. 2: 3 hidden layers of half the input"),
+    "keras_mlp": (
+        KerasMLP,
+        "Ludwig et al. Table 2 (Keras mnist_mlp): 512-512 ReLU, dropout 0.2",
+    ),
+}
+"""The reference models by name: ``(class, one-line description)``."""

@@ -1,9 +1,9 @@
-"""Progress of a long comparison, readable on a terminal and in a log file.
+"""Progress of a long comparison: a ``rich`` bar on a terminal, a line every few
+seconds in a log.
 
-On a terminal one line is redrawn in place; elsewhere (a log, CI) a full line is
-printed every few seconds instead of a stream of carriage-return updates. The
-estimate of the time left counts only epochs after a program's first: the first
-epoch of each program includes its compilation, which says nothing about the rest.
+The time left is the warm rate (seconds per run-epoch over epochs after each
+program's first) times the run-epochs left, plus, once measured, the compilation
+of every program not yet started: a program's first epoch less its warm cost.
 """
 
 from __future__ import annotations
@@ -12,97 +12,122 @@ import sys
 import time
 from typing import TextIO
 
+from rich import progress as rp
+from rich.console import Console
+
 __all__ = ["Progress"]
 
 
 class Progress:
-    """Run-epochs done out of the total, elapsed time, and an ETA without compilation.
+    """Run-epochs done out of the total, elapsed time, and an ETA with compilation.
 
     Args:
       total: run-epochs of the whole comparison (runs × epochs).
-      enabled: ``False`` prints nothing.
+      programs: compiled programs it trains (one per regularizer, one per
+        dropout rate).
+      enabled: ``False`` shows nothing.
       stream: where to write (default ``sys.stderr``).
       every: seconds between lines when ``stream`` is not a terminal.
 
     Example:
       >>> import io
       >>> from margin_regs.experiments.progress import Progress
-      >>> p = Progress(total=8, stream=io.StringIO(), every=0.0)
+      >>> p = Progress(total=12, programs=2, stream=io.StringIO(), every=0.0)
       >>> p.begin("spectral")
-      >>> p.epoch(0, 5.0, runs=4)  # compiles: not counted in the rate
-      >>> p.epoch(1, 0.5, runs=4)
-      >>> p.eta()  # 0 run-epochs left
-      0.0
+      >>> p.epoch(0, 5.0, runs=4)  # compiles
+      >>> p.epoch(1, 0.5, runs=4)  # warm: 0.125 s per run-epoch
+      >>> p.eta()  # 4 run-epochs, then the next program's 4.5 s of compilation
+      5.0
     """
 
     def __init__(
         self,
         total: int,
+        programs: int = 1,
         *,
         enabled: bool = True,
         stream: TextIO | None = None,
         every: float = 5.0,
     ):
-        self.total = total
-        self.enabled = enabled
-        self.stream = sys.stderr if stream is None else stream
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.every = every if not self.tty else 0.2
-        self.done = 0
-        self.name = ""
-        self._warm_seconds = 0.0
-        self._warm_run_epochs = 0
-        self._start = time.perf_counter()
-        self._last = float("-inf")
-        self._drawn = False
+        self.total, self.programs, self.enabled, self.every = (
+            total,
+            programs,
+            enabled,
+            every,
+        )
+        self.console = Console(file=sys.stderr if stream is None else stream)
+        self.live = enabled and self.console.is_terminal
+        self.bar = rp.Progress(
+            rp.TextColumn("{task.description}"),
+            rp.BarColumn(),
+            rp.MofNCompleteColumn(),
+            rp.TextColumn("run-epochs"),
+            rp.TimeElapsedColumn(),
+            rp.TextColumn("{task.fields[eta]}"),
+            console=self.console,
+            auto_refresh=False,
+            disable=not self.live,
+        )
+        self.task = self.bar.add_task("", total=total, eta="")
+        if self.live:
+            self.bar.start()
+        self.done, self.name = 0, ""
+        self._warm = [0.0, 0]  # seconds, run-epochs
+        self._first: list[tuple[float, int]] = []  # each program's first epoch
+        self._start, self._last = time.perf_counter(), float("-inf")
 
     def begin(self, name: str) -> None:
-        """A new regularizer's program starts."""
+        """A new regularizer starts."""
         self.name = name
 
     def epoch(self, epoch: int, seconds: float, runs: int) -> None:
-        """One epoch of a program holding ``runs`` runs took ``seconds``."""
+        """Epoch ``epoch`` of a program holding ``runs`` runs took ``seconds``."""
         self.done += runs
-        if epoch > 0:
-            self._warm_seconds += seconds
-            self._warm_run_epochs += runs
+        if epoch == 0:
+            self._first.append((seconds, runs))
+        else:
+            self._warm[0] += seconds
+            self._warm[1] += runs
         self._show()
 
     def eta(self) -> float | None:
-        """Seconds left at the warm rate so far (``None`` before any warm epoch)."""
-        if not self._warm_run_epochs:
+        """Seconds left (``None`` before any warm epoch)."""
+        seconds, run_epochs = self._warm
+        if not run_epochs:
             return None
-        rate = self._warm_seconds / self._warm_run_epochs
-        return rate * (self.total - self.done)
+        rate = seconds / run_epochs
+        compile_ = [max(0.0, s - rate * r) for s, r in self._first]
+        left = max(0, self.programs - len(self._first))
+        return rate * (self.total - self.done) + left * sum(compile_) / len(compile_)
 
     def line(self) -> str:
-        """The current status line."""
+        """The current status, one line."""
         eta = self.eta()
-        elapsed = time.perf_counter() - self._start
-        left = "ETA after the first epoch" if eta is None else f"ETA {eta:.0f} s"
-        percent = 100 * self.done / max(self.total, 1)
+        left = "ETA after the first warm epoch" if eta is None else f"ETA {eta:.0f} s"
         return (
-            f"{self.name}: {self.done}/{self.total} run-epochs ({percent:.0f}%), "
-            f"{elapsed:.0f} s elapsed, {left} (compilation excluded)"
+            f"{self.name}: {self.done}/{self.total} run-epochs "
+            f"({100 * self.done / max(self.total, 1):.0f}%), "
+            f"{time.perf_counter() - self._start:.0f} s elapsed, {left}"
         )
 
     def _show(self) -> None:
-        now = time.perf_counter()
-        if not self.enabled or (
-            now - self._last < self.every and self.done < self.total
-        ):
+        if self.live:
+            eta = self.eta()
+            self.bar.update(
+                self.task,
+                completed=self.done,
+                description=self.name,
+                eta="ETA …" if eta is None else f"ETA {eta:.0f} s",
+                refresh=True,
+            )
             return
-        self._last = now
-        if self.tty:
-            self.stream.write("\r\033[K" + self.line())
-            self._drawn = True
-        else:
-            self.stream.write(self.line() + "\n")
-        self.stream.flush()
+        now = time.perf_counter()
+        if self.enabled and (now - self._last >= self.every or self.done >= self.total):
+            self._last = now
+            self.console.print(self.line(), highlight=False, soft_wrap=True)
 
     def close(self) -> None:
-        """End the terminal line (once)."""
-        if self._drawn:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._drawn = False
+        """Stop the terminal display."""
+        if self.live:
+            self.bar.stop()
+            self.live = False

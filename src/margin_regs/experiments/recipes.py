@@ -140,7 +140,8 @@ def cross_entropy(ctx: StepContext, smoothing: float = 0.0) -> jax.Array:
     ``smoothing``; Szegedy et al. 2016).
     """
     logits = ctx.apply(ctx.params, ctx.x)
-    if smoothing == 0.0:
+    # A traced smoothing (a grid's coefficient) always takes the smoothed path.
+    if not isinstance(smoothing, jax.Array) and smoothing == 0.0:
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, ctx.y))
     targets = optax.smooth_labels(jax.nn.one_hot(ctx.y, ctx.num_classes), smoothing)
     return jnp.mean(optax.softmax_cross_entropy(logits, targets))

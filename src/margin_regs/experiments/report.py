@@ -9,29 +9,27 @@ import math
 import os
 import platform
 import subprocess
-import time
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import margin_regs as mr
 from margin_regs.experiments import stats
-from margin_regs.experiments.data import Dataset
-from margin_regs.experiments.training import RunResult, TrainConfig, Trainer
+from margin_regs.experiments.training import RunResult, TrainConfig
 
 __all__ = [
     "SIGMA_DEFINITIONS",
     "add_differences",
     "build_payload",
     "format_table",
+    "grid_edge",
     "headline",
     "jsonable",
     "provenance",
     "summarize",
-    "time_epochs",
     "write",
 ]
 
@@ -48,10 +46,9 @@ def summarize(
     ``stable_rank`` per layer, ``median_output_margin``, ``median_input_margin``,
     ``seconds_per_epoch`` (wall), ``cpu_seconds_per_epoch`` (process time) and
     ``relative_time`` (to ``vanilla`` when present): from ``epoch_seconds`` when
-    given (stored as ``given_seconds_per_epoch``: e.g. :func:`time_epochs`'
-    interleaved timings, or a grid's seconds per run and epoch), else from the runs' CPU
-    time on the CPU backend (wall time on a shared machine mostly measures other
-    processes) and wall time elsewhere.
+    given (stored as ``given_seconds_per_epoch``: a grid's seconds per run and
+    epoch), else from the runs' CPU time on the CPU backend (wall time on a shared
+    machine mostly measures other processes) and wall time elsewhere.
 
     Args:
       results: the runs, any regularizers and seeds.
@@ -130,58 +127,6 @@ def _group(runs: Sequence[RunResult], threshold: float) -> dict[str, Any]:
     }
 
 
-def time_epochs(
-    trainers: dict[str, tuple[Trainer, Dataset]],
-    *,
-    budget_seconds: float = 2.0,
-    max_rounds: int = 50,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Median wall seconds per training epoch of each trainer, in interleaved rounds.
-
-    Each round times one epoch of every trainer in turn, so slow drifts of a shared
-    machine's load hit all of them alike; rounds go on until ``budget_seconds`` or
-    ``max_rounds`` (at least 3). The trainers are already compiled by their runs;
-    one warm-up epoch each comes first.
-
-    Args:
-      trainers: ``{name: (trainer, prepared dataset)}``.
-      budget_seconds: time to spend on the timed rounds.
-      max_rounds: most rounds.
-      seed: seeds the parameters being trained (timings do not depend on them).
-
-    Returns:
-      ``{name: median seconds per epoch}``.
-
-    Example:
-      >>> from margin_regs.experiments.data import load_digits, prepare
-      >>> from margin_regs.experiments.report import time_epochs
-      >>> from margin_regs.experiments.training import TrainConfig, get_trainer
-      >>> ds = prepare(load_digits(), train_size=64)
-      >>> t = get_trainer("vanilla", None, TrainConfig(epochs=2), 10, 64)
-      >>> times = time_epochs({"vanilla": (t, ds)}, budget_seconds=0.1)
-      >>> times["vanilla"] > 0
-      True
-    """
-    key = jax.random.key(seed)
-    states = {}
-    for name, (trainer, ds) in trainers.items():
-        x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
-        state, loss = trainer.train_epoch(trainer.init(key, x), x, y, key)
-        loss.block_until_ready()
-        states[name] = (trainer, state, x, y)
-    times: dict[str, list[float]] = {name: [] for name in trainers}
-    start = time.perf_counter()
-    for r in range(max_rounds):
-        if r >= 3 and time.perf_counter() - start > budget_seconds:
-            break
-        for name, (trainer, state, x, y) in states.items():
-            tick = time.perf_counter()
-            trainer.train_epoch(state, x, y, key)[1].block_until_ready()
-            times[name].append(time.perf_counter() - tick)
-    return {name: float(np.median(t)) for name, t in times.items()}
-
-
 def jsonable(value: Any) -> Any:
     """Non-finite floats become ``None`` (strict JSON has no inf or NaN)."""
     if isinstance(value, float):
@@ -217,6 +162,25 @@ def add_differences(
         summary[name]["diff"] = {**d._asdict(), "excludes_zero": d.excludes_zero}
 
 
+def grid_edge(coeffs: Sequence[float], index: int) -> str | None:
+    """``"lowest"``/``"highest"`` when ``coeffs[index]`` is an end of its grid.
+
+    A coefficient selected at an end may be beaten by one beyond it; ``None`` for
+    an interior value or a grid of fewer than three values.
+
+    Example:
+      >>> from margin_regs.experiments.report import grid_edge
+      >>> grid_edge([0.1, 0.01, 1.0], 1), grid_edge([0.1, 0.01, 1.0], 0)
+      ('lowest', None)
+    """
+    values = np.asarray(coeffs, float)
+    if len(values) < 3 or np.isnan(values).any():
+        return None
+    if values[index] == values.min():
+        return "lowest"
+    return "highest" if values[index] == values.max() else None
+
+
 def _accuracy(s: dict[str, Any]) -> str:
     mean = f"{100 * s['test_acc_mean']:.1f}"
     return mean if s["seeds"] < 2 else f"{mean} ± {100 * s['test_acc_std']:.1f}"
@@ -238,7 +202,7 @@ def _row(name: str, s: dict[str, Any], layers: list[str]) -> list[str]:
     gap = s["yoshida_gap"]
     return [
         name,
-        "-" if s["coeff"] is None else f"{s['coeff']:g}",
+        _coeff(s),
         _accuracy(s),
         _difference(s),
         "n/a" if gap is None or not math.isfinite(gap) else f"{100 * gap:.1f}",
@@ -248,6 +212,13 @@ def _row(name: str, s: dict[str, Any], layers: list[str]) -> list[str]:
         f"{s['median_input_margin']:.3f}",
         _milliseconds(s),
     ]
+
+
+def _coeff(s: dict[str, Any]) -> str:
+    if s["coeff"] is None:
+        return "-"
+    edge = {"lowest": " (min)", "highest": " (max)"}.get(s.get("coeff_edge"), "")
+    return f"{s['coeff']:g}{edge}"
 
 
 def _milliseconds(s: dict[str, Any]) -> str:
@@ -285,6 +256,12 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
         "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
         for r in rows
     ]
+    return "\n".join([*lines, "", *_footnote(summary, short, definition)])
+
+
+def _footnote(summary: dict[str, Any], short: list[str], definition: str) -> list[str]:
+    """The table's note, wrapped to 88 columns."""
+    first = next(iter(summary.values()))
     seeds, threshold = first["seeds"], first["yoshida_threshold"]
     spread = (
         f"mean ± std over {seeds} seeds; Δ vs vanilla: mean paired difference in test "
@@ -292,20 +269,31 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
         if seeds > 1
         else "one seed: no spread, no interval"
     )
-    lines += [
-        "",
+    edge = any(s.get("coeff_edge") for s in summary.values())
+    notes = [
         "coeff: selected by the best mean validation accuracy over the grid (never "
-        f"the test set); test acc: {spread}; gap: Yoshida & Miyato's generalization "
-        f"gap at α = {100 * threshold:.1f}% test accuracy; σ_max, srank: top "
-        f"singular value and stable rank of each layer ({'/'.join(short)}), "
-        f"{SIGMA_DEFINITIONS[definition]}; out "
-        "margin: median logit margin z_y − max z_j on the test set (logits); in "
+        "the test set)"
+        + (
+            "; (min)/(max): the lowest/highest value of its grid, so a better one "
+            "may lie beyond it (widen the grid with --coeff)"
+            if edge
+            else ""
+        )
+        + ".",
+        f"test acc: {spread}.",
+        f"gap: Yoshida & Miyato's generalization gap at α = {100 * threshold:.1f}% "
+        "test accuracy.",
+        "σ_max, srank: top singular value and stable rank of each layer "
+        f"({'/'.join(short)}).",
+        f"{SIGMA_DEFINITIONS[definition]}.",
+        "out margin: median logit margin z_y − max z_j on the test set (logits); in "
         "margin: median first-order l2 distance to the decision boundary in input "
-        "space (input units); ms/epoch: training milliseconds per epoch and run, "
-        "the runs of a regularizer batched in one program (a larger grid shares "
-        "more of each step's cost; margin-regs bench measures step overheads).",
+        "space (input units).",
+        "ms/epoch: training milliseconds per epoch and run, the runs of a "
+        "regularizer batched in one program (a larger grid shares more of each "
+        "step's cost; margin-regs bench measures step overheads).",
     ]
-    return "\n".join(lines)
+    return [line for note in notes for line in textwrap.wrap(note, 88)]
 
 
 SIGMA_DEFINITIONS = {
@@ -403,6 +391,7 @@ def build_payload(
             "paper_coeff": recipe.coeff,
             "grid": [None if np.isnan(c) else float(c) for c in grid.coeffs],
             "selected_coeff": summary[name]["coeff"],
+            "selected_at_edge": summary[name].get("coeff_edge"),
             "seeds": grid.seeds.tolist(),
             "val_acc": grid.val_acc.tolist(),
             "test_acc": grid.test_acc.tolist(),

@@ -1,15 +1,10 @@
-"""The train/evaluate loop shared by ``margin-regs compare`` and the notebooks.
+"""What every run is built from: the schedule, one recipe's pure training step and
+epoch, the model's jitted measurements, and the record of a run.
 
-A regularizer is a :class:`Recipe`: an optax transform chained before the optimizer,
-a projection chained after it, a penalty added to the loss, a loss that replaces the
-cross-entropy, a perturbation of each training batch or of the weights of the forward
-pass, dropout, or early stopping. Each takes the recipe's one hyperparameter
-``coeff``. Adding a method to the comparison is one entry in :data:`RECIPES`.
-
-One :class:`Trainer` per (recipe, coefficient, model, schedule) holds the jitted
-functions: an epoch is one ``lax.scan`` over its minibatches (compiled once, no host
-round trip inside the epoch), evaluation is one chunked pass. Everything random comes
-from the run's seed, so a seed reproduces a run bit for bit on the same machine.
+The driver that trains is :func:`margin_regs.experiments.grid.train_grid`: every
+(coefficient, seed) of one recipe as one vmapped program. :func:`run` is a grid of
+one. Everything random comes from the run's seed, so a seed reproduces a run bit for
+bit on the same machine.
 
 The optimizer is the papers' common one: SGD with Nesterov momentum 0.9, the learning
 rate divided by 10 after half and after three quarters of the epochs (Yoshida &
@@ -20,8 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
-from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -67,10 +60,9 @@ class TrainConfig:
       patience: early stopping for every recipe (``None``: only the
         ``early_stopping`` recipe stops early).
       margin_samples: test samples whose input margins are estimated.
-      conv: what a conv kernel is, for the regularizers that take layouts and for
-        every σ reported: ``"matrix"``, the reshaped ``(kh·kw·in, out)`` kernel
-        (Yoshida & Miyato's definition), or ``"operator"``, the convolution
-        ``x ↦ conv(x, K)`` on the layer's input (:class:`margin_regs.ConvOperator`).
+      conv: what a conv kernel is for the regularizers that take layouts and for
+        every σ reported: ``"matrix"`` (the reshaped ``(kh·kw·in, out)`` kernel) or
+        ``"operator"`` (:class:`margin_regs.ConvOperator` on the layer's input).
     """
 
     model: str = "mlp"
@@ -89,12 +81,12 @@ class TrainState(NamedTuple):
 
 
 class Trainer:
-    """Jitted training and evaluation for one recipe, coefficient and schedule.
+    """One recipe's pure training step and epoch on one model and schedule.
 
-    Build it through :func:`get_trainer`, which caches it, so that every seed and
-    every caller with the same settings reuses the compiled functions.
-    ``input_shape`` (one sample's) is needed with ``config.conv == "operator"``: a
-    convolution's operator depends on the size of its input.
+    The coefficient is an argument of :meth:`step` and :meth:`epoch` (it may be
+    traced: the grid vmaps over it); ``coeff`` here only builds a dropout model.
+    Build it through :func:`get_trainer`, which caches it. ``input_shape`` (one
+    sample's) is needed with ``config.conv == "operator"``.
     """
 
     def __init__(
@@ -106,9 +98,7 @@ class Trainer:
         train_size: int,
         input_shape: tuple[int, ...] | None = None,
     ):
-        self.recipe = recipe
-        self.coeff = coeff
-        self.config = config
+        self.recipe, self.coeff, self.config = recipe, coeff, config
         self.num_classes = num_classes
         self.batch_size = min(config.batch_size, train_size)
         self.steps_per_epoch = train_size // self.batch_size
@@ -123,19 +113,15 @@ class Trainer:
         self.schedule = optax.piecewise_constant_schedule(
             config.learning_rate, {total // 2: 0.1, (3 * total) // 4: 0.1}
         )
-        self.optimizer = self.make_optimizer(coeff)
         self.train_epoch = jax.jit(functools.partial(self.epoch, coeff))
+        self.jit_step = jax.jit(self.step)
 
     def make_optimizer(self, coeff: Any) -> optax.GradientTransformation:
-        """The recipe's transform, SGD with the step schedule, then its projection.
-
-        ``coeff`` may be a traced scalar: :class:`GridTrainer` builds the optimizer
-        inside the vmapped program, one coefficient per run.
-        """
+        """The recipe's transform, SGD with the step schedule, then its projection."""
         recipe = self.recipe
-        parts = []
-        if recipe.transform is not None:
-            parts.append(recipe.transform(coeff, self.setup))
+        parts = (
+            [] if recipe.transform is None else [recipe.transform(coeff, self.setup)]
+        )
         parts.append(
             optax.sgd(self.schedule, momentum=self.config.momentum, nesterov=True)
         )
@@ -143,10 +129,11 @@ class Trainer:
             parts.append(recipe.projection(coeff, self.setup))
         return optax.chain(*parts)
 
-    def init(self, key: jax.Array, sample: jax.Array) -> TrainState:
-        """Initial params (from ``key``) and optimizer state at this coefficient."""
+    def init(self, key: jax.Array, sample: jax.Array, coeff: Any = None) -> TrainState:
+        """Initial params (from ``key``) and optimizer state."""
         params = self.eval.init(key, sample[:1])["params"]
-        return TrainState(params, self.optimizer.init(params))
+        coeff = self.coeff if coeff is None else coeff
+        return TrainState(params, self.make_optimizer(coeff).init(params))
 
     def objective(self, coeff, params, x, y, key) -> jax.Array:
         """The regularized loss of one minibatch at coefficient ``coeff``."""
@@ -156,11 +143,6 @@ class Trainer:
             x = recipe.perturb_inputs(x, k_input, coeff)
         if recipe.perturb_params is not None:
             params = recipe.perturb_params(params, k_weights, coeff)
-
-        def apply(p, inputs):
-            return self.model.apply(
-                {"params": p}, inputs, train=True, rngs={"dropout": k_dropout}
-            )
 
         def apply_with_activations(p, inputs):
             logits, state = self.model.apply(
@@ -172,6 +154,11 @@ class Trainer:
             )
             return logits, state["intermediates"]
 
+        def apply(p, inputs):
+            return self.model.apply(
+                {"params": p}, inputs, train=True, rngs={"dropout": k_dropout}
+            )
+
         ctx = StepContext(
             params,
             x,
@@ -182,58 +169,86 @@ class Trainer:
             apply_with_activations,
             self.setup.layouts,
         )
-        loss = (
-            recipe.loss(ctx, coeff) if recipe.loss is not None else cross_entropy(ctx)
-        )
+        loss = cross_entropy(ctx) if recipe.loss is None else recipe.loss(ctx, coeff)
         if recipe.penalty is not None:
             loss = loss + recipe.penalty(ctx, coeff)
         return loss
 
+    def step(self, coeff, state: TrainState, x, y, key) -> tuple[TrainState, jax.Array]:
+        """One SGD step on the minibatch ``(x, y)``: the new state and the objective."""
+        loss, grads = jax.value_and_grad(self.objective, argnums=1)(
+            coeff, state.params, x, y, key
+        )
+        optimizer = self.make_optimizer(coeff)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        return TrainState(optax.apply_updates(state.params, updates), opt_state), loss
+
+    def batches(self, key: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+        """The epoch's shuffled minibatch indices ``(steps, b)`` and step keys."""
+        k_order, k_steps = jax.random.split(key)
+        b, steps = self.batch_size, self.steps_per_epoch
+        order = jax.random.permutation(k_order, n)[: steps * b].reshape(steps, b)
+        return order, jax.random.split(k_steps, steps)
+
     def epoch(
         self, coeff, state: TrainState, x, y, key
     ) -> tuple[TrainState, jax.Array]:
-        """One pass over ``(x, y)`` in shuffled minibatches: one ``lax.scan``.
+        """One pass over ``(x, y)`` as one ``lax.scan``; the state and mean objective."""
 
-        Pure (``coeff`` may be traced); :attr:`train_epoch` is it jitted at the
-        trainer's own coefficient. Returns the new state and the mean objective.
-        """
-        optimizer = self.make_optimizer(coeff)
-        k_order, k_steps = jax.random.split(key)
-        b, steps = self.batch_size, self.steps_per_epoch
-        order = jax.random.permutation(k_order, x.shape[0])[: steps * b].reshape(
-            steps, b
-        )
-
-        def step(state, inputs):
+        def body(state, inputs):
             idx, k = inputs
-            loss, grads = jax.value_and_grad(self.objective, argnums=1)(
-                coeff, state.params, x[idx], y[idx], k
-            )
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-            return TrainState(
-                optax.apply_updates(state.params, updates), opt_state
-            ), loss
+            return self.step(coeff, state, x[idx], y[idx], k)
 
-        state, losses = jax.lax.scan(
-            step, state, (order, jax.random.split(k_steps, steps))
-        )
+        state, losses = jax.lax.scan(body, state, self.batches(key, x.shape[0]))
         return state, jnp.mean(losses)
+
+    def stepwise_epoch(self, coeff, state: TrainState, x, y, key):
+        """:meth:`epoch` (same minibatches and keys) as one jitted call per step.
+
+        On XLA's CPU backend a convolution inside a ``lax.scan`` body runs about 10×
+        slower than the same step jitted alone (Table I CNN: 1.3 s against 0.14 s
+        for 8 steps), so convolutional runs may step from Python.
+        """
+        order, keys = self.batches(key, x.shape[0])
+        x, y, losses = np.asarray(x), np.asarray(y), []
+        for idx, k in zip(np.asarray(order), keys, strict=True):
+            state, loss = self.jit_step(coeff, state, x[idx], y[idx], k)
+            losses.append(loss)
+        return state, jnp.mean(jnp.stack(losses))
 
 
 EVAL_CHUNK = 256
+
+
+def map_chunks(fn, params, x: jax.Array, y: jax.Array) -> Any:
+    """``fn(params, x, y)``'s per-sample outputs, computed ``EVAL_CHUNK`` at a time.
+
+    Bounded memory whatever the split's size; the last chunk is padded with
+    repeats of the last sample and the padding cut off. Traceable.
+    """
+    n = x.shape[0]
+    chunk = min(EVAL_CHUNK, n)
+    count = -(-n // chunk)
+    pad = count * chunk - n
+    xs = jnp.concatenate([x, jnp.repeat(x[-1:], pad, 0)])
+    ys = jnp.concatenate([y, jnp.repeat(y[-1:], pad, 0)])
+    out = jax.lax.map(
+        lambda b: fn(params, *b),
+        (xs.reshape(count, chunk, *x.shape[1:]), ys.reshape(count, chunk)),
+    )
+    return jax.tree.map(lambda o: o.reshape(count * chunk, *o.shape[2:])[:n], out)
 
 
 class Evaluator:
     """Jitted measurements of one model architecture, shared by all its recipes.
 
     Evaluation runs the model without dropout, so the measurements do not depend on
-    the recipe. Data pass through in chunks of :data:`EVAL_CHUNK` samples (the last
-    one padded), so every function compiles once per (model, number of classes),
-    whatever the sizes of the splits.
-
-    ``conv`` says what the σ, stable ranks and spectra of conv kernels are
-    (:attr:`TrainConfig.conv`); ``"operator"`` needs one sample's ``input_shape``.
-    :attr:`layouts` is the ``weight_dimension_numbers`` they are measured with.
+    the recipe. ``conv`` says what the σ, stable ranks and spectra of conv kernels
+    are (:attr:`TrainConfig.conv`; ``"operator"`` needs one sample's
+    ``input_shape``); :attr:`layouts` is the ``weight_dimension_numbers`` they use.
+    :attr:`grid_metrics` ``(params, data)`` and :attr:`grid_layer_stats`
+    ``(params)`` measure every run of a grid (leading axes ``(coefficient, seed)``;
+    data :class:`~margin_regs.experiments.grid.SeedData`) in one program.
     """
 
     def __init__(
@@ -250,33 +265,53 @@ class Evaluator:
         self.layouts = models.weight_layouts(self.model, input_shape, conv)
         # Dropout adds no parameters: one jitted init serves every recipe.
         self.init = jax.jit(self.model.init)
-        self._per_sample = jax.jit(self._per_sample_fn)
-        self._input_margins = jax.jit(self._input_margins_fn)
-        wdn = self.layouts
-        self.layer_stats = jax.jit(
-            lambda p: (
-                mr.spectral_norms(p, weight_dimension_numbers=wdn),
-                mr.stable_ranks(p, weight_dimension_numbers=wdn),
+        self.init_seeds = jax.jit(
+            jax.vmap(lambda key, x: self.model.init(key, x[:1])["params"])
+        )
+        self._per_sample = jax.jit(functools.partial(map_chunks, self.per_sample_fn))
+        self._input_margins = jax.jit(functools.partial(map_chunks, self._margins_fn))
+        self.layer_stats = jax.jit(self.layer_stats_fn)
+        self.spectra = jax.jit(
+            lambda p: mr.singular_value_spectra(
+                p, weight_dimension_numbers=self.layouts
             )
         )
-        self.spectra = jax.jit(
-            lambda p: mr.singular_value_spectra(p, weight_dimension_numbers=wdn)
-        )
+        over_seeds = jax.vmap(self.metrics_fn)  # params (S, ...), data (S, ...)
+        self.grid_metrics = jax.jit(jax.vmap(over_seeds, in_axes=(0, None)))
+        self.grid_layer_stats = jax.jit(jax.vmap(jax.vmap(self.layer_stats_fn)))
 
-    def _per_sample_fn(self, params, x, y):
+    def per_sample_fn(self, params, x, y):
         logits = self.model.apply({"params": params}, x)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         correct = jnp.argmax(logits, axis=-1) == y
         return loss, correct, mr.output_margins(logits, y)
 
-    def _input_margins_fn(self, params, x, y):
+    def _margins_fn(self, params, x, y):
         return mr.input_margin_estimates(
             lambda b: self.model.apply({"params": params}, b), x, y
         )
 
+    def layer_stats_fn(self, params) -> tuple[dict, dict]:
+        """σ_max and stable rank of every kernel."""
+        wdn = self.layouts
+        return (
+            mr.spectral_norms(params, weight_dimension_numbers=wdn),
+            mr.stable_ranks(params, weight_dimension_numbers=wdn),
+        )
+
+    def metrics_fn(self, params, data) -> dict[str, jax.Array]:
+        """Mean loss and accuracy on the train, val and test splits of ``data``."""
+        metrics = {}
+        for split in ("train", "val", "test"):
+            x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+            loss, correct, _ = map_chunks(self.per_sample_fn, params, x, y)
+            metrics[f"{split}_loss"] = jnp.mean(loss)
+            metrics[f"{split}_acc"] = jnp.mean(correct)
+        return metrics
+
     def per_sample(self, params, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
         """Cross-entropy, correctness and logit margin of every sample."""
-        loss, correct, margin = _chunked(self._per_sample, params, x, y)
+        loss, correct, margin = jax.device_get(self._per_sample(params, x, y))
         return {"loss": loss, "correct": correct, "output_margin": margin}
 
     def evaluate(self, params, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -286,26 +321,12 @@ class Evaluator:
 
     def input_margins(self, params, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """First-order input-margin estimate of every sample."""
-        return _chunked(self._input_margins, params, x, y)[0]
+        return np.asarray(self._input_margins(params, x, y))
 
 
-def _chunked(fn, params, x: np.ndarray, y: np.ndarray) -> list[np.ndarray]:
-    outs = []
-    for start in range(0, len(x), EVAL_CHUNK):
-        xs, ys = x[start : start + EVAL_CHUNK], y[start : start + EVAL_CHUNK]
-        n = len(xs)
-        if n < EVAL_CHUNK:
-            # Repeat the last sample up to the chunk size: one compiled shape.
-            xs = np.concatenate([xs, np.repeat(xs[-1:], EVAL_CHUNK - n, 0)])
-            ys = np.concatenate([ys, np.repeat(ys[-1:], EVAL_CHUNK - n, 0)])
-        out = fn(params, xs, ys)
-        outs.append(
-            [np.asarray(o)[:n] for o in (out if isinstance(out, tuple) else (out,))]
-        )
-    return [np.concatenate(parts) for parts in zip(*outs, strict=True)]
-
-
-_EVALUATORS: dict[tuple, Evaluator] = {}
+def _shape(conv: str, input_shape) -> tuple[int, ...] | None:
+    # Matrix layouts do not depend on the input: one object serves every shape.
+    return None if conv == "matrix" or input_shape is None else tuple(input_shape)
 
 
 def get_evaluator(
@@ -315,15 +336,11 @@ def get_evaluator(
     input_shape: tuple[int, ...] | None = None,
 ) -> Evaluator:
     """The cached :class:`Evaluator` for a model architecture (and conv definition)."""
-    # Matrix layouts do not depend on the input: one evaluator serves every shape.
-    shape = None if conv == "matrix" else input_shape and tuple(input_shape)
-    key = (model_name, num_classes, conv, shape)
-    if key not in _EVALUATORS:
-        _EVALUATORS[key] = Evaluator(model_name, num_classes, conv, shape)
-    return _EVALUATORS[key]
+    return _evaluator(model_name, num_classes, conv, _shape(conv, input_shape))
 
 
-_TRAINERS: dict[tuple, Trainer] = {}
+_evaluator = functools.cache(Evaluator)
+_trainer = functools.cache(Trainer)
 
 
 def get_trainer(
@@ -336,7 +353,8 @@ def get_trainer(
 ) -> Trainer:
     """The cached :class:`Trainer` for these settings (compiled functions shared).
 
-    ``input_shape`` (one sample's) matters only with ``config.conv == "operator"``.
+    ``coeff=None`` is the recipe's default; ``input_shape`` (one sample's) matters
+    only with ``config.conv == "operator"``.
 
     Example:
       >>> from margin_regs.experiments.training import TrainConfig, get_trainer
@@ -344,14 +362,10 @@ def get_trainer(
       >>> t is get_trainer("vanilla", None, TrainConfig(), 10, 100), t.steps_per_epoch
       (True, 3)
     """
-    if isinstance(recipe, str):
-        recipe = RECIPES[recipe]
+    recipe = RECIPES[recipe] if isinstance(recipe, str) else recipe
     coeff = recipe.coeff if coeff is None else coeff
-    shape = None if config.conv == "matrix" else input_shape and tuple(input_shape)
-    key = (recipe, coeff, config, num_classes, train_size, shape)
-    if key not in _TRAINERS:
-        _TRAINERS[key] = Trainer(recipe, coeff, config, num_classes, train_size, shape)
-    return _TRAINERS[key]
+    shape = _shape(config.conv, input_shape)
+    return _trainer(recipe, coeff, config, num_classes, train_size, shape)
 
 
 @dataclasses.dataclass
@@ -360,11 +374,11 @@ class RunResult:
 
     ``history`` holds per-epoch lists: ``train_loss``/``train_acc`` (full training
     set, evaluation mode), ``val_acc``, ``test_loss``/``test_acc``, ``objective``
-    (the mean regularized training loss over the epoch's steps), ``sigma_max`` and
-    ``stable_rank`` (``{layer: [...]}``) and ``seconds`` (the epoch's training time).
-    ``final`` is measured on the returned params (the best epoch's when early
-    stopping restored them); its ``sigma_definition`` says what the σ of a conv
-    kernel is (:attr:`TrainConfig.conv`: ``"matrix"`` or ``"operator"``).
+    (the mean regularized training loss over the epoch's steps), ``seconds`` and
+    ``cpu_seconds`` (per run), and, when measured, ``sigma_max`` and ``stable_rank``
+    (``{layer: [...]}``). ``final`` is measured on the returned params (the best
+    epoch's when early stopping restored them); its ``sigma_definition`` says what
+    the σ of a conv kernel is (:attr:`TrainConfig.conv`).
     """
 
     regularizer: str
@@ -393,21 +407,20 @@ def run(
     config: TrainConfig | None = None,
     coeff: float | None = None,
     recipes: dict[str, Recipe] | None = None,
-    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> RunResult:
-    """Train one reference model with one regularizer and measure it.
+    """Train one reference model with one regularizer and measure it: a grid of one.
 
     Args:
       regularizer: a name in ``recipes``.
-      dataset: a prepared :class:`~margin_regs.experiments.data.Dataset` (with a validation set).
+      dataset: a :func:`~margin_regs.experiments.data.prepare`\\ d data set.
       seed: seeds the initialization, the minibatch order and every noise draw.
       config: the shared schedule.
       coeff: the recipe's hyperparameter (``None``: the recipe's default).
       recipes: the registry (default :data:`RECIPES`).
-      on_epoch: called after each epoch with ``(epoch, metrics)`` (progress bars).
 
     Returns:
-      A :class:`RunResult`; ``params`` holds the final (or restored) params.
+      A :class:`RunResult` with σ_max and stable rank after every epoch; ``params``
+      holds the final (or restored) params.
 
     Example:
       >>> from margin_regs.experiments.data import load_digits, prepare
@@ -417,95 +430,22 @@ def run(
       >>> len(r.history["test_acc"]), 0.0 <= r.final["test_acc"] <= 1.0
       (2, True)
     """
+    from margin_regs.experiments.grid import train_grid
+
     recipes = RECIPES if recipes is None else recipes
     config = TrainConfig() if config is None else config
     if regularizer not in recipes:
         raise ValueError(
             f"unknown regularizer {regularizer!r}; choose from {sorted(recipes)}"
         )
-    if dataset.x_val is None or len(dataset.x_val) == 0:
-        raise ValueError(
-            "run needs a validation set: pass the data through data.prepare"
-        )
     recipe = recipes[regularizer]
     if recipe.bagging:
         raise ValueError(f"{regularizer!r} is an ensemble of runs: use grid.train_grid")
     coeff = recipe.coeff if coeff is None else coeff
-    trainer = get_trainer(
-        recipe,
-        coeff,
-        config,
-        dataset.num_classes,
-        len(dataset.x_train),
-        dataset.x_train.shape[1:],
+    grid = train_grid(
+        regularizer, recipe, [coeff], [dataset], config, seeds=[seed], layer_stats=True
     )
-    patience = int(coeff) if recipe.early_stopping else config.patience
-
-    k_init, k_train = jax.random.split(jax.random.key(seed))
-    state = trainer.init(k_init, jnp.asarray(dataset.x_train))
-    history: dict[str, Any] = {k: [] for k in (*_SCALARS, "seconds", "cpu_seconds")}
-    history["sigma_max"], history["stable_rank"] = {}, {}
-    best = (-1.0, 0, state.params)
-    stopped = config.epochs
-    for epoch in range(config.epochs):
-        state, metrics = _epoch(trainer, state, dataset, k_train, epoch, history)
-        if on_epoch is not None:
-            on_epoch(epoch, metrics)
-        if metrics["val_acc"] > best[0]:
-            best = (metrics["val_acc"], epoch, state.params)
-        elif patience is not None and epoch - best[1] >= patience:
-            stopped = epoch + 1
-            break
-
-    params = best[2] if patience is not None else state.params
-    return RunResult(
-        regularizer=regularizer,
-        coeff=coeff,
-        seed=seed,
-        history=history,
-        early_stopping={
-            "enabled": patience is not None,
-            "patience": patience,
-            "best_epoch": best[1] + 1,
-            "best_val_acc": best[0],
-            "stopped_epoch": stopped,
-            "restored": patience is not None,
-        },
-        seconds_per_epoch=_per_epoch(history["seconds"]),
-        cpu_seconds_per_epoch=_per_epoch(history["cpu_seconds"]),
-        **measure(trainer.eval, params, dataset, config.margin_samples),
-    )
-
-
-_SCALARS = ("train_loss", "train_acc", "val_acc", "test_loss", "test_acc", "objective")
-
-
-def _epoch(trainer: Trainer, state, dataset: Dataset, key, epoch: int, history):
-    """Train one epoch, measure it, append to ``history``; return the metrics."""
-    start, cpu_start = time.perf_counter(), time.process_time()
-    state, objective = trainer.train_epoch(
-        state,
-        jnp.asarray(dataset.x_train),
-        jnp.asarray(dataset.y_train),
-        jax.random.fold_in(key, epoch),
-    )
-    metrics = {"objective": float(objective)}
-    history["seconds"].append(time.perf_counter() - start)
-    history["cpu_seconds"].append(time.process_time() - cpu_start)
-    for split in ("train", "val", "test"):
-        x, y = getattr(dataset, f"x_{split}"), getattr(dataset, f"y_{split}")
-        loss, acc = trainer.eval.evaluate(state.params, x, y)
-        metrics[f"{split}_acc"] = acc
-        if split != "val":
-            metrics[f"{split}_loss"] = loss
-    for k, v in metrics.items():
-        history[k].append(v)
-    sigmas, ranks = trainer.eval.layer_stats(state.params)
-    for name, value in _floats(sigmas).items():
-        history["sigma_max"].setdefault(name, []).append(value)
-    for name, value in _floats(ranks).items():
-        history["stable_rank"].setdefault(name, []).append(value)
-    return state, metrics
+    return grid.run_results(0, [dataset], config)[0]
 
 
 def measure(
@@ -524,23 +464,18 @@ def measure(
       layer), ``singular_values``, ``input_margins``, ``output_margins`` and
       ``params``: the :class:`RunResult` fields of the trained model.
     """
-    splits = {
-        "train": (dataset.x_train, dataset.y_train),
-        "val": (dataset.x_val, dataset.y_val),
-        "test": (dataset.x_test, dataset.y_test),
-    }
     final: dict[str, Any] = {}
-    for split, (x, y) in splits.items():
+    for split in ("train", "val", "test"):
+        x, y = getattr(dataset, f"x_{split}"), getattr(dataset, f"y_{split}")
         final[f"{split}_loss"], final[f"{split}_acc"] = evaluator.evaluate(params, x, y)
     sigmas, ranks = evaluator.layer_stats(params)
     final["sigma_max"], final["stable_rank"] = _floats(sigmas), _floats(ranks)
     final["sigma_definition"] = evaluator.conv
     x_margin = dataset.x_test[:margin_samples]
+    spectra = evaluator.spectra(params)
     return {
         "final": final,
-        "singular_values": {
-            k: np.asarray(v).tolist() for k, v in evaluator.spectra(params).items()
-        },
+        "singular_values": {k: np.asarray(v).tolist() for k, v in spectra.items()},
         "input_margins": evaluator.input_margins(
             params, x_margin, dataset.y_test[:margin_samples]
         ).tolist(),
@@ -549,10 +484,3 @@ def measure(
         ].tolist(),
         "params": params,
     }
-
-
-def _per_epoch(seconds: Sequence[float]) -> float:
-    # The first epoch of a fresh Trainer includes compilation; the median of the
-    # rest is robust to other processes sharing the CPU.
-    warm = seconds[1:] if len(seconds) > 1 else seconds
-    return float(np.median(warm))
