@@ -34,7 +34,9 @@ from margin_regs._spectral import (
     spectral_norm_penalty,
     spectral_norm_regularization,
 )
+from margin_regs._tangent import image_tangents, tangent_prop_penalty
 from margin_regs._tree import mask_by_path
+from margin_regs._tying import parameter_tying_penalty
 from margin_regs.diagnostics import (
     generalization_gap,
     hessian_max_eigenvalue,
@@ -75,6 +77,7 @@ __all__ = [
     "eigenvalue_decay_penalty",
     "generalization_gap",
     "hessian_max_eigenvalue",
+    "image_tangents",
     "infer_weight_dimension_numbers",
     "init_adareg_precisions",
     "init_power_iteration",
@@ -90,6 +93,7 @@ __all__ = [
     "max_norm_constraint",
     "one_vs_all_hinge_loss",
     "output_margins",
+    "parameter_tying_penalty",
     "perturb_weights",
     "singular_value_spectra",
     "singular_values",
@@ -99,4 +103,5 @@ __all__ = [
     "spectral_norms",
     "stable_rank",
     "stable_ranks",
+    "tangent_prop_penalty",
 ]

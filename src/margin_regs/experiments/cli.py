@@ -35,7 +35,15 @@ DEFAULT_REGULARIZERS = (
 
 # The import names of the ``experiments`` extra (pyproject.toml), checked before a
 # subcommand imports the harness.
-EXTRA_MODULES = ("flax", "sklearn", "mnist1d", "mlxtend", "matplotlib", "rich")
+EXTRA_MODULES = (
+    "flax",
+    "sklearn",
+    "mnist1d",
+    "mlxtend",
+    "matplotlib",
+    "rich",
+    "dm_pix",
+)
 INSTALL_HINT = "pip install 'margin_regs[experiments]'"
 
 
@@ -271,6 +279,8 @@ def _check_value(parser, name: str, recipe: Any, value: float) -> None:
         parser.error(f"--coeff {name}={value:g}: a dropout rate must be in [0, 1)")
     if recipe.early_stopping and (value < 1 or value != int(value)):
         parser.error(f"--coeff {name}={value:g}: patience must be a whole number ≥ 1")
+    if recipe.bagging and (value < 1 or value != int(value)):
+        parser.error(f"--coeff {name}={value:g}: members must be a whole number ≥ 1")
     if not math.isfinite(value) or value < 0:
         parser.error(f"--coeff {name}={value:g}: must be a finite number ≥ 0")
 
@@ -306,6 +316,12 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Plan:
         _fail(f"--dataset: {e}")
     except ValueError as e:
         _fail(f"--train-size: {e}")
+    for name in names:
+        if RECIPES[name].images_only and full.x_train.ndim != 4:
+            _fail(
+                f"--regularizers {name}: needs images (n, H, W, C), but {args.dataset} "
+                f"holds samples of shape {full.input_shape}"
+            )
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         parser.error(
             f"--out {args.out}: the folder is not empty; pass --overwrite to replace "
@@ -405,7 +421,10 @@ def compare(argv: Sequence[str]) -> int:
     plan = _plan(parser, args)
     start = time.perf_counter()
     runs = sum(len(g) for g in plan.grids.values()) * args.seeds
-    programs = sum(len(plan.grids[n]) if RECIPES[n].dropout else 1 for n in plan.names)
+    programs = sum(
+        len(plan.grids[n]) if RECIPES[n].dropout or RECIPES[n].bagging else 1
+        for n in plan.names
+    )
     progress = Progress(runs * args.epochs, programs, enabled=not args.no_progress)
     grids: dict[str, Any] = {}
     partial = False

@@ -117,6 +117,7 @@ class GridTrainer:
         self.init = jax.jit(jax.vmap(init, in_axes=(0, None)))
         train = jax.vmap(trainer.epoch, in_axes=(None, 0, 0, 0, 0))
         self._train = jax.jit(jax.vmap(train, in_axes=(0, 0, None, None, None)))
+        self._train_own = jax.jit(jax.vmap(train, in_axes=(0, 0, 0, 0, None)))
         track = jax.vmap(self._track_one, in_axes=(None, 0, 0, None, 0))
         self._track = jax.jit(jax.vmap(track, in_axes=(0, 0, 0, None, 0)))
 
@@ -126,19 +127,27 @@ class GridTrainer:
             state, params, jnp.float32(-1.0), jnp.int32(0), jnp.bool_(False)
         )
 
-    def train(self, coeffs, state: TrainState, data: SeedData, keys):
-        """One epoch of every run: the states and mean objectives ``(C, S)``."""
+    def train(self, coeffs, state: TrainState, data: SeedData, keys, resampled=None):
+        """One epoch of every run: the states and mean objectives ``(C, S)``.
+
+        ``resampled``: ``(x, y)`` of shape ``(C, S, n, ...)``, each run's own training
+        set (bagging's bootstrap resamples); ``None``: its seed's ``data``.
+        """
+        x, y = (data.x_train, data.y_train) if resampled is None else resampled
         if not self.stepwise:
-            return self._train(coeffs, state, data.x_train, data.y_train, keys)
+            train = self._train if resampled is None else self._train_own
+            return train(coeffs, state, x, y, keys)
+        if resampled is not None:
+            x, y = x[0], y[0]
         one = jax.tree.map(lambda leaf: leaf[0, 0], state)
-        one, loss = self.trainer.stepwise_epoch(
-            coeffs[0], one, data.x_train[0], data.y_train[0], keys[0]
-        )
+        one, loss = self.trainer.stepwise_epoch(coeffs[0], one, x[0], y[0], keys[0])
         return jax.tree.map(lambda leaf: leaf[None, None], (one, loss))
 
-    def epoch(self, coeffs, state: GridState, epoch: int, data: SeedData, keys):
+    def epoch(
+        self, coeffs, state: GridState, epoch: int, data: SeedData, keys, resampled=None
+    ):
         """Train every run one epoch, measure it (``(C, S)`` each), track the best."""
-        train, objective = self.train(coeffs, state.train, data, keys)
+        train, objective = self.train(coeffs, state.train, data, keys, resampled)
         metrics = {"objective": objective}
         if self.patience is None:
             return state._replace(train=train), metrics
@@ -300,6 +309,7 @@ def train_grid(
     per_epoch: bool = True,
     layer_stats: bool = False,
     stepwise: bool = False,
+    resampled: tuple[jax.Array, jax.Array] | None = None,
 ) -> GridRun:
     """Train every (coefficient, seed) of one recipe and measure the runs.
 
@@ -322,6 +332,9 @@ def train_grid(
       layer_stats: also record σ_max and stable rank of every layer every epoch.
       stepwise: one run per program, one jitted call per step (convolutions on
         XLA's CPU backend); same minibatches and keys as the scanned epoch.
+      resampled: ``(x, y)`` of shapes ``(C, S, n, ...)``: each run's own training
+        set (bagging's members); ``None``: a recipe with ``bagging`` trains its
+        ensembles (:func:`~margin_regs.experiments.bagging.train_bagged`).
 
     Returns:
       A :class:`GridRun`.
@@ -337,11 +350,28 @@ def train_grid(
       >>> grid.val_acc.shape, grid.history["test_acc"].shape
       ((2, 2), (2, 2, 2))
     """
+    if recipe.bagging and resampled is None:
+        from margin_regs.experiments.bagging import train_bagged
+
+        return train_bagged(
+            regularizer,
+            recipe,
+            coeffs,
+            splits,
+            config,
+            seeds=seeds,
+            on_epoch=on_epoch,
+            per_epoch=per_epoch,
+            layer_stats=layer_stats,
+            stepwise=stepwise,
+        )
     seeds = np.arange(len(splits)) if seeds is None else np.asarray(seeds)
     data = stack_splits(splits)
     values = np.asarray([np.nan if c is None else c for c in coeffs], np.float64)
     parts = []
     for static, cs, ss in _programs(recipe, values, len(seeds), stepwise):
+        rows = np.ix_(cs, ss)
+        own = resampled and tuple(a[rows] for a in resampled)
         grid = get_grid_trainer(
             recipe,
             config,
@@ -357,6 +387,7 @@ def train_grid(
             jax.tree.map(lambda a, ss=ss: a[np.asarray(ss)], data),
             seeds[ss],
             on_epoch,
+            own,
         )
         parts.append((cs, ss, program.train(config.epochs, per_epoch, layer_stats)))
     return _combine(regularizer, values, seeds, grid.patience, parts)
@@ -385,6 +416,7 @@ class _Program:
     data: SeedData
     seeds: np.ndarray
     on_epoch: Callable[[int, float, int], None] | None
+    resampled: tuple[jax.Array, jax.Array] | None = None
 
     def train(self, epochs: int, per_epoch: bool, layer_stats: bool) -> dict[str, Any]:
         """Every epoch (or until every run stopped): what :func:`_combine` reads."""
@@ -398,7 +430,9 @@ class _Program:
         for epoch in range(epochs):
             start, cpu = time.perf_counter(), time.process_time()
             epoch_keys = jax.vmap(jax.random.fold_in, (0, None))(keys[:, 1], epoch)
-            state, metrics = grid.epoch(coeffs, state, epoch, self.data, epoch_keys)
+            state, metrics = grid.epoch(
+                coeffs, state, epoch, self.data, epoch_keys, self.resampled
+            )
             metrics |= self._measure(state, metrics, per_epoch, layer_stats)
             history.append(jax.device_get(metrics))
             seconds.append((time.perf_counter() - start, time.process_time() - cpu))

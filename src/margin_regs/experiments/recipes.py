@@ -3,8 +3,9 @@
 A regularizer is a :class:`Recipe`: an optax transform chained before the optimizer,
 a projection chained after it, a penalty added to the loss, a loss that replaces the
 cross-entropy, a perturbation of each training batch or of the weights of the forward
-pass, dropout, or early stopping. Each takes the recipe's one hyperparameter
-``coeff``. Adding a method to the comparison is one entry in :data:`RECIPES`.
+pass, dropout, early stopping, or a bagged ensemble. Each takes the recipe's one
+hyperparameter ``coeff``. Adding a method to the comparison is one entry in
+:data:`RECIPES`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import dm_pix
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -26,8 +28,11 @@ __all__ = [
     "Recipe",
     "Setup",
     "StepContext",
+    "augment_images",
     "cross_entropy",
     "jacobian_penalty",
+    "shift_and_rotate",
+    "tie_to_init",
 ]
 
 
@@ -105,6 +110,10 @@ class Recipe:
       perturb_params: ``(params, key, coeff) -> params`` for the forward pass.
       dropout: if true, the model is built with dropout rate ``coeff``.
       early_stopping: if true, ``coeff`` is the patience in epochs.
+      bagging: if true, ``coeff`` members are trained on bootstrap resamples of
+        the training set and averaged (:mod:`margin_regs.experiments.bagging`).
+      images_only: if true, ``compare`` refuses data that are not images
+        ``(n, H, W, C)``.
     """
 
     description: str
@@ -120,6 +129,8 @@ class Recipe:
     perturb_params: Callable[[Any, jax.Array, float], Any] | None = None
     dropout: bool = False
     early_stopping: bool = False
+    bagging: bool = False
+    images_only: bool = False
 
 
 def cross_entropy(ctx: StepContext, smoothing: float = 0.0) -> jax.Array:
@@ -172,6 +183,99 @@ def _hinge(ctx: StepContext, coeff: float) -> jax.Array:
     del coeff
     logits = ctx.apply(ctx.params, ctx.x)
     return jnp.mean(optax.losses.multiclass_hinge_loss(logits, ctx.y))
+
+
+def _tangent_prop(ctx: StepContext, coeff: float) -> jax.Array:
+    tangents = mr.image_tangents(ctx.x)
+    return coeff * mr.tangent_prop_penalty(ctx.logits_fn(), ctx.x, tangents)
+
+
+# Rotation range per pixel of translation range: ±2 pixels come with ±10°.
+DEGREES_PER_PIXEL = 5.0
+
+
+def augment_images(x: jax.Array, key: jax.Array, coeff: float) -> jax.Array:
+    """Each image of ``x (n, H, W, C)`` randomly shifted and rotated (dm-pix).
+
+    Shifts uniform in ``[−coeff, coeff]`` pixels along each axis, rotations uniform
+    in ``±DEGREES_PER_PIXEL · coeff`` degrees, applied by :func:`shift_and_rotate`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from margin_regs.experiments.recipes import augment_images
+      >>> x = jnp.zeros((2, 8, 8, 1)).at[:, 3:5, 3:5].set(1.0)
+      >>> out = augment_images(x, jax.random.key(0), 2.0)
+      >>> out.shape, bool(jnp.all(out == x))
+      ((2, 8, 8, 1), False)
+    """
+    k_shift, k_angle = jax.random.split(key)
+    n = x.shape[0]
+    shifts = coeff * jax.random.uniform(k_shift, (n, 2), minval=-1.0, maxval=1.0)
+    limit = jnp.deg2rad(DEGREES_PER_PIXEL) * coeff
+    angles = limit * jax.random.uniform(k_angle, (n,), minval=-1.0, maxval=1.0)
+    return shift_and_rotate(x, shifts, angles)
+
+
+def shift_and_rotate(x: jax.Array, shifts: jax.Array, angles: jax.Array) -> jax.Array:
+    """Image ``i`` of ``x (n, H, W, C)`` rotated by ``angles[i]`` radians about its
+    centre (counter-clockwise, ``dm_pix.rotate``'s sense), then its content moved by
+    ``shifts[i] = (rows, columns)`` pixels; one bilinear ``dm_pix.affine_transform``
+    per image, zero fill (the digits' background) interpolated into the edge pixels.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from margin_regs.experiments.recipes import shift_and_rotate
+      >>> x = jnp.zeros((1, 3, 3, 1)).at[0, 1, 1].set(1.0)
+      >>> shift_and_rotate(x, jnp.array([[0.0, 1.0]]), jnp.zeros(1))[0, :, :, 0].tolist()
+      [[0.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]]
+    """
+
+    def one(image, shift, angle):
+        c, s = jnp.cos(angle), jnp.sin(angle)
+        # dm_pix pulls: output pixel o reads input M (o − centre) + centre − shift.
+        matrix = jnp.array([[c, s, 0.0], [-s, c, 0.0], [0.0, 0.0, 1.0]])
+        centre = (jnp.asarray(image.shape, image.dtype) - 1) / 2
+        offset = centre - matrix @ centre - jnp.append(shift, 0.0)
+        return dm_pix.affine_transform(
+            image, matrix, offset=offset, order=1, mode="constant"
+        )
+
+    # dm_pix's "constant" mode returns 0 for a sample even a rounding error outside
+    # the image: a zero frame makes the edge pixels interpolate toward 0 instead
+    # (otherwise the slightest rotation blanks half of the border of an 8×8 digit).
+    framed = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return jax.vmap(one)(framed, shifts, angles)[:, 1:-1, 1:-1]
+
+
+class TieToInitState(NamedTuple):
+    reference: Any
+
+
+def tie_to_init(coeff: Any) -> optax.GradientTransformation:
+    """Adds ``coeff · ∇ parameter_tying_penalty(params, params₀)``, ``params₀`` the
+    params the optimizer state was initialised with (L2 toward the start point).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from margin_regs.experiments.recipes import tie_to_init
+      >>> tx = tie_to_init(0.5)
+      >>> p0 = {"kernel": jnp.zeros((1, 2))}
+      >>> state = tx.init(p0)
+      >>> p = {"kernel": jnp.array([[1.0, -2.0]])}
+      >>> tx.update({"kernel": jnp.zeros((1, 2))}, state, p)[0]["kernel"].tolist()
+      [[1.0, -2.0]]
+    """
+
+    def init(params):
+        return TieToInitState(jax.tree.map(jnp.copy, params))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("tie_to_init needs params: call update(g, state, params)")
+        grads = jax.grad(mr.parameter_tying_penalty)(params, state.reference)
+        return jax.tree.map(lambda u, g: u + coeff * g, updates, grads), state
+
+    return optax.GradientTransformation(init, update)
 
 
 RECIPES: dict[str, Recipe] = {
@@ -300,5 +404,43 @@ RECIPES: dict[str, Recipe] = {
         grid=(3, 5, 10),
         coeff_name="patience",
         early_stopping=True,
+    ),
+    "tangent_prop": Recipe(
+        "tangent propagation: λ·Σ‖J t‖² along the images' translation, rotation and "
+        "scaling tangents (mr.image_tangents), forward mode",
+        "Goodfellow et al. §7.14; Simard et al. 1992 (λ=1e-3 here)",
+        coeff=1e-3,
+        grid=(1e-4, 1e-3, 0.01, 0.1),
+        coeff_name="λ",
+        penalty=_tangent_prop,
+        images_only=True,
+    ),
+    "augmentation": Recipe(
+        "each training batch randomly shifted by up to c pixels and rotated by up to "
+        "5c degrees (dm_pix.affine_transform)",
+        "Goodfellow et al. §7.4 (c=2: ±2 pixels, ±10° here)",
+        coeff=2.0,
+        grid=(0.25, 0.5, 1.0, 2.0),
+        coeff_name="c",
+        perturb_inputs=augment_images,
+        images_only=True,
+    ),
+    "bagging": Recipe(
+        "bagging: k members, each on its own bootstrap resample of the training set, "
+        "averaged probabilities (the row is the ensemble's; ms/epoch: all k members)",
+        "Goodfellow et al. §7.11; Breiman 1996 (k=5 here)",
+        coeff=5,
+        grid=(3, 5, 10),
+        coeff_name="k",
+        bagging=True,
+    ),
+    "l2_init": Recipe(
+        "L2 toward the initialization: λ·Σ‖w − w₀‖² on kernels "
+        "(mr.parameter_tying_penalty)",
+        "Goodfellow et al. §7.9; Li et al. 2018 (L2-SP) (λ=1e-3 here)",
+        coeff=1e-3,
+        grid=(1e-4, 1e-3, 1e-2, 0.1),
+        coeff_name="λ",
+        transform=lambda c, s: tie_to_init(c),
     ),
 }

@@ -439,6 +439,8 @@ def run(
             f"unknown regularizer {regularizer!r}; choose from {sorted(recipes)}"
         )
     recipe = recipes[regularizer]
+    if recipe.bagging:
+        raise ValueError(f"{regularizer!r} is an ensemble of runs: use grid.train_grid")
     coeff = recipe.coeff if coeff is None else coeff
     grid = train_grid(
         regularizer, recipe, [coeff], [dataset], config, seeds=[seed], layer_stats=True
