@@ -466,7 +466,7 @@ def _warn_if_reshaped(params: Any, mask: _tree.Mask, layouts: Any) -> None:
         if layout is None or not 3 <= len(shape) <= 5:
             return None
         default = _layouts.check_layout(
-            _layouts.default_layout(len(shape)), shape, "kernel"
+            _layouts.fan_out_last(len(shape)), shape, "kernel"
         )
         return _tree.path_name(path) if layout == default else None
 
