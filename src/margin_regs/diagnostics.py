@@ -458,12 +458,16 @@ def margin_lower_bounds(
 
 
 def _warn_if_reshaped(params: Any, mask: _tree.Mask, layouts: Any) -> None:
-    """Warn about 3-D to 5-D kernels under the default (reshaped conv) layout."""
+    """Warn about 4-D and 5-D kernels (convolutions) under the reshaped layout.
+
+    A 3-D leaf under ``reshape(-1, last)`` is as often an attention output
+    projection ``(heads, head_dim, out)``, a true matrix, as a Conv1D: no warning.
+    """
     layouts = _layouts.resolve_layouts(params, layouts, mask)
 
     def reshaped(path, layout, leaf):
         shape = jnp.shape(leaf)
-        if layout is None or not 3 <= len(shape) <= 5:
+        if layout is None or not 4 <= len(shape) <= 5:
             return None
         default = _layouts.check_layout(
             _layouts.fan_out_last(len(shape)), shape, "kernel"

@@ -323,7 +323,8 @@ def singular_values(
         matrix = as_matrix(kernel, view).astype(jnp.float32)
         return jnp.linalg.svd(matrix, compute_uv=False)
     kernel = jnp.asarray(kernel)
-    as_matrix(kernel)  # the ndim check and its message
+    if weight_dimension_numbers is None:
+        as_matrix(kernel)  # the ndim and default-layout checks and their messages
     return _operator(kernel, weight_dimension_numbers).singular_values(kernel)
 
 
