@@ -159,11 +159,17 @@ def default_layout(
             f"(kh, kw, in, out); {INFER_HINT}, e.g. MuonDimensionNumbers((1, 2, 3), "
             "(0,)), or mask it out"
         )
+    if len(shape) == 3:
+        raise ValueError(
+            f"{name} of shape {shape} has no default layout: a 3-D leaf may be "
+            "(in, heads, head_dim), (heads, head_dim, out), (layers, in, out) or "
+            f"(width, in, out); {INFER_HINT}, e.g. MuonDimensionNumbers((0,), (1, 2)) "
+            "for a query kernel, or mask it out"
+        )
     raise ValueError(
         f"{name} of shape {shape} has no default layout: a {len(shape)}-D leaf may "
-        "be (in, heads, head_dim), (heads, head_dim, out), (layers, in, out) or a "
-        f"convolution; {INFER_HINT}, e.g. MuonDimensionNumbers((0,), (1, 2)) for a "
-        "query kernel, or mask it out"
+        "be a 3-D convolution, a scanned stack of layers or a multi-axis projection; "
+        f"{INFER_HINT}, or mask it out"
     )
 
 
