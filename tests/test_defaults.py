@@ -247,6 +247,8 @@ def test_bare_helpers_refuse_3d_and_keep_the_2d_and_4d_default(helper):
     stack = jnp.asarray(rng.standard_normal((2, 4, 3)), jnp.float32)
     with pytest.raises(ValueError, match=r"shape \(2, 4, 3\) has no default layout"):
         helper(stack)
+    with pytest.raises(ValueError, match="a 5-D leaf may be a 3-D convolution"):
+        helper(jnp.ones((1, 1, 1, 2, 3)))
     per_layer = helper(stack, weight_dimension_numbers=M(1, 2))
     assert per_layer.shape[0] == 2
     conv = jnp.asarray(rng.standard_normal((2, 2, 3, 5)), jnp.float32)
