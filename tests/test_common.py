@@ -70,34 +70,102 @@ BAD_COEFFS = [
     (-0.1, ValueError),
     (math.nan, ValueError),
     (math.inf, ValueError),
+    (jnp.array(-1.0), ValueError),
+    (jnp.array(jnp.nan), ValueError),
+    (np.float32(-1.0), ValueError),
     ("0.1", TypeError),
     (True, TypeError),
 ]
+COEFF_TRANSFORMS = [
+    mr.spectral_norm_regularization,
+    mr.eigenvalue_decay,
+    mr.adareg,
+    mr.add_l1_penalty,
+]
 
 
-@pytest.mark.parametrize(
-    "factory",
-    [mr.spectral_norm_regularization, mr.eigenvalue_decay, mr.add_l1_penalty],
-)
+@pytest.mark.parametrize("factory", COEFF_TRANSFORMS)
 @pytest.mark.parametrize(("coeff", "error"), BAD_COEFFS)
 def test_transforms_reject_a_bad_coeff_where_they_are_built(factory, coeff, error):
     with pytest.raises(error, match=f"{factory.__name__}: coeff"):
         factory(coeff)
 
 
+@pytest.mark.parametrize("factory", COEFF_TRANSFORMS)
+@pytest.mark.parametrize("value", [-1.0, math.nan, math.inf])
+def test_transforms_check_a_schedule_at_step_0(factory, value):
+    with pytest.raises(ValueError, match=rf"{factory.__name__}: coeff\(0\)"):
+        factory(optax.constant_schedule(value))
+
+
+def expected_term(name, coeff):
+    """The term each transform adds to a zero gradient, from float64 numpy."""
+    w = np.asarray(PARAMS["w"], np.float64)
+    u, s, vt = np.linalg.svd(w)
+    top = np.outer(u[:, 0], vt[0])
+    return (
+        coeff
+        * {
+            "spectral_norm_regularization": s[0] * top,  # ∇ ½σ²
+            "eigenvalue_decay": top,  # ∇ σ
+            "adareg": 2 * w,  # 2 Ω_in K Ω_out at the identity precisions
+            "add_l1_penalty": np.sign(w),
+        }[name]
+    )
+
+
+@pytest.mark.parametrize("factory", COEFF_TRANSFORMS)
 @pytest.mark.parametrize(
-    "factory",
-    [mr.spectral_norm_regularization, mr.eigenvalue_decay, mr.add_l1_penalty],
+    "coeff",
+    [0.5, np.float32(0.5), jnp.asarray(0.5), optax.constant_schedule(0.5)],
+    ids=["float", "numpy", "array", "schedule"],
 )
-def test_transforms_leave_schedules_and_arrays_alone(factory):
-    for coeff in (
-        0.0,
-        1,
-        np.float32(0.5),
-        jnp.asarray(-1.0),
-        optax.constant_schedule(1.0),
-    ):
-        factory(coeff)
+def test_every_spelling_of_a_good_coeff_adds_the_papers_term(factory, coeff):
+    tx = factory(coeff)
+    zero = jax.tree.map(jnp.zeros_like, PARAMS)
+    updates, _ = tx.update(zero, tx.init(PARAMS), PARAMS)
+    np.testing.assert_allclose(
+        updates["w"], expected_term(factory.__name__, 0.5), rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("factory", COEFF_TRANSFORMS)
+def test_a_bad_coeff_under_jit_makes_the_update_nan_not_a_wrong_step(factory):
+    """Traced coefficients cannot raise: negative or non-finite ones give NaN."""
+    zero = jax.tree.map(jnp.zeros_like, PARAMS)
+    state = factory(0.5).init(PARAMS)
+
+    @jax.jit
+    def step(coeff):
+        return factory(coeff).update(zero, state, PARAMS)[0]["w"]
+
+    for bad in (-1.0, jnp.nan, jnp.inf):
+        assert np.all(np.isnan(step(jnp.float32(bad)))), bad
+    np.testing.assert_allclose(
+        step(jnp.float32(0.5)),
+        expected_term(factory.__name__, 0.5),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    # A schedule passes step 0 and turns negative at step 1.
+    tx = factory(optax.linear_schedule(0.5, -0.5, 1))
+    update = jax.jit(tx.update)
+    state = tx.init(PARAMS)
+    first, state = update(zero, state, PARAMS)
+    second, _ = update(zero, state, PARAMS)
+    assert np.all(np.isfinite(first["w"])) and np.all(np.isnan(second["w"]))
+    # Under inject_hyperparams the coeff is an array in the state.
+    static = {
+        "spectral_norm_regularization": ("n_power_iterations", "key"),
+        "eigenvalue_decay": ("n_power_iterations", "key"),
+        "adareg": ("update_every",),
+        "add_l1_penalty": (),
+    }[factory.__name__]
+    injected = optax.inject_hyperparams(factory, static_args=static)(coeff=0.5)
+    hyper_state = injected.init(PARAMS)
+    hyper_state.hyperparams["coeff"] = jnp.asarray(-1.0)
+    bad_update, _ = jax.jit(injected.update)(zero, hyper_state, PARAMS)
+    assert np.all(np.isnan(bad_update["w"]))
 
 
 @pytest.mark.parametrize(
@@ -185,4 +253,7 @@ def test_adversarial_hyperparameters_are_named():
 def test_check_bounds_names_the_bad_bound(lower, upper, match):
     with pytest.raises(ValueError, match=f"fn: .*{match}"):
         _common.check_bounds(lower, upper, "fn")
-    _common.check_bounds(jnp.asarray(lower), jnp.asarray(upper), "fn")
+    with pytest.raises(ValueError, match=f"fn: .*{match}"):
+        _common.check_bounds(jnp.asarray(lower), jnp.asarray(upper), "fn")
+    # Traced bounds cannot be checked, and do not raise.
+    jax.jit(lambda a, b: _common.check_bounds(a, b, "fn"))(lower, upper)

@@ -738,3 +738,13 @@ def test_scanned_conv_stack_has_no_operator_layout():
     assert infer(fn, {"stack": kernels}, IMAGES) == {"stack": Dims((1, 2, 3), (4,))}
     with pytest.raises(ValueError, match="'stack' is scanned over or reshaped"):
         infer(fn, {"stack": kernels}, IMAGES, conv="operator")
+
+
+def test_integer_leaves_are_never_weights_even_when_a_matmul_reads_them():
+    params = {"w": jnp.ones((4, 3)), "table": jnp.ones((4, 3), jnp.int32)}
+
+    def fn(p, x):
+        return x @ p["w"] + x @ p["table"].astype(x.dtype)
+
+    dims = infer(fn, params, jnp.ones((2, 4)))
+    assert dims == {"w": Dims((0,), (1,)), "table": None}

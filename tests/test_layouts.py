@@ -17,7 +17,7 @@ import pytest
 from optax.contrib import MuonDimensionNumbers as M
 
 import margin_regs as mr
-from margin_regs import _layouts
+from margin_regs import _layouts, _tree
 
 COEFF = 0.3
 
@@ -94,9 +94,11 @@ def test_attention_kernels_are_the_dense_general_maps(attention):
 
 def test_default_mask_leaves_attention_biases_alone(attention):
     params, _ = attention
-    norms = mr.spectral_norms(params)
+    selected = jax.tree_util.tree_flatten_with_path(_tree.default_mask(params))[0]
     # (heads, head_dim) biases are 2-D but named bias: never regularized by default.
-    assert set(norms) == {f"{n}/kernel" for n in ("query", "key", "value", "out")}
+    assert {_tree.path_name(p) for p, s in selected if s} == {
+        f"{n}/kernel" for n in ("query", "key", "value", "out")
+    }
 
 
 def test_scanned_stack_gets_per_layer_sigma_and_rank_one_terms(rng):
@@ -228,8 +230,11 @@ def eqx_params():
 def test_default_mask_skips_equinox_embeddings_and_conv_biases(eqx_params):
     _, params = eqx_params
     assert params.conv.bias.shape == (3, 1, 1)
-    norms = mr.spectral_norms(params)
-    assert set(norms) == {"conv/weight", "linear/weight"}
+    selected = jax.tree_util.tree_flatten_with_path(_tree.default_mask(params))[0]
+    assert {_tree.path_name(p) for p, s in selected if s} == {
+        "conv/weight",
+        "linear/weight",
+    }
 
 
 def test_equinox_linear_and_conv_are_their_fan_out_first_matrices(eqx_params):

@@ -80,3 +80,19 @@ def test_mask_by_path_selects_matching_kernels_not_biases():
         "Dense_1": {"kernel": True, "bias": False},
     }
     assert mr.mask_by_path is _tree.mask_by_path
+
+
+def test_integer_and_boolean_leaves_are_never_weights():
+    params = {
+        "counter": jnp.array([[7, 0], [0, 2]], jnp.int32),
+        "flags": jnp.ones((2, 2), bool),
+        "kernel": jnp.ones((2, 2), jnp.bfloat16),
+    }
+    assert _tree.default_mask(params) == {
+        "counter": False,
+        "flags": False,
+        "kernel": True,
+    }
+    assert _tree.mask_by_path("")(params) == _tree.default_mask(params)
+    with pytest.raises(ValueError, match="'counter' of dtype int32 is selected"):
+        _tree.select(params, {"counter": True, "flags": False, "kernel": True})

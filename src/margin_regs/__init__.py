@@ -57,7 +57,7 @@ from margin_regs.linalg import (
 )
 from margin_regs.losses import one_vs_all_hinge_loss
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AdaRegPrecisions",

@@ -53,9 +53,8 @@ def l1_penalty(params: Any, *, mask: _tree.Mask = None) -> jax.Array:
 
     Args:
       params: a pytree of arrays.
-      mask: pytree of bools or callable, as in ``optax.masked``; ``None`` selects
-        every leaf with ``ndim >= 2``. Unlike the spectral methods, L1 is defined
-        for any leaf, so a mask may select biases too.
+      mask: which leaves, as in ``optax.masked`` (default: the weight matrices,
+        ``docs/guides/layouts.md``); L1 is defined for any leaf, biases too.
 
     Returns:
       A float32 scalar.
@@ -96,11 +95,10 @@ def add_l1_penalty(
     before the optimizer, like ``optax.add_decayed_weights``.
 
     Args:
-      coeff: a float, an array, or an optax schedule ``step -> value`` evaluated at
-        the transform's own count.
-      mask: pytree of bools or callable, as in ``optax.masked``; ``None`` selects
-        every leaf with ``ndim >= 2``. Under ``optax.inject_hyperparams`` a
-        callable mask belongs in ``static_args``.
+      coeff: ≥ 0, a float, array or optax schedule (checked when built; a bad
+        traced value makes the update NaN); see ``docs/guides/layouts.md``.
+      mask: which leaves, as in ``optax.masked``; see ``docs/guides/layouts.md``
+        (under ``optax.inject_hyperparams``, a callable mask is a static arg).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -152,37 +150,27 @@ def max_norm_constraint(
 ) -> optax.GradientTransformationExtraArgs:
     """Replace the updates so that every unit's incoming weights have norm ≤ c.
 
-    With ``W = as_matrix(params + updates)`` of shape ``(fan_in, fan_out)`` (per
-    batch slice of a batched layout), each
-    column ``W[:, j]`` (the weights into unit ``j``; for a conv kernel
-    ``(kh, kw, in, out)`` the ``kh·kw·in`` weights of filter ``j``) is projected on
-    the l2 ball, ``W[:, j] ← W[:, j] · c / max(‖W[:, j]‖, c)`` (what
-    ``optax.projections.projection_l2_ball`` does to one column), and the update is returned as
-    ``projected − params``. Columns already inside the ball keep their update
-    bit for bit.
+    With ``W = as_matrix(params + updates)`` ``(fan_in, fan_out)`` (per batch slice),
+    each column (the weights into one unit; a conv filter's ``kh·kw·in``) becomes::
 
-    It is a constraint, not a penalty: put it **last** in the chain, after the
-    optimizer's scaling (``optax.chain(optax.sgd(lr), mr.max_norm_constraint(3.0))``),
-    so that the updates it sees are the ones actually applied; anything after it
-    would move the params off the ball again. The new params then satisfy the
-    constraint to float32 rounding of ``params + update``.
+        W[:, j] ← W[:, j] · c / max(‖W[:, j]‖, c)
+
+    (``optax.projections.projection_l2_ball`` per column), and the update is
+    ``projected − params``; columns inside the ball keep their update bit for bit.
+    A constraint, not a penalty: put it **last** in the chain, after the optimizer
+    (``optax.chain(optax.sgd(lr), mr.max_norm_constraint(3.0))``).
 
     Args:
       max_norm: the radius ``c > 0`` (Srivastava et al. use 3 to 4).
-      mask: pytree of bools or callable, as in ``optax.masked``; ``None`` selects
-        the weight matrices (``ndim >= 2``, not ``bias``/``scale``/``embedding``);
-        a selected 1-D leaf raises ``ValueError``.
-      weight_dimension_numbers: which matrix each leaf is, as in
-        :func:`margin_regs.spectral_norm_regularization`; the columns are its
-        output axes (by default the last axis, the flax layout).
+      mask: which leaves, as in ``optax.masked``; see ``docs/guides/layouts.md``.
+      weight_dimension_numbers: each leaf's layout (columns: its output axes); see
+        ``docs/guides/layouts.md``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
 
     Example:
-      >>> import jax.numpy as jnp
-      >>> import jax
-      >>> import optax
+      >>> import jax, jax.numpy as jnp, optax
       >>> import margin_regs as mr
       >>> params = {"kernel": jnp.array([[3.0, 0.1], [4.0, 0.2]])}
       >>> tx = mr.max_norm_constraint(1.0)
@@ -191,13 +179,10 @@ def max_norm_constraint(
       >>> new = optax.apply_updates(params, updates)["kernel"]
       >>> [[round(float(w), 4) for w in row] for row in new]
       [[0.6, 0.1], [0.8, 0.2]]
-      >>> [round(float(n), 4) for n in jnp.linalg.norm(new, axis=0)]
-      [1.0, 0.2236]
 
     References:
-      Goodfellow, Bengio & Courville, "Deep Learning", 2016, §7.2.
-      Srivastava et al., "Dropout: A Simple Way to Prevent Neural Networks from
-      Overfitting", JMLR 2014, §5.1.
+      Goodfellow, Bengio & Courville, "Deep Learning", 2016, §7.2; Srivastava et
+      al., "Dropout", JMLR 2014, §5.1.
     """
     _common.check_positive(max_norm, "max_norm", "max_norm_constraint")
 
@@ -255,8 +240,7 @@ def perturb_weights(
       params: a pytree of arrays.
       key: a ``jax.random`` key or an int seed.
       stddev: σ ≥ 0; 0 returns the params unchanged.
-      mask: pytree of bools or callable, as in ``optax.masked``; ``None`` selects
-        every leaf with ``ndim >= 2``.
+      mask: which leaves, as in ``optax.masked``; see ``docs/guides/layouts.md``.
 
     Returns:
       A pytree like ``params``, each leaf of its own dtype.

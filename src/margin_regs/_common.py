@@ -5,14 +5,14 @@ one key conversion, one "needs params" message, one way to read a coefficient at
 step count, and one set of hyperparameter checks, each raising an error that names
 the argument and the function it was given to.
 
-Checks apply to Python numbers only: a schedule, a ``jax.Array`` or a tracer (under
-``optax.inject_hyperparams`` or ``jit``) cannot be checked where a transform is built
-and is left alone.
+Checks apply to every value known where a transform is built: Python and numpy
+numbers, concrete ``jax.Array``s, and a schedule's value at step 0. A tracer (under
+``jit``, or ``optax.inject_hyperparams`` inside a jitted update) cannot raise; there
+:func:`coeff_at` turns a negative or non-finite coefficient into NaN.
 """
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Any
 
@@ -80,8 +80,18 @@ def as_key(key: jax.Array | int | None, what: str | None = None) -> jax.Array:
 
 
 def coeff_at(coeff: optax.ScalarOrSchedule, count: jax.Array) -> Any:
-    """``coeff(count)`` for a schedule, ``coeff`` itself otherwise."""
-    return coeff(count) if callable(coeff) else coeff
+    """``coeff(count)`` for a schedule, ``coeff`` itself otherwise; NaN if bad.
+
+    A Python number was checked where the transform was built and is returned as
+    it is. An array, a tracer (under ``jit`` or ``optax.inject_hyperparams``) or a
+    schedule's value can be negative or non-finite where nothing can raise: there
+    the coefficient becomes NaN, so the update is NaN (which
+    ``optax.apply_if_finite`` skips), never a finite step of gradient ascent.
+    """
+    if is_number(coeff):
+        return coeff
+    value = jnp.asarray(coeff(count) if callable(coeff) else coeff)
+    return jnp.where(jnp.isfinite(value) & (value >= 0), value, jnp.nan)
 
 
 def is_number(value: Any) -> bool:
@@ -92,27 +102,46 @@ def is_number(value: Any) -> bool:
     )
 
 
+def _concrete(value: Any) -> np.ndarray | None:
+    """``value`` as a float64 array when it is known now: numbers, numpy and
+    concrete jax arrays; ``None`` for tracers (under ``jit``), whose values are not."""
+    if isinstance(value, jax.core.Tracer):
+        return None
+    try:
+        return np.asarray(value, np.float64)
+    except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
+        return None
+
+
 def _check_type(value: Any, name: str, fn: str) -> None:
     if isinstance(value, bool) or isinstance(value, str | bytes):
         raise TypeError(f"{fn}: {name} must be a number, got {value!r}")
 
 
 def check_coeff(value: Any, name: str, fn: str) -> None:
-    """``value`` finite and ≥ 0 when it is a number; schedules and arrays pass.
+    """``value`` finite and ≥ 0: a number, a concrete array, or a schedule at step 0.
+
+    A schedule is evaluated at step 0 here (it is cheap); its later values, and
+    traced values, are guarded by :func:`coeff_at` (NaN, never a wrong step).
 
     Raises:
       TypeError: for a bool or a string.
-      ValueError: for a negative, NaN or infinite number.
+      ValueError: for a negative, NaN or infinite value.
     """
     _check_type(value, name, fn)
-    if is_number(value) and not (math.isfinite(float(value)) and float(value) >= 0):
-        raise ValueError(f"{fn}: {name} must be finite and >= 0, got {value!r}")
+    where = name
+    if callable(value):
+        value, where = value(jnp.zeros([], jnp.int32)), f"{name}(0)"
+    known = _concrete(value)
+    if known is not None and not (np.all(np.isfinite(known)) and np.all(known >= 0)):
+        raise ValueError(f"{fn}: {where} must be finite and >= 0, got {value!r}")
 
 
 def check_positive(value: Any, name: str, fn: str) -> None:
-    """``value`` finite and > 0 when it is a number; arrays and tracers pass."""
+    """``value`` finite and > 0 when it is known (a number or a concrete array)."""
     _check_type(value, name, fn)
-    if is_number(value) and not (math.isfinite(float(value)) and float(value) > 0):
+    known = _concrete(value)
+    if known is not None and not (np.all(np.isfinite(known)) and np.all(known > 0)):
         raise ValueError(f"{fn}: {name} must be finite and > 0, got {value!r}")
 
 
@@ -130,10 +159,15 @@ def check_positive_int(value: Any, name: str, fn: str) -> None:
 
 
 def check_bounds(lower: Any, upper: Any, fn: str) -> None:
-    """``0 < lower <= upper``, both finite, for the bounds that are numbers."""
+    """``0 < lower <= upper``, both finite, for the bounds that are known."""
     check_positive(lower, "lower", fn)
     check_positive(upper, "upper", fn)
-    if is_number(lower) and is_number(upper) and not float(lower) <= float(upper):
+    known_lower, known_upper = _concrete(lower), _concrete(upper)
+    if (
+        known_lower is not None
+        and known_upper is not None
+        and not np.all(known_lower <= known_upper)
+    ):
         raise ValueError(
             f"{fn}: needs lower <= upper, got lower={lower}, upper={upper}"
         )

@@ -8,6 +8,41 @@ leaf names the axes it contracts (the matrix's rows), the ones it batches over, 
 the free ones (its columns); a ``conv_general_dilated`` names the kernel's
 output-feature axis. This module follows each leaf from the jaxpr's inputs to those
 equations and turns what it finds into the layouts ``weight_dimension_numbers`` takes.
+
+**What is followed.** Dtype casts, ``transpose``, ``reshape`` and
+``broadcast_in_dim`` (when axes map cleanly), ``squeeze``, and the bodies of ``jit``,
+``checkpoint``, ``custom_jvp``/``custom_vjp``, ``cond``, ``while`` and ``scan``. A leaf
+is the matrices ``W.transpose(batch + reduction + output).reshape(*batch_shape,
+fan_in, fan_out)`` (optax's ``_compute_muon_reshape``). A convolution kernel with
+``conv="matrix"``: the output-feature axis is the output axis, the input-feature and
+spatial axes the reduction axes; with ``conv="operator"``: ``ConvOperator(input_shape,
+strides, padding, rhs_dilation, feature_group_count, dimension_numbers)`` read from the
+convolution (``input_shape`` without the batch axis, ``padding`` as ``(lo, hi)``
+pairs). Layouts are normalised: two tuples of increasing non-negative ints.
+
+**``None``** for a leaf whose last path key is ``bias``, ``b``, ``scale``,
+``embedding`` or ``embeddings``, an integer or boolean leaf, a leaf no matmul or
+convolution consumes (a gather, a norm's scale, a leaf reaching a matmul only through
+an elementwise op such as ``W * mask``), and a leaf used as a vector.
+
+**What it cannot see.** A ``vmap`` over a stack of weights whose input is not mapped
+compiles to one matmul with the stack folded into the free axes, and is read as that
+one wide matrix; ``shard_map``, ``pallas_call`` and other primitives are not entered.
+Every matmul in ``fn`` counts, so trace the plain forward pass (a power iteration
+inside the model, or a Gram matrix in a loss, makes a leaf's uses conflict).
+
+**Errors** (a ValueError naming the leaf): a leaf consumed in two different layouts
+(tied weights used the same way are fine), reshaped so that one axis lands in two
+roles, multiplied by another parameter, used as a convolution's input, or by a
+transposed (``lhs_dilation``) or ``batch_group_count`` convolution; with
+``conv="operator"``, a kernel scanned over or reshaped before its convolution.
+
+**flax nnx**: ``graphdef, state = nnx.split(model, nnx.Param)`` and
+``fn = lambda s, x: nnx.merge(graphdef, s)(x)`` return an ``nnx.State`` of layouts
+that fits the state and its ``nnx.as_pure`` arrays (so ``nnx.Optimizer`` works).
+**equinox**: ``params, static = eqx.partition(model, eqx.is_array)`` and
+``fn = lambda p, x: jax.vmap(eqx.combine(p, static))(x)`` return a Module of layouts
+(callable, but read as a tree, never called).
 """
 
 from __future__ import annotations
@@ -22,7 +57,7 @@ from jax.extend import core as jcore
 from optax.contrib import MuonDimensionNumbers
 
 from margin_regs._conv_operator import ConvOperator
-from margin_regs._tree import path_name
+from margin_regs._tree import is_float, path_name
 
 __all__ = ["infer_weight_dimension_numbers"]
 
@@ -82,83 +117,31 @@ def infer_weight_dimension_numbers(
 ) -> Any:
     """The layout of every parameter leaf, read from the matmuls that ``fn`` applies.
 
-    Traces ``fn(params, *args)`` with ``jax.make_jaxpr`` (nothing runs) and follows
-    each leaf of ``params`` through dtype casts, ``transpose``, ``reshape`` and
-    ``broadcast_in_dim`` (when its axes map cleanly), ``squeeze``, into ``jit``,
-    ``checkpoint``, ``custom_jvp``/``custom_vjp``, ``cond``, ``while`` and ``scan``
-    bodies, up to the ``dot_general`` or ``conv_general_dilated`` consuming it. For
-    a leaf consumed as ``y = dot_general(x, W)`` (either operand):
+    Traces ``fn(params, *args)`` (nothing runs) and follows each leaf to the
+    ``dot_general`` or ``conv_general_dilated`` consuming it; for ``y =
+    dot_general(x, W)``::
 
-        reduction_axis = W's contracting axes          (the matrix's rows, fan_in)
-        output_axis    = W's free axes                 (its columns, fan_out)
-        batch axes     = W's dot_general batch axes, and the axes a ``scan`` slices
+        reduction_axis = W's contracting axes   (rows, fan_in)
+        output_axis    = W's free axes          (columns, fan_out)
+        batch axes     = W's batch axes and the axes a ``scan`` slices
 
-    so the leaf is the matrices ``W.transpose(batch + reduction + output)
-    .reshape(*batch_shape, fan_in, fan_out)`` and ``y = x_flat @ W_b`` per batch
-    element (optax's ``_compute_muon_reshape``). For a convolution kernel with
-    ``conv="matrix"``: the output-feature axis is the output axis, the input-feature
-    and spatial axes the reduction axes (Yoshida & Miyato's reshaped kernel). With
-    ``conv="operator"``: ``ConvOperator(input_shape, strides, padding, rhs_dilation,
-    feature_group_count, dimension_numbers)`` read from the convolution, where
-    ``input_shape`` is the traced input's shape without its batch axis and
-    ``padding`` the explicit ``(lo, hi)`` pairs.
-
-    Every layout is normalised: ``MuonDimensionNumbers(reduction_axis, output_axis)``
-    holds two tuples of non-negative ints in increasing order, even for one axis
-    (a flax Dense kernel gives ``MuonDimensionNumbers((0,), (1,))``).
-
-    ``None`` is returned for a leaf whose last path key is ``bias``, ``b``, ``scale``,
-    ``embedding`` or ``embeddings`` (the default mask's rule, whatever consumes it),
-    for a leaf no matmul or convolution consumes (a gather from an embedding table,
-    a norm's elementwise scale, a leaf reaching a matmul only through an elementwise
-    op such as ``W * mask`` or ``2 * W``, which this reader does not follow), and for
-    a leaf that a matmul uses as a vector (no free or no contracted axis). Weights
-    applied through ``jnp.einsum``, ``@``, ``jnp.dot`` or ``jnp.matmul`` compile to
-    ``dot_general`` and are read like any other.
-
-    What it cannot see: a ``vmap`` over a stack of weights whose input is *not*
-    mapped compiles to one matmul with the stack folded into the free axes, and is
-    read as that one wide matrix (the map the model applies); use ``scan`` or map
-    the input too for separate matrices. Primitives other than those listed above
-    (``shard_map``, ``pallas_call``, ...) are not entered: a weight consumed only
-    inside one gives ``None``. Every matmul in ``fn`` counts, not only those applied
-    to the input: a power iteration inside the model (flax's ``SpectralNorm``
-    multiplies by ``W`` and ``Wᵀ``) or a Gram matrix in a loss makes a leaf's uses
-    conflict, so trace the plain forward pass.
-
-    For flax nnx, pass the state and a function of it:
-    ``graphdef, state = nnx.split(model, nnx.Param)`` then
-    ``infer_weight_dimension_numbers(lambda s, x: nnx.merge(graphdef, s)(x), state,
-    x)``, which returns an ``nnx.State`` with a layout (or ``None``) in each
-    variable; it fits both the state and its ``nnx.as_pure`` arrays, so a transform
-    given it works inside ``nnx.Optimizer(model, tx, wrt=nnx.Param)``. For equinox,
-    ``params, static = eqx.partition(model, eqx.is_array)`` and ``fn = lambda p, x:
-    jax.vmap(eqx.combine(p, static))(x)``, which returns an equinox Module of
-    layouts (callable, but read as a tree, never called).
+    What it follows, what it cannot see, and the nnx and equinox recipes are in the
+    module docstring and ``docs/guides/layouts.md``.
 
     Args:
-      fn: the model's forward function, called as ``fn(params, *args)``; it is only
-        traced, so nothing is computed.
-      params: the parameter pytree (flax linen dict, ``nnx.State``, equinox module,
-        plain dict); its leaves may be ``jax.ShapeDtypeStruct``s, e.g.
-        ``jax.eval_shape(model.init, key, x)``, as may ``args``.
-      *args: the remaining inputs of ``fn`` (one small batch suffices; a
-        ``ConvOperator``'s ``input_shape`` is read from it).
-      conv: ``"matrix"`` (the reshaped kernel) or ``"operator"`` (the convolution as
-        the linear map on inputs of the traced shape).
+      fn: the forward function, called as ``fn(params, *args)``; only traced.
+      params: linen dict, ``nnx.State``, equinox module or plain dict (leaves may
+        be ``jax.ShapeDtypeStruct``s).
+      *args: the other inputs of ``fn``; one small batch suffices.
+      conv: ``"matrix"`` (Yoshida & Miyato's reshaped kernel) or ``"operator"``
+        (a :class:`~margin_regs.ConvOperator` on inputs of the traced shape).
 
     Returns:
-      A pytree with ``params``' structure holding a ``MuonDimensionNumbers``, a
-      ``ConvOperator`` or ``None`` per leaf: a ``weight_dimension_numbers`` value.
+      ``params``' structure with a normalised layout or ``None`` per leaf (``None``
+      for biases, scales, embeddings, integer leaves and leaves no matmul reads).
 
     Raises:
-      ValueError: for ``conv`` not ``"matrix"``/``"operator"``, and, naming the
-        leaf's path, when a leaf's layout cannot be read unambiguously: consumed in
-        two different layouts (tied weights used the same way are fine), reshaped so
-        that one leaf axis lands in two roles, multiplied by another parameter, used
-        as a convolution's input, or by a transposed (``lhs_dilation``) or
-        ``batch_group_count`` convolution; with ``conv="operator"``, a kernel that
-        is scanned over or reshaped before its convolution.
+      ValueError: naming the leaf, where its layout is ambiguous (module docstring).
 
     Example:
       >>> import jax.numpy as jnp
@@ -171,7 +154,7 @@ def infer_weight_dimension_numbers(
 
     References:
       Jordan et al., "Muon: An optimizer for hidden layers in neural networks",
-      2024 (the dimension-numbers convention, as in ``optax.contrib.muon``).
+      2024 (the dimension-numbers convention of ``optax.contrib.muon``).
     """
     if conv not in ("matrix", "operator"):
         raise ValueError(
@@ -185,9 +168,9 @@ def infer_weight_dimension_numbers(
     invars = closed.jaxpr.invars
     views = [
         None
-        if _last_key(path) in _NOT_WEIGHTS
+        if _last_key(path) in _NOT_WEIGHTS or not is_float(leaf)
         else _View(i, tuple(frozenset({a}) for a in range(invars[i].aval.ndim)))
-        for i, (path, _) in enumerate(flat)
+        for i, (path, leaf) in enumerate(flat)
     ]
     reader = _Reader(paths, conv)
     reader.run(closed.jaxpr, views + [None] * (len(invars) - len(views)))

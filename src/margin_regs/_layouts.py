@@ -5,10 +5,11 @@ optax's own ``optax.contrib.MuonDimensionNumbers(reduction_axis, output_axis)``,
 with ``optax.contrib.muon``'s semantics: the reduction axes are the rows
 (fan_in), the output axes the columns (fan_out), and every other axis is a *batch*
 axis whose slices are separate matrices: the view is ``(*batch, fan_in, fan_out)``
-with the batch axes in their original order. The default layout of a leaf of
-``ndim`` n is ``MuonDimensionNumbers(tuple(range(n - 1)), n - 1)``, the
-``reshape(-1, last)`` view of flax and haiku kernels (a conv kernel
-``(kh, kw, in, out)`` becomes ``(kh·kw·in, out)``, Yoshida & Miyato's reshape).
+with the batch axes in their original order. The default layout, for 2-D leaves
+and 4-D conv kernels only, is the ``reshape(-1, last)`` view of flax and haiku
+kernels (a conv kernel ``(kh, kw, in, out)`` becomes ``(kh·kw·in, out)``, Yoshida
+& Miyato's reshape); a selected leaf it cannot know (3-D, a fan-out-first 4-D
+``weight``) is refused with its path (:func:`default_layout`).
 
 Typical layouts (``M = MuonDimensionNumbers``)::
 
@@ -19,9 +20,10 @@ Typical layouts (``M = MuonDimensionNumbers``)::
     equinox Linear weight (out, in)                M(1, 0)
     equinox Conv2d weight (out, in, kh, kw)        M((1, 2, 3), (0,))
 
-The *default mask* selects a leaf iff ``ndim >= 2`` and its last path key is not
-one of ``bias``, ``b`` (haiku), ``scale`` (norms), ``embedding`` (flax, nnx) or
-``embeddings`` (haiku), and it is not the ``weight`` of an ``equinox.nn.Embedding``
+The *default mask* selects a leaf iff ``ndim >= 2``, its dtype is a float and its
+last path key is not one of ``bias``, ``b`` (haiku), ``scale`` (norms),
+``embedding`` (flax, nnx) or ``embeddings`` (haiku), and it is not the ``weight``
+of an ``equinox.nn.Embedding``
 (:func:`margin_regs._tree.default_mask`): biases, norm scales and embedding tables
 are not weight matrices to regularize, whatever their ndim (Goodfellow et al.,
 Deep Learning, §7.1). A user's ``mask`` or ``weight_dimension_numbers`` overrides
@@ -115,9 +117,60 @@ def _is_function(wdn: Any) -> bool:
     )
 
 
-def default_layout(ndim: int) -> MuonDimensionNumbers:
-    """``MuonDimensionNumbers(tuple(range(ndim - 1)), ndim - 1)``: fan-out last."""
+def fan_out_last(ndim: int) -> MuonDimensionNumbers:
+    """``MuonDimensionNumbers(tuple(range(ndim - 1)), ndim - 1)``: ``reshape(-1, last)``."""
     return MuonDimensionNumbers(tuple(range(ndim - 1)), ndim - 1)
+
+
+INFER_HINT = (
+    "pass weight_dimension_numbers=mr.infer_weight_dimension_numbers(model.apply, "
+    "params, x), or an explicit layout for it (see docs/guides/layouts.md)"
+)
+
+
+def default_layout(
+    shape: Sequence[int], where: str | None = None
+) -> MuonDimensionNumbers:
+    """The layout of a leaf no one named: fan-out last, ``reshape(-1, last)``.
+
+    Known only for 2-D leaves and 4-D conv kernels ``(kh, kw, in, out)`` (flax
+    ``kernel``, haiku ``w``). Anything else is refused, never guessed: a 3-D leaf
+    may be ``(in, heads, head_dim)``, ``(heads, head_dim, out)``, ``(layers, in,
+    out)`` or ``(width, in, out)``, and a 4-D leaf named ``weight`` (equinox,
+    PyTorch) is ``(out, in, kh, kw)``, fan-out first.
+
+    Args:
+      shape: the leaf's shape.
+      where: its readable path (``None`` for a bare array, whose 4-D default holds).
+
+    Raises:
+      ValueError: naming ``where`` and the fix, for a layout the default cannot know.
+    """
+    shape = tuple(shape)
+    name = "the array" if where is None else repr(where)
+    if len(shape) in (2, 4) and not (
+        len(shape) == 4 and where is not None and where.rsplit("/", 1)[-1] == "weight"
+    ):
+        return fan_out_last(len(shape))
+    if len(shape) == 4:
+        raise ValueError(
+            f"{name} of shape {shape} is a 4-D 'weight', laid out fan-out first "
+            "(out, in, kh, kw) by equinox and PyTorch, not as the default's "
+            f"(kh, kw, in, out); {INFER_HINT}, e.g. MuonDimensionNumbers((1, 2, 3), "
+            "(0,)), or mask it out"
+        )
+    if len(shape) == 3:
+        raise ValueError(
+            f"{name} of shape {shape} has no default layout: a 3-D leaf may be "
+            "(in, heads, head_dim), (heads, head_dim, out), (layers, in, out) or "
+            f"(width, in, out); {INFER_HINT}, e.g. MuonDimensionNumbers((0,), (1, 2)) "
+            "for a query kernel, or mask it out"
+        )
+    raise ValueError(
+        f"{name} of shape {shape} has no default layout: a {len(shape)}-D leaf may "
+        "be a 3-D convolution, a scanned stack of layers or a multi-axis projection; "
+        f"{INFER_HINT}, or mask it out"
+    )
 
 
 def _first_mismatch(tree: Any, params: Any) -> str:
@@ -211,7 +264,8 @@ def resolve_layouts(
     """The layout of every leaf of ``params``, ``None`` where not selected.
 
     * ``weight_dimension_numbers`` None: the leaves ``mask`` selects (by default
-      :func:`margin_regs._tree.default_mask`) get :func:`default_layout`;
+      :func:`margin_regs._tree.default_mask`) get :func:`default_layout`, which
+      refuses what it cannot know (3-D leaves, fan-out-first 4-D ``weight``s);
     * one layout value: every leaf the mask selects gets it;
     * a pytree of layouts and ``None`` (a prefix of params allowed) or a callable
       ``params -> such a pytree``: the leaves where it is not None (and that a
@@ -236,7 +290,8 @@ def resolve_layouts(
     Raises:
       ValueError: naming the leaf's path, for overlapping, repeated or
         out-of-range axes, no reduction or output axis, a selected leaf with
-        ``ndim < 2``, or a tree that does not match params (the first mismatch).
+        ``ndim < 2`` or an integer or boolean dtype, a selected leaf with no
+        default layout, or a tree that does not match params (the first mismatch).
 
     Example:
       >>> import jax.numpy as jnp
@@ -252,9 +307,9 @@ def resolve_layouts(
     wdn = _unwrap_variables(wdn)
     if wdn is None or is_layout(wdn):
         selected = _tree.resolve_mask(mask, params)
-        layouts = jax.tree.map(
-            lambda s, p: (
-                (default_layout(jnp.ndim(p)) if wdn is None else wdn) if s else None
+        layouts = jax.tree_util.tree_map_with_path(
+            lambda path, s, p: (
+                (_default_for(path, p) if wdn is None else wdn) if s else None
             ),
             selected,
             params,
@@ -270,9 +325,19 @@ def resolve_layouts(
     def check(path, spec, p):
         if spec is None:
             return None
-        return check_layout(spec, jnp.shape(p), _tree.path_name(path))
+        where = _tree.path_name(path)
+        if jnp.ndim(p) >= 2:
+            _tree.check_weight(p, where)
+        return check_layout(spec, jnp.shape(p), where)
 
     return jax.tree_util.tree_map_with_path(check, layouts, params, is_leaf=is_spec)
+
+
+def _default_for(path: Any, leaf: Any) -> Any:
+    shape = jnp.shape(leaf)
+    if len(shape) < 2:
+        return fan_out_last(2)  # check_layout names the selected vector
+    return default_layout(shape, _tree.path_name(path))
 
 
 @dataclasses.dataclass(frozen=True)

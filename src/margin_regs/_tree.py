@@ -23,8 +23,10 @@ NON_WEIGHT_NAMES = frozenset({"bias", "b", "scale", "embedding", "embeddings"})
 __all__ = [
     "NON_WEIGHT_NAMES",
     "Mask",
+    "check_weight",
     "default_mask",
     "group_by_shape",
+    "is_float",
     "is_masked_node",
     "mask_by_path",
     "path_name",
@@ -44,25 +46,37 @@ def _is_equinox_embedding(x: Any) -> bool:
     return eqx is not None and isinstance(x, eqx.nn.Embedding)
 
 
+def is_float(x: Any) -> bool:
+    """Whether ``x`` holds real or complex floats: integer and boolean leaves
+    (counters, step numbers, masks) are never weights."""
+    dtype = getattr(x, "dtype", None) or jax.numpy.result_type(x)
+    return jax.numpy.issubdtype(dtype, jax.numpy.inexact)
+
+
 def default_mask(params: Any) -> Any:
     """``True`` at the weight matrices of ``params``, ``False`` elsewhere.
 
-    A leaf is selected iff ``ndim >= 2``, its last path key is not in
-    :data:`NON_WEIGHT_NAMES` (``bias``, ``b``, ``scale``, ``embedding``,
-    ``embeddings``) and it is not inside an ``equinox.nn.Embedding``.
+    A leaf is selected iff ``ndim >= 2``, its dtype is a float (never an integer or
+    boolean), its last path key is not in :data:`NON_WEIGHT_NAMES` (``bias``,
+    ``b``, ``scale``, ``embedding``, ``embeddings``) and it is not inside an
+    ``equinox.nn.Embedding``.
 
     Example:
       >>> import jax.numpy as jnp
       >>> from margin_regs._tree import default_mask
       >>> default_mask({"kernel": jnp.ones((2, 3)), "bias": jnp.ones((4, 3)),
-      ...               "embedding": jnp.ones((9, 3)), "w": jnp.ones(3)})
-      {'bias': False, 'embedding': False, 'kernel': True, 'w': False}
+      ...               "count": jnp.ones((2, 2), int), "w": jnp.ones(3)})
+      {'bias': False, 'count': False, 'kernel': True, 'w': False}
     """
 
     def pick(path, x):
         if _is_equinox_embedding(x):
             return jax.tree.map(lambda _: False, x)
-        return jax.numpy.ndim(x) >= 2 and _last_key(path) not in NON_WEIGHT_NAMES
+        return (
+            jax.numpy.ndim(x) >= 2
+            and is_float(x)
+            and _last_key(path) not in NON_WEIGHT_NAMES
+        )
 
     return jax.tree_util.tree_map_with_path(pick, params, is_leaf=_is_equinox_embedding)
 
@@ -87,22 +101,33 @@ def select(params: Any, mask: Mask) -> Any:
     """``params`` with masked-out leaves replaced by ``optax.MaskedNode()``.
 
     Raises:
-      ValueError: if the mask selects a leaf with fewer than two dimensions; such a
-        leaf is not a weight matrix (the error names its path).
+      ValueError: if the mask selects a leaf with fewer than two dimensions or of
+        an integer or boolean dtype; such a leaf is not a weight matrix (the error
+        names its path).
     """
     full = resolve_mask(mask, params)
 
     def pick(path, m, p):
         if not m:
             return optax.MaskedNode()
-        if jax.numpy.ndim(p) < 2:
-            raise ValueError(
-                f"the mask selects {path_name(path)!r} of shape {jax.numpy.shape(p)}, "
-                "which is not a weight matrix (ndim < 2); mask it out"
-            )
+        check_weight(p, path_name(path))
         return p
 
     return jax.tree.map_with_path(pick, full, params)
+
+
+def check_weight(x: Any, where: str) -> None:
+    """A ValueError naming ``where`` unless ``x`` can be a weight matrix."""
+    if jax.numpy.ndim(x) < 2:
+        raise ValueError(
+            f"the mask selects {where!r} of shape {jax.numpy.shape(x)}, "
+            "which is not a weight matrix (ndim < 2); mask it out"
+        )
+    if not is_float(x):
+        raise ValueError(
+            f"{where!r} of dtype {x.dtype} is selected but is not a weight "
+            "(integer and boolean leaves never are); mask it out or give it None"
+        )
 
 
 def path_name(path: Sequence[Any]) -> str:
@@ -144,8 +169,9 @@ def mask_by_path(pattern: str) -> Callable[[Any], Any]:
     """A callable mask selecting the weight matrices whose path matches ``pattern``.
 
     A leaf is selected when ``re.search(pattern, path)`` matches its readable path
-    (``'Dense_2/kernel'``; flax linen dicts, ``nnx.State`` and plain dicts alike)
-    and it has ``ndim >= 2``, so a layer's name selects its kernel, not its bias.
+    (``'Dense_2/kernel'``; flax linen dicts, ``nnx.State`` and plain dicts alike),
+    it has ``ndim >= 2`` and a float dtype, so a layer's name selects its kernel,
+    not its bias or an integer counter.
 
     Args:
       pattern: a regular expression, searched in each leaf's path.
@@ -166,7 +192,9 @@ def mask_by_path(pattern: str) -> Callable[[Any], Any]:
     def mask(params: Any) -> Any:
         return jax.tree_util.tree_map_with_path(
             lambda path, x: (
-                jax.numpy.ndim(x) >= 2 and regex.search(path_name(path)) is not None
+                jax.numpy.ndim(x) >= 2
+                and is_float(x)
+                and regex.search(path_name(path)) is not None
             ),
             params,
         )

@@ -7,7 +7,23 @@ Miyato 2017, §4.2–4.3), and the generalization gap at a threshold (ibid., Tab
 
 Per-layer results are dicts keyed by the readable parameter path
 (``'params/Dense_0/kernel'`` for a linen dict, ``'l1/kernel'`` for an
-``nnx.State``), so one call works on any params pytree and logs directly.
+``nnx.State``), so one call works on any params pytree and logs directly. Every
+per-layer diagnostic selects and views kernels as the methods do (default mask, no
+integer leaves, layouts refused where the default cannot know them:
+``docs/guides/layouts.md``); a batched layout gives one result per slice.
+
+**Margin bounds** (:func:`margin_lower_bounds`). The features of a feed-forward
+network move by at most ``Π_l ‖W_l‖₂ · ‖δ‖`` when the input moves by ``δ``
+(Sokolić et al., Thm 3). The logit bound's ``√2`` is needed because
+``‖v_y − v_j‖ = ‖V(e_y − e_j)‖ ≤ √2 ‖V‖``, attained when ``v_j = −v_y``. As in the
+paper's eq. (13) a misclassified sample's bound is 0. Max-pooling over disjoint
+windows is 1-Lipschitz, so a conv-pool network with ``ConvOperator`` layouts is
+covered; residual connections and normalisation layers are not, and the product must
+not skip a layer. Ludwig's Thm 1 divides by the same ``Π_k ‖W_k‖₂`` (as
+``Π_k √λ_dom(W_k W_kᵀ)``), but its numerator needs the projections of ``x`` onto the
+boundary, so it has no closed form; :func:`input_margin_estimates` is its computable
+first-order counterpart (Ludwig, "Deep Learning with Eigenvalue Decay Regularizer",
+2016, Thm 1).
 """
 
 from __future__ import annotations
@@ -101,12 +117,8 @@ def spectral_norms(
 
     Args:
       params: any params pytree (linen dict, ``nnx.State``, plain dict).
-      mask: pytree of bools or callable, as in ``optax.masked``; default: the
-        weight matrices (``ndim >= 2``, not ``bias``/``scale``/``embedding``).
-      weight_dimension_numbers: which matrix each leaf is (one
-        ``optax.contrib.MuonDimensionNumbers``, a pytree of them with ``None`` for
-        non-weights, or a callable ``params -> such a pytree``); batch axes give
-        one result per slice.
+      mask: which leaves, as in ``optax.masked``; see ``docs/guides/layouts.md``.
+      weight_dimension_numbers: each leaf's layout; see ``docs/guides/layouts.md``.
 
     Returns:
       ``{path: σ_max}``, float32 scalars (``(*batch,)`` for batched layouts); for
@@ -145,12 +157,8 @@ def singular_value_spectra(
 
     Args:
       params: any params pytree (linen dict, ``nnx.State``, plain dict).
-      mask: pytree of bools or callable, as in ``optax.masked``; default: the
-        weight matrices (``ndim >= 2``, not ``bias``/``scale``/``embedding``).
-      weight_dimension_numbers: which matrix each leaf is (one
-        ``optax.contrib.MuonDimensionNumbers``, a pytree of them with ``None`` for
-        non-weights, or a callable ``params -> such a pytree``); batch axes give
-        one result per slice.
+      mask: which leaves, as in ``optax.masked``; see ``docs/guides/layouts.md``.
+      weight_dimension_numbers: each leaf's layout; see ``docs/guides/layouts.md``.
 
     Returns:
       ``{path: σ}``, float32 arrays ``(*batch, min(fan_in, fan_out))`` in
@@ -184,12 +192,8 @@ def stable_ranks(
 
     Args:
       params: any params pytree (linen dict, ``nnx.State``, plain dict).
-      mask: pytree of bools or callable, as in ``optax.masked``; default: the
-        weight matrices (``ndim >= 2``, not ``bias``/``scale``/``embedding``).
-      weight_dimension_numbers: which matrix each leaf is (one
-        ``optax.contrib.MuonDimensionNumbers``, a pytree of them with ``None`` for
-        non-weights, or a callable ``params -> such a pytree``); batch axes give
-        one result per slice.
+      mask: which leaves, as in ``optax.masked``; see ``docs/guides/layouts.md``.
+      weight_dimension_numbers: each leaf's layout; see ``docs/guides/layouts.md``.
 
     Returns:
       ``{path: srank}``, float32 scalars (``(*batch,)`` for batched layouts); for
@@ -365,54 +369,28 @@ def margin_lower_bounds(
 ) -> dict[str, jax.Array]:
     """Closed-form lower bounds on the input margin from an output margin.
 
-    For a feed-forward network ``h_l = φ(W_lᵀ h_{l−1} + b_l)`` (``l = 1..L``, dense
-    layers, ``φ`` elementwise with ``|φ'| ≤ 1``: ReLU, leaky ReLU, tanh) followed by a
-    linear classifier ``z = Vᵀ h_L + c``, the features move by at most
-    ``Π_l ‖W_l‖₂ · ‖δ‖`` when the input moves by ``δ`` (Sokolić et al., Thm 3), so no
-    decision boundary lies within
+    For ``h_l = φ(W_lᵀ h_{l−1} + b_l)`` with ``|φ'| ≤ 1`` and a linear classifier
+    ``z = Vᵀ h_L + c``, no decision boundary lies within (Sokolić et al., Thm 3/5)::
 
-    * ``margin_type="geometric"``: ``γ / Π_{l≤L} ‖W_l‖`` of the input, with ``γ``
-      the geometric output margin ``min_{j≠y}(z_y − z_j)/‖v_y − v_j‖``
-      (:func:`output_margins` with ``classifier=V``) and ``mask`` selecting the
-      hidden kernels ``W_1..W_L`` only: Sokolić et al., Thm 5, eq. (20);
-    * ``margin_type="logit"``: ``γ / (√2 · ‖V‖ · Π_{l≤L} ‖W_l‖)``, with ``γ`` the
-      logit margin ``z_y − max_{j≠y} z_j`` (:func:`output_margins` without
-      classifier) and ``mask`` selecting every kernel, the classifier's included
-      (the default mask does). The ``√2`` is needed because
-      ``‖v_y − v_j‖ = ‖V(e_y − e_j)‖ ≤ √2 ‖V‖``, attained when ``v_j = −v_y``.
+        geometric:  γ_geo   / Π_{l≤L} ‖W_l‖           (mask: hidden kernels only)
+        logit:      γ_logit / (√2 ‖V‖ Π_{l≤L} ‖W_l‖)  (mask: every kernel)
 
-    Each bound is given with the spectral norms ``‖·‖₂`` (sharper; Thm 3's first
-    inequality) and with the Frobenius norms ``‖·‖_F`` (Thm 5's closed form, since
-    ``‖W‖₂ ≤ ‖W‖_F``). As in the paper's eq. (13), the margin is clipped at 0: the
-    bound of a misclassified sample is 0.
-
-    Convolutions enter with their operator norms when their layout is an
-    :class:`~margin_regs.ConvOperator` (``infer_weight_dimension_numbers(...,
-    conv="operator")``): ``σ₁`` of ``x ↦ conv(x, K)`` and its exact Frobenius norm;
-    max-pooling over disjoint windows is 1-Lipschitz, so a conv-pool network is
-    covered. A 3-D to 5-D kernel under the default reshaped layout warns: that
-    matrix's σ does not bound the convolution's operator norm (the bound is then
-    not valid). The bounds also do not hold for residual connections or
-    normalisation layers; the product must not skip a layer. Ludwig's
-    Thm 1 divides by the same ``Π_k ‖W_k‖₂`` (as ``Π_k √λ_dom(W_k W_kᵀ)``), but
-    its numerator needs the projections of ``x`` onto the boundary, so it has no
-    closed form; :func:`input_margin_estimates` is its computable first-order
-    counterpart.
+    with ``γ`` from :func:`output_margins` (with ``classifier=V`` for geometric),
+    clipped at 0, and ``‖·‖`` the spectral norm (sharper) or the Frobenius norm
+    (Thm 5's closed form). Convolutions count with their operator norms under a
+    :class:`~margin_regs.ConvOperator` layout; a 4-D or 5-D kernel under a reshaped
+    layout warns (its σ bounds no convolution). Why the √2, what the bounds do not
+    cover (residuals, norms) and Ludwig's Thm 1: the module docstring.
 
     Args:
       margins: output margins ``(n,)``, of the kind ``margin_type`` names.
-      params: the network's params pytree (linen dict, ``nnx.State``, plain dict).
-      mask: which kernels enter the product (see above); default every leaf with
-        ``ndim >= 2``.
+      params: the network's params (linen dict, ``nnx.State``, plain dict).
+      mask: the kernels in the product; see ``docs/guides/layouts.md``.
       margin_type: ``"logit"`` or ``"geometric"``.
-      weight_dimension_numbers: which matrix each leaf is (one
-        ``optax.contrib.MuonDimensionNumbers``, a pytree of them with ``None`` for
-        non-weights, or a callable ``params -> such a pytree``); batch axes give
-        one layer per slice (a scanned stack's layers all enter the product).
+      weight_dimension_numbers: layouts (a stack's slices are layers); see the guide.
 
     Returns:
-      ``{"spectral": (n,), "frobenius": (n,)}`` lower bounds on each sample's
-      ``l2`` distance to the nearest decision boundary, ``spectral ≥ frobenius``.
+      ``{"spectral": (n,), "frobenius": (n,)}``, ``spectral ≥ frobenius``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -422,13 +400,10 @@ def margin_lower_bounds(
       >>> b = mr.margin_lower_bounds(jnp.array([2.0, -1.0]), params)
       >>> [round(v, 4) for v in b["spectral"].tolist()]
       [0.7071, 0.0]
-      >>> [round(v, 4) for v in b["frobenius"].tolist()]
-      [0.3536, 0.0]
 
     References:
       Sokolić, Giryes, Sapiro & Rodrigues, "Robust Large Margin Deep Neural
-      Networks", arXiv:1605.08254 (IEEE TSP 2017), Thm 3 and Thm 5 (eq. (20));
-      Ludwig, "Deep Learning with Eigenvalue Decay Regularizer", 2016, Thm 1.
+      Networks", IEEE TSP 2017, Thm 3 and Thm 5 (eq. (20)).
     """
     if margin_type not in ("logit", "geometric"):
         raise ValueError(
@@ -458,15 +433,19 @@ def margin_lower_bounds(
 
 
 def _warn_if_reshaped(params: Any, mask: _tree.Mask, layouts: Any) -> None:
-    """Warn about 3-D to 5-D kernels under the default (reshaped conv) layout."""
+    """Warn about 4-D and 5-D kernels (convolutions) under the reshaped layout.
+
+    A 3-D leaf under ``reshape(-1, last)`` is as often an attention output
+    projection ``(heads, head_dim, out)``, a true matrix, as a Conv1D: no warning.
+    """
     layouts = _layouts.resolve_layouts(params, layouts, mask)
 
     def reshaped(path, layout, leaf):
         shape = jnp.shape(leaf)
-        if layout is None or not 3 <= len(shape) <= 5:
+        if layout is None or not 4 <= len(shape) <= 5:
             return None
         default = _layouts.check_layout(
-            _layouts.default_layout(len(shape)), shape, "kernel"
+            _layouts.fan_out_last(len(shape)), shape, "kernel"
         )
         return _tree.path_name(path) if layout == default else None
 

@@ -91,8 +91,9 @@ def as_matrix(
 
     Raises:
       ValueError: if ``kernel`` has fewer than two dimensions (biases and scales are
-        not weight matrices), ``view`` does not return a 2-D array, or the layout's
-        axes overlap, repeat or are out of range.
+        not weight matrices), no layout is given for a kernel that is neither 2-D
+        nor 4-D (a 3-D one has no default), ``view`` does not return a 2-D array,
+        or the layout's axes overlap, repeat or are out of range.
 
     Example:
       >>> import jax.numpy as jnp
@@ -121,7 +122,7 @@ def as_matrix(
 
 
 def _operator(kernel: jax.Array, layout: MuonDimensionNumbers | None) -> Any:
-    layout = _layouts.default_layout(kernel.ndim) if layout is None else layout
+    layout = _layouts.default_layout(kernel.shape) if layout is None else layout
     checked = _layouts.check_layout(layout, kernel.shape, "kernel")
     return _layouts.make_operator(checked, kernel.shape)
 
@@ -322,7 +323,8 @@ def singular_values(
         matrix = as_matrix(kernel, view).astype(jnp.float32)
         return jnp.linalg.svd(matrix, compute_uv=False)
     kernel = jnp.asarray(kernel)
-    as_matrix(kernel)  # the ndim check and its message
+    if weight_dimension_numbers is None:
+        as_matrix(kernel)  # the ndim and default-layout checks and their messages
     return _operator(kernel, weight_dimension_numbers).singular_values(kernel)
 
 

@@ -335,25 +335,33 @@ def register(
     return add
 
 
-@register("spectral_norm_regularization")
-def _spectral_transform(problem: Problem) -> Stepper:
-    return train_step(
-        problem, tx=optax.chain(mr.spectral_norm_regularization(COEFF), problem.sgd())
-    )
-
-
-@register("eigenvalue_decay")
-def _eigenvalue_decay_transform(problem: Problem) -> Stepper:
-    return train_step(
-        problem, tx=optax.chain(mr.eigenvalue_decay(COEFF), problem.sgd())
-    )
-
-
 def _inferred_layouts(problem: Problem, conv: str = "matrix") -> Any:
     """Each kernel's layout read from the traced model (one sample is enough)."""
     return mr.infer_weight_dimension_numbers(
         problem.apply, problem.params, problem.x[:1], conv=conv
     )
+
+
+def _default_layouts(problem: Problem) -> Any:
+    """The library's default layouts, or the inferred ones for the transformer,
+    whose scanned ``(layers, in, out)`` kernels have no default (it refuses them)."""
+    return _inferred_layouts(problem) if problem.model == "transformer" else None
+
+
+@register("spectral_norm_regularization")
+def _spectral_transform(problem: Problem) -> Stepper:
+    transform = mr.spectral_norm_regularization(
+        COEFF, weight_dimension_numbers=_default_layouts(problem)
+    )
+    return train_step(problem, tx=optax.chain(transform, problem.sgd()))
+
+
+@register("eigenvalue_decay")
+def _eigenvalue_decay_transform(problem: Problem) -> Stepper:
+    transform = mr.eigenvalue_decay(
+        COEFF, weight_dimension_numbers=_default_layouts(problem)
+    )
+    return train_step(problem, tx=optax.chain(transform, problem.sgd()))
 
 
 @register("spectral_norm_regularization_layouts", models=("transformer",))
@@ -389,23 +397,31 @@ def _spectral_transform_conv_operator(problem: Problem) -> Stepper:
 
 @register("spectral_norm_penalty")
 def _spectral_penalty(problem: Problem) -> Stepper:
+    layouts = _default_layouts(problem)
+
     def penalty(params, vectors, x, y):
-        value, vectors = mr.spectral_norm_penalty(params, vectors)
+        value, vectors = mr.spectral_norm_penalty(
+            params, vectors, weight_dimension_numbers=layouts
+        )
         return COEFF * value, vectors
 
     return train_step(
         problem,
         penalty=penalty,
-        penalty_state=mr.init_power_iteration(problem.params, 0),
+        penalty_state=mr.init_power_iteration(
+            problem.params, 0, weight_dimension_numbers=layouts
+        ),
     )
 
 
 @register("eigenvalue_decay_penalty")
 def _eigenvalue_decay_in_loss(problem: Problem) -> Stepper:
+    layouts = _default_layouts(problem)
     return train_step(
         problem,
         penalty=lambda params, aux, x, y: (
-            COEFF * mr.eigenvalue_decay_penalty(params),
+            COEFF
+            * mr.eigenvalue_decay_penalty(params, weight_dimension_numbers=layouts),
             aux,
         ),
     )
