@@ -1,10 +1,12 @@
 """Every Python block of the README runs on its own and prints what the README shows.
 
-Each block starts with ``# needs: pip install margin_regs [extra packages]`` and runs
+Each README block starts with ``# needs: pip install margin_regs [packages]`` and runs
 in a fresh interpreter where the packages it does not state cannot be imported, so a
-quickstart that works only after a larger install fails here. The block's closing ``# Prints:`` comment is its
-expected output: the same words, the numbers equal to a few percent (other jax
-versions and CPUs round differently).
+quickstart that works only after a larger install fails here. Its closing
+``# Prints:`` comment is its expected output: the same words, the numbers equal to a
+few percent (other jax versions and CPUs round differently). The guides' blocks that
+start with such a line (the complete examples; the rest are fragments) run the same
+way.
 """
 
 import math
@@ -17,6 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+GUIDES = sorted((ROOT / "docs" / "guides").glob("*.md"))
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```\n", re.DOTALL | re.MULTILINE)
 NEEDS = re.compile(r"^# needs: pip install margin_regs((?: [\w-]+)*)\n")
 NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
@@ -36,10 +39,10 @@ sys.meta_path.insert(0, _Refuse())
 """
 
 
-def blocks() -> list[tuple[str, str]]:
+def blocks(text: str) -> list[tuple[str, str]]:
     """Each Python block with the output its ``# Prints:`` comment shows."""
     found = []
-    for fence in FENCE.finditer(README):
+    for fence in FENCE.finditer(text):
         if fence.group(1) == "python":
             code, _, prints = fence.group(2).partition("# Prints:\n")
             expected = "".join(line[2:] for line in prints.splitlines(keepends=True))
@@ -47,7 +50,13 @@ def blocks() -> list[tuple[str, str]]:
     return found
 
 
-BLOCKS = blocks()
+BLOCKS = blocks(README)
+GUIDE_BLOCKS = {
+    f"{path.stem}-{i}": block
+    for path in GUIDES
+    for i, block in enumerate(blocks(path.read_text()))
+    if NEEDS.match(block[0])
+}
 
 
 def same_output(printed: str, expected: str) -> bool:
@@ -83,17 +92,15 @@ def test_same_output_compares_words_exactly_and_numbers_to_a_few_percent():
     assert not same_output("loss 0.1 0.1", "loss 0.1")
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_block_runs_after_its_install_line(index):
-    code, expected = BLOCKS[index]
+def run_block(code: str, expected: str) -> None:
+    """Runs ``code`` after exactly its install line; checks it prints ``expected``."""
     needs = NEEDS.match(code)
-    assert needs, "a README block starts with '# needs: pip install margin_regs ...'"
+    assert needs, "a block starts with '# needs: pip install margin_regs ...'"
     stated = set(needs.group(1).split())
     for package in stated:  # absent only in the floors' core environment
         pytest.importorskip(package)
-    refused = OPTIONAL - stated
     result = subprocess.run(
-        [sys.executable, "-c", GUARD.format(refused=refused) + code],
+        [sys.executable, "-c", GUARD.format(refused=OPTIONAL - stated) + code],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -102,3 +109,13 @@ def test_readme_block_runs_after_its_install_line(index):
     assert result.returncode == 0, result.stderr
     assert expected, "a block ends with a '# Prints:' comment of its output"
     assert same_output(result.stdout, expected), result.stdout
+
+
+@pytest.mark.parametrize("index", range(len(BLOCKS)))
+def test_readme_block_runs_after_its_install_line(index):
+    run_block(*BLOCKS[index])
+
+
+@pytest.mark.parametrize("name", sorted(GUIDE_BLOCKS))
+def test_guide_example_runs_after_its_install_line(name):
+    run_block(*GUIDE_BLOCKS[name])
