@@ -63,8 +63,12 @@ def test_init_converges_to_the_exact_sigma(rng):
         assert state[name].dtype == jnp.float32
         np.testing.assert_allclose(np.linalg.norm(v), 1.0, rtol=1e-5)
         k = np.asarray(kernel, np.float64).reshape(-1, kernel.shape[-1])
+        # Stopped at a 1e-6 change, ‖Kv‖ errs by ≤ (π²/8)·n·1e-12/((1−r²)²c₁²), r =
+        # σ₂/σ₁: below float32 rounding. At r = 0.999 the 1000-iteration cap stops
+        # first: ½(1−r²)r⁴⁰⁰⁰tan²θ₀ ≈ 2e-5·tan²θ₀ of a random start (5e-4 measured).
+        rtol = 1e-3 if name == "near_degenerate" else 1e-6
         np.testing.assert_allclose(
-            np.linalg.norm(k @ v), top_sigma(kernel), rtol=1e-3, err_msg=name
+            np.linalg.norm(k @ v), top_sigma(kernel), rtol=rtol, err_msg=name
         )
 
 
