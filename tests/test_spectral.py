@@ -292,6 +292,19 @@ def test_dtypes_of_updates_and_state_never_change(rng):
     assert jax.tree.map(lambda x: x.dtype, state) == jax.tree.map(
         lambda x: x.dtype, state0
     )
+    # The values: two float64 steps p ← p − LR·(cos p + 0.1·σ u vᵀ) (∇ of the sin
+    # loss plus Alg. 1's term, its σ u vᵀ from the SVD: init converged it).
+    want = {n: np.asarray(p, np.float64) for n, p in params.items()}
+    for _ in range(2):
+        want = {
+            n: w - LR * (np.cos(w) + (0 if n == "bias" else 0.1 * svd_term(w)[0]))
+            for n, w in want.items()
+        }
+    eps = float(jnp.finfo(jnp.bfloat16).eps)
+    for n, w in want.items():
+        # bfloat16 rounds g, the term, their sum, LR·u and p + u once a step.
+        tol = 2 * eps * (np.abs(w) + LR * (1 + 0.1 * top_sigma(w)))
+        assert np.all(np.abs(np.asarray(new_params[n], np.float64) - w) <= tol), n
 
 
 def test_flax_linen_param_dict(rng):
