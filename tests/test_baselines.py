@@ -224,9 +224,13 @@ def test_perturb_weights_gradient_is_taken_at_the_noisy_weights():
     np.testing.assert_allclose(jax.grad(loss)(params)["kernel"], noisy, rtol=1e-6)
 
 
-def test_perturb_weights_keeps_dtype():
-    params = {"kernel": jnp.ones((4, 4), jnp.bfloat16)}
-    assert mr.perturb_weights(params, 0, 0.1)["kernel"].dtype == jnp.bfloat16
+def test_perturb_weights_keeps_dtype_and_draws_n_0_sigma2_in_it():
+    params = {"kernel": jnp.full((100, 100), 2.0, jnp.bfloat16)}
+    noisy = mr.perturb_weights(params, 0, 0.1)["kernel"]
+    assert noisy.dtype == jnp.bfloat16
+    # Rounding to bfloat16's 2⁻⁶ grid at 2 adds variance 2⁻¹²/12 = 2e-5 to σ² = 1e-2,
+    # moving σ by 0.1%: well inside _check_gaussian's 5 standard errors (3.5%).
+    _check_gaussian(np.asarray(noisy, np.float64) - 2.0, 0.1)
 
 
 def test_add_input_noise_statistics_identity_and_dtype():

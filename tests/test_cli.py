@@ -97,15 +97,63 @@ def test_results_json_has_every_field_and_consistent_summary(two_seeds):
     assert summary["vanilla"]["relative_time"] == 1.0
 
 
-def test_compare_writes_the_plots(two_seeds):
+def _per_seed(runs, name, *path):
+    """``run[path[0]][path[1]]...`` of each seed of regularizer ``name``."""
+    out = []
+    for run in (r for r in runs if r["regularizer"] == name):
+        for key in path:
+            run = run[key]
+        out.append(run)
+    return np.array(out, float)
+
+
+def test_compare_plots_the_results_numbers(two_seeds, tmp_path, monkeypatch):
     import matplotlib.image
+    import matplotlib.pyplot as plt
+
+    from margin_regs.experiments import plots
 
     _, _, out = two_seeds
-    names = ("singular_spectra", "margins", "accuracy_curves", "coefficients")
-    for name in names:
+    # 100 dpi: accuracy curves 8×4 in, margins 12×4, one tuned regularizer 4×3.6.
+    sizes = {"accuracy_curves": (400, 800), "margins": (400, 1200)}
+    for name in ("singular_spectra", "margins", "accuracy_curves", "coefficients"):
         image = matplotlib.image.imread(out / f"{name}.png")
-        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
-        assert image.std() > 0  # something was drawn
+        assert image.ndim == 3 and image.std() > 0, name  # something was drawn
+        assert image.shape[:2] == sizes.get(name, image.shape[:2]), name
+    # Redraw from the JSON, keeping the figures, and read back what was plotted.
+    with open(out / "results.json") as f:
+        payload = json.load(f)
+    figures = {}
+    monkeypatch.setattr(
+        plots, "_save", lambda fig, _, name: figures.setdefault(name, fig)
+    )
+    plots.plots(payload, str(tmp_path))
+    runs, names = payload["runs"], ("vanilla", "spectral")
+    # A test and a train curve per regularizer, in order.
+    curves = iter(figures["accuracy_curves.png"].axes[0].lines)
+    for name in names:
+        for key in ("test_acc", "train_acc"):
+            want = _per_seed(runs, name, "history", key).mean(0)
+            np.testing.assert_allclose(next(curves).get_ydata(), want, rtol=1e-12)
+    for ax in figures["singular_spectra.png"].axes:
+        for line, name in zip(ax.lines, names, strict=True):
+            want = _per_seed(runs, name, "singular_values", ax.get_title()).mean(0)
+            np.testing.assert_allclose(line.get_ydata(), want, rtol=1e-12)
+    # The output margins' empirical CDFs (then the line at 0).
+    margins = figures["margins.png"].axes[1].lines
+    for line, name in zip(margins, names, strict=False):
+        pooled = _per_seed(runs, name, "output_margins").ravel()
+        pooled = np.sort(pooled[np.isfinite(pooled)])  # None (no margin) is NaN
+        np.testing.assert_array_equal(line.get_xdata(), pooled)
+        np.testing.assert_allclose(
+            line.get_ydata(), np.arange(1, pooled.size + 1) / pooled.size
+        )
+    spectral = payload["regularizers"]["spectral"]
+    line = figures["coefficients.png"].axes[0].lines[0]  # the errorbar's data line
+    np.testing.assert_allclose(line.get_xdata(), spectral["grid"])
+    np.testing.assert_allclose(line.get_ydata(), np.mean(spectral["val_acc"], 1))
+    for fig in figures.values():
+        plt.close(fig)
 
 
 def test_report_reprints_the_table_from_the_json(two_seeds, tmp_path):

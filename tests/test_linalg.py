@@ -52,7 +52,11 @@ def test_converged_triple_matches_the_svd(rng, kind):
     k = k.astype(np.float32)
     t = converged(jnp.asarray(k), jnp.asarray(rng.standard_normal(18), jnp.float32))
     _, s, vt = np.linalg.svd(k.astype(np.float64))
-    np.testing.assert_allclose(float(t.sigma), s[0], rtol=1e-3)
+    # Stopped at a 1e-6 entry change, σ errs by ≤ (π²/8)·n·1e-12/((1−r²)²c₁²) with
+    # r = σ₂/σ₁: float32 rounding (~1e-7) dominates. At r = 0.999 the 1000-iteration
+    # cap stops first, leaving ½(1−r²)r⁴⁰⁰⁰tan²θ₀ ≈ 2e-5·tan²θ₀ (up to 8e-4 measured).
+    rtol = 1e-3 if kind == "near_degenerate" else 1e-6
+    np.testing.assert_allclose(float(t.sigma), s[0], rtol=rtol)
     # The triple is self-consistent: K v = σ u up to the convergence error.
     np.testing.assert_allclose(
         k @ np.asarray(t.v), float(t.sigma) * np.asarray(t.u), atol=2e-3

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _numpy_nets import conv_layer, dense, max_pool, relu
 
 from margin_regs.experiments import models
 
@@ -87,7 +88,7 @@ def test_classifier_kernel_maps_last_features_to_logits(name, data):
         params["classifier"]["bias"]
     )
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
-    assert models.logits_fn(model, params)(x).shape == logits.shape
+    np.testing.assert_array_equal(models.logits_fn(model, params)(x), logits)
     mask = models.classifier_mask(params)
     selected = [
         p
@@ -97,19 +98,76 @@ def test_classifier_kernel_maps_last_features_to_logits(name, data):
     assert len(selected) == 1 and selected[0] is kernel
 
 
+def _numpy_forward(name, params, x):
+    """The papers' architectures in float64 NumPy, from the models' docstrings."""
+    p = {
+        k: {n: np.asarray(v, np.float64) for n, v in layer.items()}
+        for k, layer in params.items()
+    }
+    h = np.asarray(x, np.float64)
+    if name.startswith("mlp") or name == "keras_mlp":  # ReLU hidden layers
+        h = h.reshape(len(h), -1)
+        for i in range(sum(k.startswith("hidden_") for k in p)):
+            h = relu(dense(h, p[f"hidden_{i}"]))
+    elif name.startswith("cnn"):  # conv-ReLU, 2×2 max-pool after the first two
+        for i in range(sum(k.startswith("conv_") for k in p)):
+            h = relu(conv_layer(h, p[f"conv_{i}"]))
+            h = max_pool(h) if i < 2 else h
+        h = h.reshape(len(h), -1)
+    else:  # adareg_cnn: conv, pool, ReLU twice (VALID from 16 on), then FC50-ReLU
+        padding = "VALID" if min(h.shape[1:-1]) >= 16 else "SAME"
+        for i in range(2):
+            h = relu(max_pool(conv_layer(h, p[f"conv_{i}"], padding)))
+        h = relu(dense(h.reshape(len(h), -1), p["fc"]))
+    return dense(h, p["classifier"])
+
+
+@pytest.mark.parametrize(
+    ("name", "shape"),
+    [
+        ("mlp", SHAPES["mnist1d"]),
+        ("mlp3", SHAPES["digits"]),
+        ("keras_mlp", SHAPES["digits"]),
+        ("cnn", SHAPES["digits"]),
+        ("cnn", SHAPES["mnist1d"]),
+        ("cnn3", (7, 7, 1)),  # odd sizes: SAME pooling pads 7 → 4 → 2
+        ("adareg_cnn", SHAPES["digits"]),
+        ("adareg_cnn", (16, 16, 1)),  # unpadded: 16 → 12 → 6 → 2 → 1
+    ],
+)
+def test_logits_match_a_numpy_forward_pass(name, shape):
+    model, params, x = _init(name, shape)
+    want = _numpy_forward(name, params, x)
+    got = jax.jit(models.logits_fn(model, params))(x)
+    # float32 sums of up to 800 products: ~1e-6 of the largest logit.
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
 def test_dropout_only_in_training():
     model, params, x = _init("mlp", SHAPES["digits"], dropout_rate=0.5)
     clean = model.apply({"params": params}, x)
     np.testing.assert_array_equal(
         clean, models.make_model("mlp", 10).apply({"params": params}, x)
     )
-    a = model.apply(
-        {"params": params}, x, train=True, rngs={"dropout": jax.random.key(0)}
-    )
-    b = model.apply(
-        {"params": params}, x, train=True, rngs={"dropout": jax.random.key(1)}
-    )
-    assert not jnp.allclose(a, clean) and not jnp.allclose(a, b)
+    seen = []
+
+    def grab(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if isinstance(context.module, nn.Dropout):
+            seen.append((np.asarray(args[0]), np.asarray(out)))
+        return out
+
+    with nn.intercept_methods(grab):
+        model.apply(
+            {"params": params}, x, train=True, rngs={"dropout": jax.random.key(0)}
+        )
+    kept = np.concatenate([out.ravel() != 0 for _, out in seen])
+    for inputs, out in seen:  # inverted dropout: 0 or x / (1 − p)
+        np.testing.assert_allclose(out, np.where(out != 0, 2 * inputs, 0.0), rtol=1e-6)
+    # ReLU outputs that are 0 stay 0 when kept: count only the positive inputs.
+    positive = np.concatenate([inputs.ravel() > 0 for inputs, _ in seen])
+    rate = 1 - kept[positive].mean()
+    assert abs(rate - 0.5) < 5 * np.sqrt(0.25 / positive.sum())
 
 
 def test_unknown_model():
