@@ -748,3 +748,23 @@ def test_integer_leaves_are_never_weights_even_when_a_matmul_reads_them():
 
     dims = infer(fn, params, jnp.ones((2, 4)))
     assert dims == {"w": Dims((0,), (1,)), "table": None}
+
+
+def test_follows_a_slice_that_keeps_every_element():
+    # jax < 0.10 traces ``w[0]`` of a size-1 axis as a whole ``slice`` then a
+    # ``squeeze``: the reader must see through it (found at the jax floor).
+    params = {"w": jnp.arange(12.0).reshape(1, 3, 4)}
+
+    def fn(p, x):
+        return x @ jax.lax.slice(p["w"], (0, 0, 0), (1, 3, 4))[0]
+
+    got = mr.infer_weight_dimension_numbers(fn, params, jnp.ones((2, 3)))
+    assert got["w"] == Dims((1,), (2,))
+
+    # A slice that drops elements is no layout op: the leaf is not read as a weight.
+    def part(p, x):
+        return x @ jax.lax.slice(p["w"], (0, 0, 0), (1, 2, 4))[0]
+
+    assert (
+        mr.infer_weight_dimension_numbers(part, params, jnp.ones((2, 2)))["w"] is None
+    )

@@ -357,11 +357,23 @@ def _slice(view: _View | None) -> _View | None:
     return _View(view.leaf, view.axes[1:], view.sliced | view.axes[0])
 
 
+def _is_whole(eqn: jcore.JaxprEqn) -> bool:
+    """A ``slice`` that keeps every element (jax < 0.10 traces ``x[0]`` of a size-1
+    axis as one, then ``squeeze``)."""
+    p, shape = eqn.params, eqn.invars[0].aval.shape
+    strides = p["strides"] or (1,) * len(shape)
+    return (
+        all(s == 0 for s in p["start_indices"])
+        and tuple(p["limit_indices"]) == tuple(shape)
+        and all(s == 1 for s in strides)
+    )
+
+
 def _reshaped(eqn: jcore.JaxprEqn, view: _View) -> _View | None:
     """The view of a one-operand layout op's output; ``None`` for any other op."""
     name, p = eqn.primitive.name, eqn.params
     axes = view.axes
-    if name in _SAME:
+    if name in _SAME or (name == "slice" and _is_whole(eqn)):
         new = axes
     elif name == "transpose":
         new = tuple(axes[k] for k in p["permutation"])
