@@ -62,6 +62,20 @@ def _primitives_outside_cond(jaxpr, inside=False):
     return found
 
 
+_LAPACK = {"svd", "eigh", "qr", "householder_product", "geqrf", "orgqr"}
+
+
+def _lapack_operands(jaxpr):
+    """The shapes of the operands of every decomposition in ``jaxpr``, recursively."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in _LAPACK:
+            found += [v.aval.shape for v in eqn.invars]
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += _lapack_operands(sub)
+    return found
+
+
 def test_vmapped_adareg_equals_one_by_one_across_resolves():
     # Counts 0, 1, 2 with a period of 3: at every step one member re-solves and
     # the others must keep their precisions.
@@ -98,6 +112,10 @@ def test_vmapped_adareg_equals_one_by_one_across_resolves():
     jaxpr = jax.make_jaxpr(jax.vmap(step))(stack, stack_state).jaxpr
     outside = _primitives_outside_cond(jaxpr)
     assert "svd" not in outside and "qr" not in outside
+    # No decomposition sees a batch: batched CPU LAPACK calls that XLA runs at
+    # once block its thread pool (the deadlock below).
+    shapes = _lapack_operands(jaxpr)
+    assert shapes and all(len(shape) == 2 for shape in shapes)
 
 
 _ENSEMBLE = """

@@ -24,10 +24,28 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-__all__ = ["one_at_a_time", "periodic_cond"]
+__all__ = ["one_at_a_time", "per_matrix", "periodic_cond"]
 
 # ``fn`` under any ``vmap``: a loop over the batch (jax's own sequential rule).
 one_at_a_time = jax.custom_batching.sequential_vmap
+
+
+def per_matrix(fn: Callable[[jax.Array], Any]) -> Callable[[jax.Array], Any]:
+    """``fn`` of one ``(m, n)`` matrix, applied to ``(..., m, n)`` one at a time.
+
+    For LAPACK decompositions (``svd``, ``eigh``, ``qr``): under ``vmap`` too, each
+    call sees one matrix, so none waits on XLA's thread pool. Outputs gain the
+    leading axes of the input.
+    """
+    single = one_at_a_time(fn)
+
+    def apply(x: jax.Array) -> Any:
+        if x.ndim == 2:
+            return single(x)
+        out = jax.vmap(single)(x.reshape(-1, *x.shape[-2:]))
+        return jax.tree.map(lambda o: o.reshape(*x.shape[:-2], *o.shape[1:]), out)
+
+    return apply
 
 
 def _batched(operand: Any, flags: Any, size: int) -> Any:
