@@ -348,11 +348,13 @@ def clipped_inverse(
 
     ``root`` holds the square roots of ``Δ``'s eigenvalues (the singular values of
     a factor of ``Δ``, for AdaReg's sweep); ``root²`` is never formed, since it
-    overflows float32 for kernels ≳ 2⁶⁴. Shared by :func:`inv_threshold` and
+    overflows float32 for kernels ≳ 2⁶⁴ (``m / root / root`` over- or underflows
+    only where the clip takes over). Shared by :func:`inv_threshold` and
     :func:`margin_regs.adareg_update_precisions`.
     """
-    inverse = jnp.sqrt(jnp.asarray(m, root.dtype)) / jnp.where(positive, root, 1)
-    return jnp.clip(jnp.where(positive, inverse * inverse, upper), lower, upper)
+    safe = jnp.where(positive, root, 1)
+    inverse = jnp.asarray(m, root.dtype) / safe / safe
+    return jnp.clip(jnp.where(positive, inverse, upper), lower, upper)
 
 
 def inv_threshold(delta: jax.Array, m: float, lower: float, upper: float) -> jax.Array:
