@@ -2,8 +2,7 @@
 
 A stack ``(12, d, d)`` with ``MuonDimensionNumbers(1, 2)`` is 12 separate matrices
 (per-layer σ, vector and rank-one term), iterated by one batched matvec; the same
-12 layers as separate ``(d, d)`` leaves are grouped by shape and iterated kernel
-by kernel. Both steps add ``coeff · σ u vᵀ`` to the gradient and apply SGD; the
+12 layers as separate ``(d, d)`` leaves are iterated leaf by leaf. Both steps add ``coeff · σ u vᵀ`` to the gradient and apply SGD; the
 printed figures are the median wall time per step over interleaved rounds, and
 XLA's estimate of the bytes each step reads and writes.
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from margin_regs.experiments import bench
@@ -36,7 +37,7 @@ def matmul_stepper(repeats):
 X = jax.random.normal(jax.random.key(0), (N, N)) / math.sqrt(N)
 
 
-def test_measure_recovers_a_known_cost_ratio():
+def test_measure_returns_one_median_ratio_per_case():
     timing = bench.measure(
         matmul_stepper(1),
         matmul_stepper(1),
@@ -47,10 +48,12 @@ def test_measure_recovers_a_known_cost_ratio():
         block_seconds=0.01,
         warmup=1,
     )
-    four, eight = timing.ratios
-    assert 2.0 < four < 8.0 and 4.0 < eight < 16.0 and eight > four
-    assert 0.5 < timing.null < 2.0 and timing.null_spread >= 0
-    assert timing.baseline_seconds > 0 and timing.rounds == 15
+    # Structure and sanity only: wall-clock ratios on a shared machine can land
+    # anywhere (the cost model's test below checks the known 4x and 8x exactly).
+    assert timing.rounds == 15 and len(timing.ratios) == len(timing.spreads) == 2
+    assert timing.ratio == timing.ratios[0]
+    assert all(math.isfinite(r) and r > 0 for r in (*timing.ratios, timing.null))
+    assert timing.null_spread >= 0 and timing.baseline_seconds > 0
 
 
 def test_cost_model_counts_a_known_extra_pass():
@@ -79,15 +82,25 @@ def test_amortised_figures_weigh_the_periodic_step_by_its_period():
     assert bench._costs(counted_with_event, problem) == pytest.approx(costs)
 
 
+def _readme_table():
+    spec = importlib.util.spec_from_file_location(
+        "readme_table", Path(__file__).parents[1] / "benchmarks" / "readme_table.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
 def test_disagreement_uses_the_null_controls_spread():
+    disagreement = _readme_table().disagreement
     # Within the cost model's range, or outside it by less than the noise: agree.
-    assert bench.disagreement(1.10, 1.0, 1.2, 1.0, 0.02) == ""
-    assert bench.disagreement(1.25, 1.0, 1.2, 1.0, 0.08) == ""
+    assert disagreement(1.10, 1.0, 1.2, 1.0, 0.02) == ""
+    assert disagreement(1.25, 1.0, 1.2, 1.0, 0.08) == ""
     # The null's median off 1 widens the tolerance as its spread does.
-    assert bench.disagreement(1.25, 1.0, 1.2, 1.10, 0.02) == ""
-    assert "below" in bench.disagreement(0.80, 1.0, 1.2, 1.0, 0.05)
-    assert "above" in bench.disagreement(3.0, 1.0, 1.2, 1.0, 0.05)
-    assert bench.disagreement(math.nan, 1.0, 1.2, 1.0, 0.05) == ""
+    assert disagreement(1.25, 1.0, 1.2, 1.10, 0.02) == ""
+    assert "below" in disagreement(0.80, 1.0, 1.2, 1.0, 0.05)
+    assert "above" in disagreement(3.0, 1.0, 1.2, 1.0, 0.05)
+    assert disagreement(math.nan, 1.0, 1.2, 1.0, 0.05) == ""
 
 
 def test_registry_selection_and_errors():
@@ -130,6 +143,13 @@ def _trace_steps(model, names):
     carries = []
     for name in names:
         built = bench.CASES[name].build(problem)
+        if isinstance(built, bench.Versus):
+            # the vmapped members' carry, then one member's of the loop
+            vmapped = built.case.step(built.case.carry, problem.x, problem.y)
+            ref = built.reference()
+            looped = ref.step(ref.carry, problem.x, problem.y)
+            carries += [jax.tree.map(lambda a: a[0], vmapped), looped[0]]
+            continue
         steppers = [built] if isinstance(built, bench.Stepper) else built[:2]
         carries += [s.step(s.carry, problem.x, problem.y) for s in steppers]
     return problem.params, carries
@@ -139,11 +159,38 @@ def _trace_steps(model, names):
 def test_every_case_builds_a_step_on_every_model(model):
     names = [n for n in bench._select(["*"]) if model in bench.CASES[n].models]
     params, carries = jax.eval_shape(lambda: _trace_steps(model, names))
-    assert len(carries) == len(names) + 1  # adareg_last_layer times two steps
+    two_steps = {"adareg_last_layer"} | {
+        n for n in names if n.endswith("_ensemble")
+    }  # an amortised case and the ensembles give two carries
+    assert len(carries) == len(names) + len(two_steps)
     for carry in carries:
         # The step returns the parameters it was given, updated: same tree, shapes.
         assert jax.tree.structure(carry[0]) == jax.tree.structure(params)
-        assert jax.tree.map(lambda a, b: a.shape == b.shape, carry[0], params)
+        same = jax.tree.map(lambda a, b: a.shape == b.shape, carry[0], params)
+        assert all(jax.tree.leaves(same))
+
+
+def test_train_step_is_one_sgd_step_and_the_ensemble_its_members():
+    """Values from independent computations: plain SGD by hand, and the vmapped
+    ensemble against its members stepped one by one."""
+    problem = bench.make_problem("mlp", 4, tiny=True)
+    stepper = bench.train_step(problem)
+    grads = jax.grad(problem.loss)(problem.params, problem.x, problem.y)
+    want = jax.tree.map(lambda p, g: p - bench.LEARNING_RATE * g, problem.params, grads)
+    got = stepper.step(stepper.carry, problem.x, problem.y)[0]
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, want
+    )
+    versus = bench.CASES["spectral_norm_regularization_ensemble"].build(problem)
+    vmapped = versus.case.step(versus.case.carry, problem.x, problem.y)
+    ref = versus.reference()
+    looped = ref.step(ref.carry, problem.x, problem.y)
+    for i, member in enumerate(looped):
+        jax.tree.map(
+            lambda a, b, i=i: np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-6),
+            vmapped[0],
+            member[0],
+        )
 
 
 def test_the_scanned_transformer_is_counted_block_by_block():
@@ -203,7 +250,7 @@ def test_a_timed_run_writes_json_that_renders_as_the_readme_table(tmp_path):
     path.write_text(json.dumps(bench.to_json({}, results)))
     back = bench.from_json(json.loads(path.read_text()))
     assert back[0] == timed and math.isnan(back[1].ratio)
-    table = bench.markdown_tables(back)
+    table = _readme_table().markdown_tables(back)
     assert "Batch 4:" in table and "Batch 8:" in table
     assert f"**{timed.ratio:.2f}×**" in table
     assert f"{untimed.flops_ratio:.3f}× / {untimed.bytes_ratio:.3f}×" in table
@@ -211,15 +258,11 @@ def test_a_timed_run_writes_json_that_renders_as_the_readme_table(tmp_path):
 
 
 def test_readme_table_merges_runs_and_replaces_only_its_section(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "readme_table", Path(__file__).parents[1] / "benchmarks" / "readme_table.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    timed = bench.Result("case", "mlp", 128, 1.0, 1.2, 1.5, 0.1, 1.0, 0.05, 2.0, 9, 1)
+    script = _readme_table()
+    timed = bench.Result("case", "mlp", 128, 1.0, 1.2, 1.1, 0.1, 1.0, 0.05, 2.0, 9, 1)
     first, second = tmp_path / "a.json", tmp_path / "b.json"
     first.write_text(json.dumps(bench.to_json({"jax": "x"}, [timed])))
-    replaced = timed._replace(ratio=1.1)
+    replaced = timed._replace(ratio=1.15)
     second.write_text(json.dumps(bench.to_json({}, [replaced])))
     meta, results = script.load([str(first), str(second)])
     assert meta == {"jax": "x"} and results == [replaced]
@@ -231,7 +274,7 @@ def test_readme_table_merges_runs_and_replaces_only_its_section(tmp_path):
     text = readme.read_text()
     assert text.startswith("before\n<!-- bench-table:cpu -->\nGenerated by")
     assert text.endswith("<!-- /bench-table:cpu -->\nafter\n")
-    assert "old" not in text and "**1.50×** · 1.000× / 1.200×" in text
+    assert "old" not in text and "**1.10×** · 1.000× / 1.200×" in text
 
 
 def _parameter_count(model):

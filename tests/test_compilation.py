@@ -12,6 +12,7 @@ plain per-model Python loop gives.
 import collections
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -155,3 +156,94 @@ def test_lax_scan_over_steps_matches_the_python_loop():
     for i in range(n_steps):
         params, state = STEPS[name](params, state, xs[i], ys[i])
     assert_close(final, (params, state))
+
+
+# ------------------------------------------- iteration counts are loops, not unrolled
+
+
+def _n_eqns(jaxpr):
+    """Equations of a jaxpr, those of its sub-jaxprs (loop bodies, branches) included."""
+    return sum(
+        1 + sum(_n_eqns(sub) for sub in jax.extend.core.jaxprs_in_params(e.params))
+        for e in jaxpr.eqns
+    )
+
+
+KERNELS = {
+    "conv": {"kernel": jnp.asarray(rng.standard_normal((3, 3, 2, 4)), jnp.float32)},
+    "dense": {
+        "kernel": jnp.asarray(rng.standard_normal((6, 4)), jnp.float32),
+        "bias": jnp.zeros(4),
+    },
+}
+VECTORS = mr.init_power_iteration(KERNELS, 0)
+CONV_LAYOUT = {"conv": {"kernel": mr.ConvOperator((5, 5, 2))}, "dense": None}
+CONV_VECTORS = mr.init_power_iteration(KERNELS, 0, weight_dimension_numbers=CONV_LAYOUT)
+PENALTIES = {
+    "eigenvalue_decay_penalty": lambda p, n: mr.eigenvalue_decay_penalty(
+        p, n_power_iterations=n
+    ),
+    "spectral_norm_penalty": lambda p, n: mr.spectral_norm_penalty(
+        p, VECTORS, n_power_iterations=n
+    )[0],
+    "spectral_norm_penalty_conv_operator": lambda p, n: mr.spectral_norm_penalty(
+        p, CONV_VECTORS, n_power_iterations=n, weight_dimension_numbers=CONV_LAYOUT
+    )[0],
+}
+
+
+@pytest.mark.parametrize("name", sorted(PENALTIES))
+def test_the_gradients_program_does_not_grow_with_the_iteration_count(name):
+    penalty = PENALTIES[name]
+    sizes = [
+        _n_eqns(jax.make_jaxpr(jax.grad(lambda p, n=n: penalty(p, n)))(KERNELS).jaxpr)
+        for n in (1, 30)
+    ]
+    assert sizes[0] == sizes[1]
+
+
+def _seed_sigma64(k, p):
+    """The seed's σ in float64 numpy: v = (KᵀK)^p 1, sqrt((Mv·v)/(v·v))."""
+    m = k.T @ k
+    v = np.ones(len(m))
+    for _ in range(p):
+        v = m @ v
+        v = v / np.linalg.norm(v)
+    return np.sqrt((m @ v) @ v / (v @ v))
+
+
+def test_seed_penalty_differentiates_through_30_iterations():
+    # Value and gradient against float64 central differences of the numpy seed.
+    k = np.asarray(KERNELS["dense"]["kernel"], np.float64)
+    params = {"w": KERNELS["dense"]["kernel"]}
+    value, grad = jax.value_and_grad(
+        lambda q: mr.eigenvalue_decay_penalty(q, n_power_iterations=30)
+    )(params)
+    np.testing.assert_allclose(value, _seed_sigma64(k, 30), rtol=1e-5)
+    h, want = 1e-6, np.zeros_like(k)
+    for i, j in np.ndindex(*k.shape):
+        e = np.zeros_like(k)
+        e[i, j] = h
+        want[i, j] = (_seed_sigma64(k + e, 30) - _seed_sigma64(k - e, 30)) / (2 * h)
+    np.testing.assert_allclose(grad["w"], want, rtol=1e-4, atol=1e-5)
+
+
+def test_spectral_penalty_after_30_iterations_matches_a_numpy_loop():
+    mask = {"conv": {"kernel": False}, "dense": {"kernel": True, "bias": False}}
+    vectors = mr.init_power_iteration(KERNELS, 0, mask=mask)
+    k = np.asarray(KERNELS["dense"]["kernel"], np.float64)
+    v = np.asarray(vectors["dense"]["kernel"], np.float64)
+    for _ in range(30):
+        u = k @ v / np.linalg.norm(k @ v)
+        v = k.T @ u / np.linalg.norm(k.T @ u)
+    sigma = u @ k @ v
+
+    def penalty(p):
+        return mr.spectral_norm_penalty(p, vectors, n_power_iterations=30, mask=mask)
+
+    (value, state), grad = jax.value_and_grad(penalty, has_aux=True)(KERNELS)
+    np.testing.assert_allclose(value, 0.5 * sigma**2, rtol=1e-5)
+    np.testing.assert_allclose(
+        grad["dense"]["kernel"], sigma * np.outer(u, v), atol=1e-5
+    )
+    np.testing.assert_allclose(state["dense"]["kernel"], v, atol=1e-5)

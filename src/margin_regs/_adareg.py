@@ -1,13 +1,11 @@
 """AdaReg: a matrix-normal prior on weight matrices with learned Kronecker precisions.
 
 Zhao et al. 2019 place the prior ``W ~ MN(0, Σ_r, Σ_c)`` on a weight matrix and
-learn its precisions with the weights, by block coordinate descent (Alg. 1):
-gradient steps on the weights with the penalty ``tr(Ω_in K Ω_out Kᵀ)`` for fixed
-precisions, then each precision in closed form by INVTHRESHOLD
-(:func:`~margin_regs.inv_threshold`, here read off SVDs of the factors).
-With ``K = as_matrix(kernel)`` of shape ``(d, p) = (fan_in, fan_out)`` (the paper's
-``W`` is ``Kᵀ``, its ``Ω_r`` our ``Ω_out``, its ``Ω_c`` our ``Ω_in``), the
-precisions minimise the prior's negative log-density (eq. 4, 8–9)::
+learn its precisions with the weights by block coordinate descent (Alg. 1):
+gradient steps on the weights with the penalty ``tr(Ω_in K Ω_out Kᵀ)``, then each
+precision in closed form by INVTHRESHOLD. With ``K`` of shape
+``(d, p) = (fan_in, fan_out)`` (the paper's ``W`` is ``Kᵀ``, its ``Ω_r`` our
+``Ω_out``, its ``Ω_c`` our ``Ω_in``), the precisions minimise (eq. 4, 8–9)::
 
     tr(Ω_in K Ω_out Kᵀ) − d log det Ω_out − p log det Ω_in
     over  lower·I ⪯ Ω_out ⪯ upper·I,  lower·I ⪯ Ω_in ⪯ upper·I
@@ -17,62 +15,37 @@ one block at a time, output side first (Alg. 1, lines 3–4)::
     Ω_out ← INVTHRESHOLD(Kᵀ Ω_in K, d, lower, upper)        (p × p)
     Ω_in  ← INVTHRESHOLD(K Ω_out Kᵀ, p, lower, upper)       (d × d)
 
-**Where the authors' PyTorch code differs.** It solves the input side first and
-weights each log-determinant by the precision's *own* dimension (``m = d`` for
-``Ω_in``, ``m = p`` for ``Ω_out``): it minimises
-``tr(Ω_in K Ω_out Kᵀ) − p log det Ω_out − d log det Ω_in``, which is not the
-matrix-normal density (its normaliser is ``det Σ_r^{d/2} det Σ_c^{p/2}``,
-footnote 2). For the same other factor and before clipping, its ``Ω_out`` is
-``p/d`` times the paper's and its ``Ω_in`` ``d/p`` times (1/39.2 and 39.2 for a
-392 × 10 softmax layer), and the penalty right after such a solve is off by the
-same factor. Both orders, though, end a sweep with a solve whose ``m`` is ``p``,
-and that solve absorbs the other factor's scale: for a full-column-rank ``K``
-(fan_in ≥ fan_out, as a softmax layer) the gradient after a sweep is
-``2·coeff·p·K(KᵀK)⁻¹``, the gradient of ``coeff·p·log det(KᵀK)`` (the log-volume
-of §3.2), whatever ``Ω_out`` is, wherever ``Ω_in``'s eigenvalues on the range of
-``K`` are not clipped. In float64 checks (40 × 5, 392 × 10 and 10 × 392 kernels,
-bounds 1e-3…1e3, 1–5 sweeps from identities) penalty and gradient after each full
-sweep agreed between the two to 1e-9 while the factors themselves differed by up
-to 10⁶ (``Ω_out`` at 1e3 here, at 1e-3 there). The training signal is the same;
-the learned covariances (the paper's Fig. 8) are not. This module implements the
-paper.
+The authors' PyTorch code solves the input side first and weights each
+log-determinant by the precision's own dimension, which is not the matrix-normal
+density; after a full sweep both give the same penalty and gradient (checked to
+1e-9 in float64), not the same factors. This module implements the paper.
 
-**Which layers.** The paper applies AdaReg to the last (softmax) layer in all its
-experiments and found that best in its ablation (appendix B.3: all layers, conv
-only, FC only, last only); select it with a mask, e.g.
-``mask=mask_by_path(r"Dense_2/kernel$")``. Hidden layers cost, per kernel, two
-SVDs of ``d × p`` matrices with full bases at each re-solve and
-``2 (d²p + dp²)`` multiply-adds per step for ``Ω_in K Ω_out`` in the precisions'
-eigenbases (a 1024 × 1024 layer: 4·10⁹ a step, more than the layer's own forward
-and backward pass at batch 1024). Conv kernels ``(kh, kw, in, out)`` are viewed as
-``(kh·kw·in, out)`` (appendix B.3).
+The paper applies AdaReg to the last (softmax) layer (its appendix B.3 found that
+best); a hidden ``d × p`` layer costs ``2 (d²p + dp²)`` multiply-adds per step
+and two SVDs per re-solve. Conv kernels are viewed as ``(kh·kw·in, out)``.
 
-**Float32.** A re-solve leaves ``Ω_in`` of a ``d > p`` kernel at ``upper`` on the
-``d − p`` directions ``K`` does not reach and near ``p / σ²`` on its range. Dense,
-``Ω_in K`` multiplies the rounding noise of ``K``'s component on those directions
-(zero in exact arithmetic) by ``upper``: relative errors of 2e-2 to 0.5 on
-392 × 10 and 500 × 10 kernels at ``[1e-3, 1e3]``. :class:`AdaRegPrecisions` keeps
-eigenbases instead and rotates only the kernel's change since the re-solve (the
-same on ``Ω_out`` when ``d < p``); penalty, gradient and precisions stay within
-1e-5 (measured ≤ 2.2e-6) of float64 Alg. 1 on those shapes.
+**Float32.** After a re-solve ``Ω_in`` of a ``d > p`` kernel holds ``upper`` on
+the directions ``K`` does not reach; dense, ``Ω_in K`` would multiply the rounding
+noise of ``K`` there by ``upper``. :class:`AdaRegPrecisions` keeps eigenbases and
+rotates only the kernel's change since the re-solve: penalty, gradient and
+precisions stay within 1e-5 of float64 Alg. 1.
 
-**CPU threads.** On the CPU, ``jnp.linalg.svd`` runs LAPACK from OpenBLAS, whose
-worker threads compete with XLA's own and can slow a re-solve several-fold. On
-small or shared CPUs set ``OPENBLAS_NUM_THREADS=1`` in the environment before Python
-starts (numpy and scipy read it when they load); ``benchmarks/adareg.py`` measures
-both settings, and the README's Overhead section has the figures.
+**CPU.** SVDs run one matrix at a time (two batched LAPACK calls at once can
+deadlock XLA's CPU thread pool, :mod:`margin_regs._batching`). OpenBLAS's threads
+compete with XLA's: on small or shared CPUs set ``OPENBLAS_NUM_THREADS=1`` before
+Python starts (``benchmarks/adareg.py`` measures both).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from margin_regs import _common, _layouts, _tree
+from margin_regs import _batching, _common, _layouts, _tree, linalg
+from margin_regs._numerics import rescaled
 
 __all__ = [
     "AdaRegPrecisions",
@@ -239,16 +212,13 @@ def _prior_jvp(primals, tangents):
 
 
 def _inverse_clipped(s, scale, m, n, lower, upper):
-    """``clip(m / (scale·s)², lower, upper)`` padded with ``upper`` to length n.
+    """INVTHRESHOLD's eigenvalues from ``s``, padded with ``upper`` to length n.
 
-    ``s``: singular values of a matrix divided by ``scale``, descending; those at
-    the noise floor count as zero. Returns the values and the nonzero mask, never
-    forming ``(scale·s)²``, which overflows float32 for kernels ≳ 2⁶⁴.
+    ``s``: singular values of a factor divided by ``scale``, descending; those at
+    the noise floor count as zero. Returns the values and the nonzero mask.
     """
-    eps = jnp.finfo(s.dtype).eps
-    positive = s > _NOISE * eps * s[..., :1]
-    root = jnp.sqrt(jnp.asarray(m, s.dtype)) / (scale * jnp.where(positive, s, 1))
-    values = jnp.clip(jnp.where(positive, root * root, upper), lower, upper)
+    positive = s > _NOISE * jnp.finfo(s.dtype).eps * s[..., :1]
+    values = linalg.clipped_inverse(scale * s, positive, m, lower, upper)
     pad = [(0, 0)] * (s.ndim - 1) + [(0, n - s.shape[-1])]
     return (
         jnp.pad(values, pad, constant_values=upper).astype(s.dtype),
@@ -276,7 +246,7 @@ def _complete(u: jax.Array) -> jax.Array:
 
 
 def _sweep(k: jax.Array, f: AdaRegPrecisions, lower, upper) -> AdaRegPrecisions:
-    """Alg. 1, lines 3–4, on ``(n, d, p)`` kernels, by SVDs of the factors.
+    """Alg. 1, lines 3–4, on a ``(d, p)`` kernel, by SVDs of the factors.
 
     ``Ω_out ← INVTHRESHOLD(Kᵀ Ω_in K, d)`` is read off the SVD of ``Ω_in^½ K`` and
     ``Ω_in ← INVTHRESHOLD(K Ω_out Kᵀ, p)`` off that of ``K Ω_out^½``: never a Gram
@@ -285,14 +255,12 @@ def _sweep(k: jax.Array, f: AdaRegPrecisions, lower, upper) -> AdaRegPrecisions:
     folded into the eigenvalues.
     """
     d, p = k.shape[-2:]
-    top = jnp.max(jnp.abs(k), axis=(-2, -1), keepdims=True)
-    exponent = jnp.frexp(jnp.where(top > 0, top, 1))[1]
-    scale = jnp.ldexp(jnp.ones_like(top), exponent)
+    k_unit, scale = rescaled(k)
     unit = f._replace(anchor=f.anchor / scale, rotated=f.rotated / scale)
     # Ω_in^½ K in Ω_in's eigenbasis: the rotation on the left keeps its right
     # singular vectors, which are Ω_out's eigenvectors.
     half_in = jnp.sqrt(f.values_in)[..., :, None] * (
-        _rotate(k / scale, unit) @ _mT(f.basis_out)
+        _rotate(k_unit, unit) @ _mT(f.basis_out)
     )
     _, s_out, vh = jnp.linalg.svd(half_in, full_matrices=False)
     basis_out = _complete(_mT(vh))
@@ -301,7 +269,7 @@ def _sweep(k: jax.Array, f: AdaRegPrecisions, lower, upper) -> AdaRegPrecisions:
     )
     # K Ω_out^½; the columns on K's null space are exactly zero in exact arithmetic.
     weights = jnp.sqrt(jnp.where(positive_out, values_out, 0))
-    half_out = ((k / scale) @ basis_out) * weights[..., None, :]
+    half_out = (k_unit @ basis_out) * weights[..., None, :]
     u, s_in, _ = jnp.linalg.svd(half_out, full_matrices=False)
     basis_in = _complete(u)
     values_in, positive_in = _inverse_clipped(s_in, scale[..., 0], p, d, lower, upper)
@@ -377,49 +345,37 @@ def _factors(kernels: list, treedef: Any, precisions: Any) -> list[AdaRegPrecisi
     )
 
 
-def _unbatch(k: jax.Array, f: AdaRegPrecisions) -> tuple[jax.Array, Any]:
-    batch = k.ndim - 2
-    return k.reshape(-1, *k.shape[-2:]), jax.tree.map(
-        lambda x: x.reshape(-1, *x.shape[batch:]), f
-    )
-
-
 def _guarded(k: jax.Array, old: AdaRegPrecisions, new: AdaRegPrecisions) -> Any:
     # A non-finite kernel (a diverged step) keeps its old precisions, so one bad
     # step cannot leave NaN in the optimizer state for good.
-    finite = jnp.all(jnp.isfinite(k), axis=(-2, -1))
+    finite = jnp.all(jnp.isfinite(k))
     for x in new:
-        finite &= jnp.all(jnp.isfinite(x.reshape(len(k), -1)), axis=-1)
-    return jax.tree.map(
-        lambda a, b: jnp.where(finite.reshape(-1, *[1] * (a.ndim - 1)), a, b), new, old
-    )
+        finite &= jnp.all(jnp.isfinite(x))
+    return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+
+@_batching.one_at_a_time
+def _sweep_one(k: jax.Array, f: AdaRegPrecisions, lower, upper) -> AdaRegPrecisions:
+    """:func:`_sweep` of one ``(d, p)`` matrix, guarded; a loop under ``vmap``.
+
+    A batch of matrices goes through LAPACK one at a time: two batched SVDs that
+    XLA runs at once can deadlock its CPU thread pool (see ``_batching``).
+    """
+    return _guarded(k, f, _sweep(k, f, lower, upper))
 
 
 def _solve(kernels: list, factors: list, lower: Any, upper: Any) -> list:
-    """One sweep for every kernel.
-
-    Same-shaped matrices, batch slices included, share one batched SVD per side.
-    """
-    new = list(factors)
-    groups: dict[tuple, list[int]] = {}
-    for i, k in enumerate(kernels):
-        groups.setdefault((k.shape[-2:], k.dtype), []).append(i)
-    for indices in groups.values():
-        flat = [_unbatch(kernels[i], factors[i]) for i in indices]
-        stack = jnp.concatenate([k for k, _ in flat])
-        old = jax.tree.map(lambda *xs: jnp.concatenate(xs), *[f for _, f in flat])
-        solved = _guarded(stack, old, _sweep(stack, old, lower, upper))
-        start = 0
-        for i, (k, _) in zip(indices, flat, strict=True):
-            new[i] = jax.tree.map(
-                functools.partial(_take, start=start, n=len(k)), solved, factors[i]
-            )
-            start += len(k)
+    """One sweep for every kernel, each matrix of a batched layout on its own."""
+    new = []
+    for k, f in zip(kernels, factors, strict=True):
+        d, p = k.shape[-2:]
+        flat = jax.tree.map(lambda x, n=k.ndim - 2: x.reshape(-1, *x.shape[n:]), f)
+        bounds = jnp.asarray(lower, k.dtype), jnp.asarray(upper, k.dtype)
+        solved = jax.vmap(_sweep_one, in_axes=(0, 0, None, None))(
+            k.reshape(-1, d, p), flat, *bounds
+        )
+        new.append(jax.tree.map(lambda x, like: x.reshape(like.shape), solved, f))
     return new
-
-
-def _take(x: jax.Array, like: jax.Array, *, start: int, n: int) -> jax.Array:
-    return x[start : start + n].reshape(like.shape)
 
 
 def _init(params: Any, layouts: Any, fn: str) -> AdaRegPrecisions:
@@ -531,8 +487,9 @@ def adareg_update_precisions(
     The eigenpairs come from SVDs of ``Ω_in^½ K`` and ``K Ω_out^½`` (not from the
     Gram matrices, whose small eigenvalues float32 loses), after dividing ``K`` by
     a power of two near ``max |K|``; singular values below ``8 · eps`` times the
-    largest count as zero (their precision is ``upper``). Same-shaped kernels share
-    one batched SVD. A kernel with non-finite entries keeps its old precisions.
+    largest count as zero (their precision is ``upper``). Matrices go through
+    LAPACK one at a time (batched CPU SVDs can deadlock XLA's thread pool). A
+    kernel with non-finite entries keeps its old precisions.
 
     Args:
       params: a pytree of parameters.
@@ -579,83 +536,45 @@ def adareg(
 
     For each selected kernel ``K`` (viewed as ``(fan_in, fan_out)``)::
 
-        g ← g + 2 · coeff · Ω_in K Ω_out          (the gradient of coeff · tr(Ω_in K Ω_out Kᵀ))
+        g ← g + 2 · coeff · Ω_in K Ω_out     (the gradient of coeff · tr(Ω_in K Ω_out Kᵀ))
 
-    The precisions start at the identity (so AdaReg starts as L2 with weight
-    ``coeff``) and follow Alg. 1's outer loop: at every step whose count is a
-    positive multiple of ``update_every``, *before* the gradient term, they are
-    re-solved from the params passed to ``update`` (the weights after
-    ``update_every`` steps at fixed precisions) by
-    :func:`adareg_update_precisions`; that step and the next ``update_every − 1``
-    use them. The re-solve runs under ``lax.cond``, so other steps skip the SVDs.
-    The term is computed from factored precisions (:class:`AdaRegPrecisions`):
-    float32 stays within 1e-5 of float64 Alg. 1 whichever side is ill-conditioned.
+    The precisions start at the identity (AdaReg starts as L2 with weight ``coeff``)
+    and at every step whose count is a positive multiple of ``update_every`` are
+    re-solved from ``params`` before the term (:func:`adareg_update_precisions`,
+    Alg. 1's outer loop). The re-solve is a real branch, under ``jax.vmap`` too (an
+    ensemble re-solves when any member is due, the others keep their precisions),
+    so the other steps skip the SVDs. The default period, 500 steps, is the paper's
+    inner block (30–50 epochs of 600–6,000 samples at batch 256).
 
-    The default period, 500 steps, is the paper's inner block in steps: it trains
-    30–50 epochs per outer loop on training sets of 600–6,000 samples at batch 256,
-    i.e. 150–1,200 steps (Fig. 3; the authors' code: 30 epochs); 500 steps is about
-    one MNIST epoch at batch 128 and 16 epochs of MNIST-1D.
-
-    **Default bounds.** The added term is linear in ``K`` with curvature (the
-    largest eigenvalue of ``2 · coeff · Ω_out ⊗ Ω_in``) up to ``2 · coeff ·
-    upper²``, reached whenever both precisions hit ``upper`` (which a re-solve
-    does on a classifier kernel: ``Ω_in`` on the directions ``K`` does not reach,
-    ``Ω_out`` when ``d/σ² > upper``). Plain SGD at learning rate ``lr`` is stable
-    on that term iff ``lr · 2 · coeff · upper² < 2``, i.e. ``coeff · lr <
-    1 / upper²``; heavy-ball momentum β relaxes it to ``(1 + β) / upper²``,
-    Nesterov momentum (``nesterov=True``) only to ``(1 + β) / ((1 + 2β) upper²)``
-    (0.68 / upper² at β = 0.9). The paper sets ``lower · upper = 1`` (u·v = 1,
-    eq. 4; "only for the ease of presentation", footnote 3), which keeps the
-    prior's identity start in the middle of the box; the defaults keep that
-    reading with ``upper = 10``: stable for ``coeff · lr < 1e-2``, a margin of 20
-    over ``coeff = 0.01, lr = 0.05`` and of 10⁴ over the authors' ``coeff = 1e-4``
-    at ``lr = 0.01``, while leaving the precisions two decades to adapt in. The
-    former default box ``[1e-3, 1e3]`` needs ``coeff · lr < 1e-6`` (it reached NaN
-    with ``coeff = 0.01, lr = 0.05`` on a 2 × 3 least squares problem, and with
-    ``coeff = 1e-4`` at Nesterov rate 0.05 on the classifier of ``margin-regs
-    reproduce zhao-fig2``: a re-solve gives ``upper`` again to the directions
-    where a grown kernel is small, so the mode keeps growing). Pass a wider box
-    with a matching step size.
+    **Stability.** The term's curvature reaches ``2 · coeff · upper²``: SGD at rate
+    ``lr`` needs ``coeff · lr < 1 / upper²`` (heavy-ball β: ``(1 + β) / upper²``;
+    Nesterov: ``(1 + β) / ((1 + 2β) upper²)``). The default box ``[0.1, 10]`` keeps
+    the paper's ``lower · upper = 1`` and is stable for ``coeff · lr < 1e-2``; the
+    former ``[1e-3, 1e3]`` needed ``coeff · lr < 1e-6`` (and diverged on
+    ``margin-regs reproduce zhao-fig2``). Pass a wider box with a smaller step.
 
     Args:
-      coeff: the penalty's weight (the paper's λ, the authors' ``rho``, 1e-4 by
-        default there): a float, array or an optax schedule evaluated at the count.
+      coeff: the paper's λ: a float, an array or an optax schedule of the count.
       lower: lower eigenvalue bound of the precisions (the paper's ``u``), > 0.
-      upper: upper eigenvalue bound (the paper's ``v``), ≥ ``lower``; any box
-        works, ``lower · upper = 1`` is the paper's.
-      update_every: a Python int ≥ 1, the re-solve period in steps.
-      mask: which leaves to regularize (pytree of bools or callable, as in
-        ``optax.masked``); default: the weight matrices (``ndim >= 2``, not named
-        ``bias``, ``scale`` or ``embedding``). The paper regularizes the last layer
-        only: ``mask=mask_by_path(r"Dense_2/kernel$")``.
-      weight_dimension_numbers: which matrix each leaf is, as for
-        :func:`init_adareg_precisions`. Under ``optax.inject_hyperparams``, put
-        ``update_every``, a callable ``mask`` and ``weight_dimension_numbers`` in
-        ``static_args``.
+      upper: upper eigenvalue bound (the paper's ``v``), ≥ ``lower``.
+      update_every: the re-solve period, a Python int ≥ 1 (static under
+        ``optax.inject_hyperparams``, as are a callable ``mask`` and the layouts).
+      mask: which leaves (``docs/guides/layouts.md``); the paper regularizes the
+        last layer: ``mask=mask_by_path(r"Dense_2/kernel$")``.
+      weight_dimension_numbers: each leaf's matrix (``docs/guides/layouts.md``).
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` whose state holds an
-      :class:`AdaRegState`; ``update`` needs ``params``.
+      An ``optax.GradientTransformationExtraArgs`` holding an :class:`AdaRegState`;
+      ``update`` needs ``params``.
 
     Example:
-      >>> import jax
       >>> import jax.numpy as jnp
-      >>> import optax
       >>> import margin_regs as mr
-      >>> params = {"Dense_0": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)},
-      ...           "Dense_1": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
-      >>> tx = optax.chain(
-      ...     mr.adareg(0.5, update_every=100, mask=mr.mask_by_path("Dense_1")),
-      ...     optax.sgd(0.1),
-      ... )
-      >>> grads = jax.tree.map(jnp.zeros_like, params)
-      >>> updates, state = tx.update(grads, tx.init(params), params)
-      >>> print(updates["Dense_1"]["kernel"])   # −0.1 · 2 · 0.5 · K
-      [[-0.1 -0.1]
-       [-0.1 -0.1]
-       [-0.1 -0.1]]
-      >>> float(jnp.abs(updates["Dense_0"]["kernel"]).max())
-      0.0
+      >>> params = {"w": jnp.ones((3, 2))}
+      >>> tx = mr.adareg(0.5, update_every=100)
+      >>> updates, _ = tx.update({"w": jnp.zeros((3, 2))}, tx.init(params), params)
+      >>> updates["w"].tolist()   # 2 · 0.5 · K
+      [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]
 
     References:
       Zhao, Tsai, Salakhutdinov & Gordon, "Learning Neural Networks with Adaptive
@@ -672,10 +591,11 @@ def adareg(
         kernels, treedef = _matrices(params, layouts, "adareg")
         factors = _factors(kernels, treedef, state.precisions)
         resolve = (state.count > 0) & (state.count % update_every == 0)
-        factors = jax.lax.cond(
+        # a real branch under vmap too: the SVDs run only on re-solve steps
+        _, factors = _batching.periodic_cond(
             resolve,
-            lambda: _solve(kernels, factors, lower, upper),
-            lambda: factors,
+            lambda kf: (kf[0], _solve(*kf, lower, upper)),
+            (kernels, factors),
         )
         c = _common.coeff_at(coeff, state.count)
         _, _, ops, _ = _layouts.flatten_selected(params, layouts)

@@ -20,6 +20,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from margin_regs import _batching, _krylov
+from margin_regs._numerics import rescaled
+
 __all__ = ["ConvLinearOperator", "ConvOperator"]
 
 # The letters of the spatial axes, by spatial rank (flax's channels-last names).
@@ -37,12 +40,9 @@ class ConvOperator:
     rhs_dilation=rhs_dilation, feature_group_count=feature_group_count,
     dimension_numbers=dimension_numbers)[0]``: a linear map from inputs of
     ``input_shape`` to outputs of one sample, whose σ is the operator norm (the
-    layer's Lipschitz constant), not the σ of the reshaped kernel. A frozen,
-    hashable dataclass, so a pytree *leaf*: pass it where ``weight_dimension_numbers``
-    takes a layout. Arguments are normalised: ints become per-axis tuples, explicit
-    padding a tuple of ``(lo, hi)`` pairs, and ``dimension_numbers`` (strings or a
-    ``lax.ConvDimensionNumbers``) a canonical string triple, so two specs of the
-    same operator compare equal.
+    layer's Lipschitz constant), not the σ of the reshaped kernel. A hashable
+    pytree *leaf*, passed where ``weight_dimension_numbers`` takes a layout;
+    arguments are normalised, so two specs of the same operator compare equal.
 
     Args:
       input_shape: one sample's shape in the lhs layout, channels included, no batch
@@ -61,9 +61,8 @@ class ConvOperator:
         ``"NHWC"`` or ``"NDHWC"``).
 
     Raises:
-      ValueError: naming the argument, for a non-positive or mis-sized shape, stride
-        or dilation, an unknown padding, dimension numbers of the wrong rank or with
-        bad letters, or input channels not divisible by ``feature_group_count``.
+      ValueError: naming the argument, for any value out of range or of the wrong
+        rank, or input channels not divisible by ``feature_group_count``.
 
     Example:
       >>> import margin_regs as mr
@@ -281,14 +280,12 @@ class ConvLinearOperator:
         ``t`` that land inside the (unpadded) input, so its sum is ``‖A‖_F²``: padding
         and strides counted exactly, without the spectrum (the stable rank
         ``‖A‖_F² / σ₁²`` needs only the top singular value besides). Computed on
-        ``K / max|K|`` and rescaled, so it neither under- nor overflows where the
-        norm itself is a float32.
+        ``K`` divided by a power of two near ``max|K|`` and rescaled, so it neither
+        under- nor overflows where the norm itself is a float32.
         """
-        k = jnp.asarray(kernel, jnp.float32)
-        scale = jnp.max(jnp.abs(k))
-        safe = jnp.where(scale > 0, scale, 1.0)  # a zero kernel has norm 0, not NaN
+        unit, scale = rescaled(jnp.asarray(kernel, jnp.float32))
         ones = jnp.ones((1, *self.in_shape), jnp.float32)
-        return jnp.sqrt(jnp.sum(self._conv(ones, jnp.square(k / safe)))) * safe
+        return jnp.sqrt(jnp.sum(self._conv(ones, jnp.square(unit)))) * scale.reshape(())
 
     def stable_rank(self, kernel: jax.Array) -> jax.Array:
         """``‖A‖_F² / σ₁²``, in ``[1, rank A]``; 0 for the zero kernel.
@@ -328,21 +325,14 @@ class ConvLinearOperator:
         """The operator's singular values, descending: all of them, or the top ``k``.
 
         ``"dense"``: the ``(n, m)`` operator matrix (the convolution of every basis
-        input, ``n = prod(in_shape)``, ``m = prod(out_shape)``) and its SVD; exact
-        to float32, ``O(n m min(n, m))``; always used for ``k=None``.
-        ``"krylov"``: restarted block Krylov (block Lanczos) iteration on ``AᵀA``
-        with Rayleigh-Ritz, matrix-free (a block of ``k + 8`` vectors, 8 products per
-        round), until no Ritz value moves by more than ``tol · σ₁²`` in a round.
-        Krylov rather than plain power/subspace iteration because a convolution's top
-        singular values cluster (they sample ``|K̂(ω)|`` near its maximum), where
-        power iteration converges like ``1/t`` and Krylov like ``1/t²``; not the FFT
-        (Sedghi et al. 2019), which is exact only for circular padding and for SAME
-        or VALID zero padding gives the values of a different operator. ``"auto"``:
-        dense when its SVD is cheap (``n · m · min(n, m) ≤ 2³⁰``) or ``k`` is None,
-        else Krylov. The kernel is
-        rescaled by ``max|K|`` first, so tiny or huge kernels neither under- nor
-        overflow. Not differentiable (a ``while_loop``): gradients come from the
-        persisted power iteration.
+        input, ``n = prod(in_shape)``, ``m = prod(out_shape)``) and its SVD, exact to
+        float32; always used for ``k=None``. ``"krylov"``: restarted block Krylov
+        iteration on ``AᵀA`` (:mod:`margin_regs._krylov`), matrix-free, until no
+        Ritz value moves by more than ``tol · σ₁²`` in a round; not the FFT (Sedghi
+        et al. 2019), exact only for circular padding. ``"auto"``: dense when its SVD
+        is cheap (``n · m · min(n, m) ≤ 2³⁰``), else Krylov. The kernel is rescaled
+        first, so tiny or huge kernels neither under- nor overflow. Not
+        differentiable: gradients come from the persisted power iteration.
 
         Args:
           kernel: the kernel, of ``kernel_shape``.
@@ -368,9 +358,8 @@ class ConvLinearOperator:
           True
 
         References:
-          Musco & Musco, "Randomized Block Krylov Methods for Stronger and Faster
-          Approximate Singular Value Decomposition", 2015; Sedghi, Gupta & Long,
-          "The Singular Values of Convolutional Layers", 2019.
+          Musco & Musco, "Randomized Block Krylov Methods...", 2015; Sedghi, Gupta &
+          Long, "The Singular Values of Convolutional Layers", 2019.
         """
         n, m = math.prod(self.in_shape), math.prod(self.out_shape)
         if k is not None and (not _is_int(k) or not 1 <= k <= min(n, m)):
@@ -410,12 +399,9 @@ class ConvLinearOperator:
     ) -> tuple[jax.Array, jax.Array]:
         """The top ``k`` (or all) singular values, and the ``(n, k)`` right vectors."""
         n, m = math.prod(self.in_shape), math.prod(self.out_shape)
-        kernel = jnp.asarray(kernel, jnp.float32)
-        scale = jnp.max(jnp.abs(kernel))
-        safe = jnp.where(scale > 0, scale, 1.0)  # the zero kernel: σ = 0, not NaN
-        unit = kernel / safe
-        block = min(n, (k or 0) + _OVERSAMPLE)
-        depth = min(_KRYLOV_DEPTH, n // block - 1)
+        unit, safe = rescaled(jnp.asarray(kernel, jnp.float32))
+        safe = safe.reshape(())
+        block, depth = _krylov.block_and_depth(n, k)
         dense = k is None or method == "dense" or depth < 1
         if method == "auto" and _dense_is_cheap(n, m):
             dense = True
@@ -423,15 +409,19 @@ class ConvLinearOperator:
             basis = jnp.eye(n, dtype=jnp.float32).reshape(n, *self.in_shape)
             # Row j is A e_j: the matrix is Aᵀ, whose left vectors are A's right ones.
             matrix = self.matvec(unit, basis).reshape(n, m)
-            vectors, sigma, _ = jnp.linalg.svd(matrix, full_matrices=False)
+            vectors, sigma, _ = _svd(matrix)
             return sigma[:k] * safe, vectors[:, :k]
 
         def gram(x: jax.Array) -> jax.Array:
             xs = x.T.reshape(-1, *self.in_shape)
             return self.rmatvec(unit, self.matvec(unit, xs)).reshape(-1, n).T
 
-        theta, vectors = _block_krylov(gram, n, k, block, depth, tol, rounds)
+        theta, vectors = _krylov.block_krylov(gram, n, k, block, depth, tol, rounds)
         return jnp.sqrt(jnp.maximum(theta, 0.0)) * safe, vectors
+
+
+# One matrix per LAPACK call under vmap too (margin_regs._batching).
+_svd = _batching.per_matrix(lambda m: jnp.linalg.svd(m, full_matrices=False))
 
 
 # Compiled once per operator: init_power_iteration calls it outside any jit.
@@ -441,10 +431,6 @@ def _top_right_singular_vector(op: ConvLinearOperator, kernel: jax.Array) -> jax
     return vectors[:, 0].reshape(op.in_shape)
 
 
-# Krylov parameters: extra block vectors beyond k (so the k-th value converges at
-# the rate set by the gap to the (k+8)-th), and blocks per round.
-_OVERSAMPLE = 8
-_KRYLOV_DEPTH = 8
 # The cost n·m·min(n, m) of the largest dense SVD taken when Krylov would do: about
 # 1 GFLOP, a fraction of a second on a CPU (a 1024 x 1024 operator).
 _DENSE_FLOPS = 2**30
@@ -453,97 +439,10 @@ _DENSE_FLOPS = 2**30
 _SPECTRUM_TOP_K = 64
 # The largest operator whose full spectrum (k=None) is computed at all: 1 GiB.
 _DENSE_MAX_ENTRIES = 2**28
-# Directions whose Gram eigenvalue is below this fraction of the largest are
-# (numerically) spanned by the others: within a new block (whose condition number
-# two orthonormalisation passes repair up to ~1e3) and in the whole basis (whose
-# columns are orthonormal or zero by then).
-_BLOCK_THRESHOLD = 1e-6
-_SPAN_THRESHOLD = 1e-3
 
 
 def _dense_is_cheap(n: int, m: int) -> bool:
     return n * m * min(n, m) <= _DENSE_FLOPS
-
-
-def _whitener(w: jax.Array, threshold: float) -> jax.Array:
-    """``W`` with ``w @ W`` orthonormal on ``w``'s span, zero columns elsewhere.
-
-    From the eigendecomposition of the small Gram matrix ``wᵀw`` (the square of
-    ``w``'s singular values): directions below ``threshold`` times the largest are
-    taken as not spanned and dropped, so a rank-deficient ``w`` gives zero columns
-    rather than the arbitrary ones a QR would. A Gram eigensolve instead of XLA's
-    Householder QR, which on a CPU costs 50 ms for a ``(6272, 9)`` block.
-    """
-    values, vectors = jnp.linalg.eigh(w.T @ w)
-    keep = values > threshold * values[-1]
-    return vectors * jnp.where(keep, lax.rsqrt(jnp.where(keep, values, 1.0)), 0.0)
-
-
-def _orthonormal(w: jax.Array, basis: jax.Array) -> jax.Array:
-    """Orthonormal (or zero) columns spanning ``w``'s components off ``basis``.
-
-    Projects and orthonormalises twice ("twice is enough", Parlett; CholeskyQR2),
-    so rounding leaves no component along ``basis`` and the columns orthonormal.
-    """
-    for _ in range(2):
-        w = w - basis @ (basis.T @ w)
-        w = w @ _whitener(w, _BLOCK_THRESHOLD)
-    return w
-
-
-def _block_krylov(
-    gram, n: int, k: int, block: int, depth: int, tol: float, max_rounds: int
-) -> jax.Array:
-    """The top ``k`` eigenpairs of the PSD ``gram`` on ``R^n``: ``(k,)``, ``(n, k)``.
-
-    Each round builds the block Krylov basis ``[V, GV, …, G^depth V]`` (orthonormal),
-    takes the Ritz pairs of ``G`` on it, and restarts from the top ``block`` Ritz
-    vectors; Ritz values only grow across rounds (the restart vectors stay in the
-    next basis), so a round that moves none of the top ``k`` by more than
-    ``tol · θ₁`` has converged; the ``block - k`` extra vectors only speed it up.
-    """
-    start = jax.random.normal(jax.random.key(0), (n, block), jnp.float32)
-
-    def one_round(v: jax.Array) -> tuple[jax.Array, jax.Array]:
-        # One buffer for the whole basis (unfilled columns are zero, which the
-        # projections ignore), filled by a fori_loop: compiles once, whatever depth.
-        basis = jnp.zeros((n, block * (depth + 1)), jnp.float32).at[:, :block].set(v)
-
-        def grow(j, carry):
-            basis, image = carry
-            g = gram(lax.dynamic_slice_in_dim(basis, j * block, block, axis=1))
-            image = lax.dynamic_update_slice_in_dim(image, g, j * block, axis=1)
-            new = _orthonormal(g, basis)
-            basis = lax.dynamic_update_slice_in_dim(basis, new, (j + 1) * block, axis=1)
-            return basis, image
-
-        basis, image = lax.fori_loop(0, depth, grow, (basis, jnp.zeros_like(basis)))
-        image = image.at[:, depth * block :].set(gram(basis[:, depth * block :]))
-        # Re-orthonormalise the whole basis once more (Rayleigh-Ritz on a basis
-        # that is not orthonormal would overestimate); G is linear, so
-        # G(B W) = G(B) W and the images follow without another product.
-        whiten = _whitener(basis, _SPAN_THRESHOLD)
-        basis, image = basis @ whiten, image @ whiten
-        ritz = basis.T @ image
-        theta, vectors = jnp.linalg.eigh((ritz + ritz.T) / 2)
-        return basis @ vectors[:, ::-1][:, :block], theta[::-1][:block]
-
-    def not_done(carry):
-        _, theta, previous, rounds = carry
-        moved = jnp.max(jnp.abs(theta[:k] - previous[:k]))
-        return (rounds < max_rounds) & (moved > tol * theta[0])
-
-    def body(carry):
-        v, theta, _, rounds = carry
-        v, new = one_round(v)
-        return v, new, theta, rounds + 1
-
-    # θ = 0 after "round 0" and -inf before it: the first test always passes.
-    theta = jnp.zeros(block, jnp.float32)
-    start = start @ _whitener(start, _BLOCK_THRESHOLD)
-    init = (start, theta, jnp.full_like(theta, -jnp.inf), 0)
-    v, theta, _, _ = lax.while_loop(not_done, body, init)
-    return theta[:k], v[:, :k]
 
 
 def _check_kernel_shape(spec: ConvOperator, kernel_shape: Sequence[int]) -> tuple:

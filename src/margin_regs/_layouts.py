@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import optax
 from optax.contrib import MuonDimensionNumbers
 
-from margin_regs import _common, _tree
+from margin_regs import _batching, _common, _tree
 from margin_regs._conv_operator import ConvOperator
 
 __all__ = [
@@ -60,6 +60,7 @@ __all__ = [
     "is_layout",
     "is_spec",
     "make_operator",
+    "map_selected",
     "masked_transform",
     "require_matrices",
     "resolve_layouts",
@@ -344,10 +345,10 @@ def _default_for(path: Any, leaf: Any) -> Any:
 class MatrixOperator:
     """A kernel as the stack of matrices ``K_b`` (fan_in × fan_out) a layout names.
 
-    ``A_b = K_b`` maps ``v`` (fan_out) to ``u = K_b v`` (fan_in), as in
-    Yoshida & Miyato's Alg. 1. The kernel is never transposed or copied: every
-    product is one ``einsum`` over its own axes, and :meth:`outer` is a broadcast
-    product that XLA fuses into the update that consumes it.
+    ``A_b = K_b`` maps ``v`` (fan_out) to ``u = K_b v`` (fan_in), as in Yoshida &
+    Miyato's Alg. 1. :meth:`view` is one transpose and one reshape (optax muon's
+    ``_compute_muon_reshape``); XLA folds them into the products and fuses
+    :meth:`outer` into the update that consumes it.
 
     Attributes:
       kernel_shape: the leaf's shape.
@@ -364,20 +365,17 @@ class MatrixOperator:
         used = set(self.reduction_axes) | set(self.output_axes)
         return tuple(a for a in range(len(self.kernel_shape)) if a not in used)
 
-    def _sizes(self, axes: Sequence[int]) -> tuple[int, ...]:
-        return tuple(self.kernel_shape[a] for a in axes)
-
     @property
     def batch_shape(self) -> tuple[int, ...]:
-        return self._sizes(self.batch_axes)
+        return tuple(self.kernel_shape[a] for a in self.batch_axes)
 
     @property
     def fan_in(self) -> int:
-        return math.prod(self._sizes(self.reduction_axes))
+        return math.prod(self.kernel_shape[a] for a in self.reduction_axes)
 
     @property
     def fan_out(self) -> int:
-        return math.prod(self._sizes(self.output_axes))
+        return math.prod(self.kernel_shape[a] for a in self.output_axes)
 
     @property
     def in_shape(self) -> tuple[int, ...]:
@@ -387,64 +385,42 @@ class MatrixOperator:
     def out_shape(self) -> tuple[int, ...]:
         return (self.fan_in,)
 
-    def _letters(self, axes: Sequence[int]) -> str:
-        return "".join(chr(ord("a") + a) for a in axes)
-
-    def _specs(self) -> tuple[str, str, str, str]:
-        kernel = self._letters(range(len(self.kernel_shape)))
-        return (
-            kernel,
-            self._letters(self.batch_axes),
-            self._letters(self.reduction_axes),
-            self._letters(self.output_axes),
-        )
-
-    def matvec(self, kernel: jax.Array, v: jax.Array) -> jax.Array:
-        """``u_b = K_b v_b``: ``(*batch, fan_out) -> (*batch, fan_in)``, float32."""
-        k, b, r, o = self._specs()
-        v = v.reshape(self.batch_shape + self._sizes(self.output_axes))
-        u = jnp.einsum(f"{k},{b}{o}->{b}{r}", kernel.astype(jnp.float32), v)
-        return u.reshape(self.batch_shape + self.out_shape)
-
-    def rmatvec(self, kernel: jax.Array, u: jax.Array) -> jax.Array:
-        """``v_b = K_bᵀ u_b``: ``(*batch, fan_in) -> (*batch, fan_out)``, float32."""
-        k, b, r, o = self._specs()
-        u = u.reshape(self.batch_shape + self._sizes(self.reduction_axes))
-        v = jnp.einsum(f"{k},{b}{r}->{b}{o}", kernel.astype(jnp.float32), u)
-        return v.reshape(self.batch_shape + self.in_shape)
-
-    def _placed(self, x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-        """``x (*batch, prod(axes))`` laid out on the kernel's axes, 1 elsewhere."""
-        mine = self.batch_axes + axes
-        x = x.reshape(self._sizes(mine))
-        x = jnp.transpose(x, sorted(range(len(mine)), key=lambda i: mine[i]))
-        shape = [1] * len(self.kernel_shape)
-        for a in mine:
-            shape[a] = self.kernel_shape[a]
-        return x.reshape(shape)
-
-    def outer(self, kernel: jax.Array, u: jax.Array, v: jax.Array) -> jax.Array:
-        """``u_b v_bᵀ`` in the kernel's shape: the gradient of ``Σ_b u_bᵀ K_b v_b``."""
-        del kernel
-        return self._placed(u, self.reduction_axes) * self._placed(v, self.output_axes)
-
     def view(self, kernel: jax.Array) -> jax.Array:
-        """The ``(*batch, fan_in, fan_out)`` matrices (optax muon's reshape)."""
+        """The ``(*batch, fan_in, fan_out)`` matrices."""
         order = self.batch_axes + self.reduction_axes + self.output_axes
-        return jnp.transpose(kernel, order).reshape(
-            (*self.batch_shape, self.fan_in, self.fan_out)
-        )
+        shape = (*self.batch_shape, self.fan_in, self.fan_out)
+        return jnp.transpose(kernel, order).reshape(shape)
 
     def unview(self, matrices: jax.Array) -> jax.Array:
         """The inverse of :meth:`view`."""
         order = self.batch_axes + self.reduction_axes + self.output_axes
-        x = matrices.reshape(self._sizes(order))
-        return jnp.transpose(x, sorted(range(len(order)), key=lambda i: order[i]))
+        x = matrices.reshape([self.kernel_shape[a] for a in order])
+        return jnp.transpose(x, tuple(order.index(a) for a in range(len(order))))
+
+    def matvec(self, kernel: jax.Array, v: jax.Array) -> jax.Array:
+        """``u_b = K_b v_b``: ``(*batch, fan_out) -> (*batch, fan_in)``, float32."""
+        k = self.view(kernel).astype(jnp.float32)
+        return jnp.einsum("...ij,...j->...i", k, v.astype(jnp.float32))
+
+    def rmatvec(self, kernel: jax.Array, u: jax.Array) -> jax.Array:
+        """``v_b = K_bᵀ u_b``: ``(*batch, fan_in) -> (*batch, fan_out)``, float32."""
+        k = self.view(kernel).astype(jnp.float32)
+        return jnp.einsum("...ij,...i->...j", k, u.astype(jnp.float32))
+
+    def outer(self, kernel: jax.Array, u: jax.Array, v: jax.Array) -> jax.Array:
+        """``u_b v_bᵀ`` in the kernel's shape: the gradient of ``Σ_b u_bᵀ K_b v_b``."""
+        del kernel
+        return self.unview(u[..., :, None] * v[..., None, :])
 
     def singular_values(self, kernel: jax.Array, k: int | None = None) -> jax.Array:
         """``(*batch, k or min(fan_in, fan_out))`` singular values, descending."""
-        s = jnp.linalg.svd(self.view(kernel).astype(jnp.float32), compute_uv=False)
+        s = singular_values_of(self.view(kernel).astype(jnp.float32))
         return s if k is None else s[..., :k]
+
+
+# One matrix per LAPACK call under vmap too: batched CPU SVDs running at once can
+# deadlock XLA's thread pool (margin_regs._batching).
+singular_values_of = _batching.per_matrix(lambda m: jnp.linalg.svd(m, compute_uv=False))
 
 
 def make_operator(layout: Any, kernel_shape: Sequence[int]) -> Any:
@@ -502,6 +478,31 @@ def flatten_selected(
     specs = [s for s in jax.tree.leaves(layouts, is_leaf=is_spec) if s is not None]
     ops = [make_operator(s, jnp.shape(x)) for s, x in zip(specs, leaves, strict=True)]
     return leaves, specs, ops, treedef
+
+
+def map_selected(
+    fn: Callable[..., Any], layouts: Any, *trees: Any, n_outputs: int = 1
+) -> Any:
+    """``fn(op, *leaves)`` at every selected leaf, as ``optax.contrib.muon`` maps.
+
+    ``layouts`` holds a layout or ``None`` per leaf; each tree has the params'
+    structure (``optax.MaskedNode()`` where unselected, as inside
+    :func:`masked_transform`). Leaf by leaf, so XLA fuses each kernel's work with
+    its update. Unselected leaves give ``MaskedNode()``; with ``n_outputs > 1``
+    ``fn`` returns a tuple and the result is a tuple of trees.
+    """
+    specs, treedef = jax.tree.flatten(layouts, is_leaf=is_spec)
+    columns = [treedef.flatten_up_to(t) for t in trees]
+
+    def apply(spec, *xs):
+        if spec is None:
+            return (optax.MaskedNode(),) * n_outputs
+        result = fn(make_operator(spec, jnp.shape(xs[0])), *xs)
+        return result if n_outputs > 1 else (result,)
+
+    out = [apply(*row) for row in zip(specs, *columns, strict=True)]
+    trees_out = tuple(treedef.unflatten([o[i] for o in out]) for i in range(n_outputs))
+    return trees_out if n_outputs > 1 else trees_out[0]
 
 
 def masked_transform(

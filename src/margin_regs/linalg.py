@@ -12,6 +12,10 @@ convolutions), is matrix-free (two matvecs per iteration, never ``KᵀK``), runs
 float32 whatever the kernel's dtype, normalises every vector with a
 scale-safe norm (so kernels of scale 1e-20 or 1e20 neither underflow nor overflow)
 and is safe for the zero matrix (σ = 0, finite vectors, no NaN).
+``optax.power_iteration`` does not fit here: it is a ``while_loop`` (the seed
+Eigenvalue Decay penalty differentiates through its iterations), it normalises a
+whole pytree by one norm (a batched layout needs one per slice), and the zero
+matrix divides by zero.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import jax
 import jax.numpy as jnp
 from optax.contrib import MuonDimensionNumbers
 
-from margin_regs import _layouts
+from margin_regs import _batching, _layouts
+from margin_regs._numerics import normalize, rescaled, safe_norm
 
 View = Callable[[jax.Array], jax.Array]
 
@@ -33,6 +38,7 @@ __all__ = [
     "SingularTriple",
     "View",
     "as_matrix",
+    "clipped_inverse",
     "converged_power_iteration",
     "converged_singular_triple",
     "inv_threshold",
@@ -127,79 +133,48 @@ def _operator(kernel: jax.Array, layout: MuonDimensionNumbers | None) -> Any:
     return _layouts.make_operator(checked, kernel.shape)
 
 
-def safe_norm(x: jax.Array, axis: int = -1, keepdims: bool = False) -> jax.Array:
-    """‖x‖₂ along ``axis``, free of overflow, underflow and NaN gradients.
-
-    Computed as ``m · ‖x / m‖`` with ``m = max|x|``, so float32 vectors of scale
-    1e-30 or 1e30 keep their norm; the zero vector has norm 0 and gradient 0.
-    """
-    m = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=axis, keepdims=True))
-    safe_m = jnp.where(m > 0, m, 1.0)
-    scaled = x / safe_m
-    sq = jnp.sum(scaled * scaled, axis=axis, keepdims=True)
-    positive = sq > 0
-    # The last branch passes 0 for the zero vector and NaN for a NaN entry: a NaN
-    # weight must show up in σ, not read as a zero matrix.
-    norm = safe_m * jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), sq)
-    return norm if keepdims else jnp.squeeze(norm, axis=axis)
-
-
-def normalize(
-    x: jax.Array, fallback: jax.Array, n_axes: int = 1
-) -> tuple[jax.Array, jax.Array]:
-    """``(x / ‖x‖, ‖x‖)`` over the ``n_axes`` trailing axes, ``(fallback, 0)`` where
-    ``x`` is zero."""
-    lead = x.shape[: x.ndim - n_axes]
-    norm = safe_norm(x.reshape(*lead, -1), keepdims=True)
-    norm = norm.reshape(lead + (1,) * n_axes)
-    ok = norm > 0
-    unit = jnp.where(ok, x / jnp.where(ok, norm, 1.0), fallback)
-    return unit, norm.reshape(lead)
-
-
 _MAX_WARM_ITERATIONS = 1000
 _WARM_TOLERANCE = 1e-6
 
 
-def power_iteration(
-    op: Any, kernels: list[jax.Array], v: jax.Array, n_iterations: int
-) -> SingularTriple:
-    """``n`` normalised power iterations on a group of kernels sharing one operator.
+def _start(op: Any, v: jax.Array) -> SingularTriple:
+    v = jnp.asarray(v, jnp.float32)
+    lead = v.shape[: v.ndim - len(op.in_shape)]
+    u = jnp.zeros(lead + tuple(op.out_shape), jnp.float32)
+    return SingularTriple(jnp.zeros(lead, jnp.float32), u, v)
 
-    Each iteration is Yoshida & Miyato 2017, Alg. 1, line 7, on every batch slice::
+
+def _step(op: Any, kernel: jax.Array, t: SingularTriple) -> SingularTriple:
+    """One iteration of Yoshida & Miyato 2017, Alg. 1, line 7, on every slice."""
+    u, _ = normalize(op.matvec(kernel, t.v), t.u, len(op.out_shape))
+    v, sigma = normalize(op.rmatvec(kernel, u), t.v, len(op.in_shape))
+    return SingularTriple(sigma, u, v)
+
+
+def power_iteration(
+    op: Any, kernel: jax.Array, v: jax.Array, n_iterations: int
+) -> SingularTriple:
+    """``n`` normalised power iterations on one kernel, every batch slice at once::
 
         u ← A v / ‖A v‖,   v ← Aᵀ u / ‖Aᵀ u‖,   σ ← ‖Aᵀ u‖ = uᵀ A v
 
-    The matvecs run kernel by kernel (a kernel is never copied into a stack, a full
-    extra pass per step), the vector work for the whole group at once. Where
-    ``A v`` or ``Aᵀ u`` vanishes (a zero kernel) the old vector is kept and σ = 0.
+    A ``fori_loop`` (a ``scan`` to autodiff), so the program does not grow with
+    ``n``. Where ``A v`` or ``Aᵀ u`` vanishes (a zero kernel) the old vector is
+    kept and σ = 0. The one power iteration of the package: the penalties, the
+    transforms and :func:`converged_power_iteration` all run it.
 
     Args:
-      op: the operator of every kernel in the group
-        (:func:`margin_regs._layouts.make_operator`).
-      kernels: ``g`` same-shaped kernels.
-      v: ``(g, *batch, *in_shape)`` start vectors.
-      n_iterations: a Python int ≥ 1.
+      op: the kernel's operator (:func:`margin_regs._layouts.make_operator`).
+      kernel: the kernel.
+      v: ``(*batch, *in_shape)`` start vectors.
+      n_iterations: a Python int ≥ 1 (Yoshida & Miyato 2017, Alg. 1: 1 per step).
 
     Returns:
-      float32 ``(σ (g, *batch), u (g, *batch, *out_shape), v)``.
+      float32 ``(σ (*batch,), u (*batch, *out_shape), v)``.
     """
-    n_in, n_out = len(op.in_shape), len(op.out_shape)
-
-    def matvec(x):
-        return jnp.stack([op.matvec(k, x[i]) for i, k in enumerate(kernels)])
-
-    def rmatvec(y):
-        return jnp.stack([op.rmatvec(k, y[i]) for i, k in enumerate(kernels)])
-
-    v = v.astype(jnp.float32)
-    lead = v.shape[: v.ndim - n_in]
-    sigma = jnp.zeros(lead, jnp.float32)
-    u = jnp.zeros(lead + tuple(op.out_shape), jnp.float32)
-    for _ in range(n_iterations):
-        u, _ = normalize(matvec(v), u, n_out)
-        v, sigma = normalize(rmatvec(u), v, n_in)
-    return SingularTriple(sigma, u, v)
+    return jax.lax.fori_loop(
+        0, n_iterations, lambda _, t: _step(op, kernel, t), _start(op, v)
+    )
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -208,31 +183,32 @@ def converged_power_iteration(
 ) -> SingularTriple:
     """Power iteration run to convergence from ``v0``, on every batch slice at once.
 
-    Iterates on ``kernel / max|kernel|`` (so no product overflows) until no vector
-    entry moves by more than 1e-6 or 1000 iterations, then takes one step at the
-    true scale for a consistent ``(σ, u, v)``. A cold start needs 20–250
-    iterations for 1e-3 relative accuracy on realistic matrices; afterwards one
-    iteration per training step tracks σ. A non-finite kernel keeps ``v0``.
+    Iterates on the kernel divided by a power of two near ``max|kernel|`` (so no
+    product overflows) until no vector entry moves by more than 1e-6 or 1000
+    iterations, then takes one step at the true scale for a consistent
+    ``(σ, u, v)``. A cold start needs 20–250 iterations for 1e-3 relative
+    accuracy on realistic matrices; afterwards one iteration per training step
+    tracks σ. A non-finite kernel keeps ``v0``.
     """
     n_in = len(op.in_shape)
-    scale = jnp.max(jnp.abs(kernel)).astype(jnp.float32)
-    unit = kernel.astype(jnp.float32) / jnp.where(scale > 0, scale, 1.0)
-    v0 = v0.astype(jnp.float32)
+    unit = rescaled(jnp.asarray(kernel, jnp.float32))[0]
+    v0 = jnp.asarray(v0, jnp.float32)
     v0 = normalize(v0, jnp.full_like(v0, math.prod(op.in_shape) ** -0.5), n_in)[0]
 
     def body(carry):
-        i, v, _ = carry
-        new = power_iteration(op, [unit], v[None], 1).v[0]
-        return i + 1, new, jnp.max(jnp.abs(new - v))
+        i, t, _ = carry
+        new = _step(op, unit, t)
+        return i + 1, new, jnp.max(jnp.abs(new.v - t.v))
 
     def not_done(carry):
         i, _, change = carry
         return (i < _MAX_WARM_ITERATIONS) & (change > _WARM_TOLERANCE)
 
-    _, v, _ = jax.lax.while_loop(not_done, body, (0, v0, jnp.float32(jnp.inf)))
-    finite = jnp.all(jnp.isfinite(v), axis=tuple(range(v.ndim - n_in, v.ndim)))
-    v = jnp.where(finite.reshape(finite.shape + (1,) * n_in), v, v0)
-    return jax.tree.map(lambda x: x[0], power_iteration(op, [kernel], v[None], 1))
+    init = (0, _start(op, v0), jnp.float32(jnp.inf))
+    t = jax.lax.while_loop(not_done, body, init)[1]
+    finite = jnp.all(jnp.isfinite(t.v), axis=tuple(range(t.v.ndim - n_in, t.v.ndim)))
+    v = jnp.where(finite.reshape(finite.shape + (1,) * n_in), t.v, v0)
+    return power_iteration(op, kernel, v, 1)
 
 
 def power_iteration_step(
@@ -257,11 +233,8 @@ def power_iteration_step(
       Generalizability of Deep Learning", 2017, Algorithm 1.
     """
     if isinstance(matrix, Sequence):
-        return power_iteration(
-            _matrix_operator(matrix[0]), list(matrix), v, n_iterations
-        )
-    t = power_iteration(_matrix_operator(matrix), [matrix], v[None], n_iterations)
-    return jax.tree.map(lambda x: x[0], t)
+        matrix = jnp.stack(matrix)
+    return power_iteration(_matrix_operator(matrix), matrix, v, n_iterations)
 
 
 def _matrix_operator(matrix: jax.Array) -> Any:
@@ -321,7 +294,7 @@ def singular_values(
     """
     if view is not None:
         matrix = as_matrix(kernel, view).astype(jnp.float32)
-        return jnp.linalg.svd(matrix, compute_uv=False)
+        return _layouts.singular_values_of(matrix)
     kernel = jnp.asarray(kernel)
     if weight_dimension_numbers is None:
         as_matrix(kernel)  # the ndim and default-layout checks and their messages
@@ -363,6 +336,27 @@ def stable_rank(
     return stable_rank_of(
         singular_values(kernel, view, weight_dimension_numbers=weight_dimension_numbers)
     )
+
+
+# One matrix per LAPACK call: batched ones can deadlock XLA's CPU pool (_batching).
+_eigh = _batching.per_matrix(lambda a: jnp.linalg.eigh(a, symmetrize_input=False))
+
+
+def clipped_inverse(
+    root: jax.Array, positive: jax.Array, m: Any, lower: Any, upper: Any
+) -> jax.Array:
+    """INVTHRESHOLD's eigenvalues: ``clip(m / root², lower, upper)``, ``upper``
+    where not ``positive``.
+
+    ``root`` holds the square roots of ``Δ``'s eigenvalues (the singular values of
+    a factor of ``Δ``, for AdaReg's sweep); ``root²`` is never formed, since it
+    overflows float32 for kernels ≳ 2⁶⁴ (``m / root / root`` over- or underflows
+    only where the clip takes over). Shared by :func:`inv_threshold` and
+    :func:`margin_regs.adareg_update_precisions`.
+    """
+    safe = jnp.where(positive, root, 1)
+    inverse = jnp.asarray(m, root.dtype) / safe / safe
+    return jnp.clip(jnp.where(positive, inverse, upper), lower, upper)
 
 
 def inv_threshold(delta: jax.Array, m: float, lower: float, upper: float) -> jax.Array:
@@ -418,12 +412,10 @@ def inv_threshold(delta: jax.Array, m: float, lower: float, upper: float) -> jax
                 f"inv_threshold needs 0 < lower <= upper, got {lower}, {upper}"
             )
     a = 0.5 * (a + jnp.swapaxes(a, -1, -2))
-    r, q = jnp.linalg.eigh(a, symmetrize_input=False)
+    r, q = _eigh(a)
     r = jnp.maximum(r, 0.0)
     noise = 8 * jnp.finfo(jnp.float32).eps * jnp.max(r, -1, keepdims=True)
-    positive = r > noise
-    omega = jnp.where(positive, m / jnp.where(positive, r, 1.0), upper)
-    omega = jnp.clip(omega, lower, upper)
+    omega = clipped_inverse(jnp.sqrt(r), r > noise, m, lower, upper)
     result = (q * omega[..., None, :]) @ jnp.swapaxes(q, -1, -2)
     # Exact symmetry, so that Ω K Ω' and autodiff of tr(Ω K Ω' Kᵀ) agree to rounding.
     return 0.5 * (result + jnp.swapaxes(result, -1, -2))

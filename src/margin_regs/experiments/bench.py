@@ -1,32 +1,21 @@
 """Overhead benchmarks: a regularized training step against a plain optax SGD step.
 
-Two kinds of figure, side by side for every (model, batch size, case):
+Three figures for every (model, batch size, case):
 
-* XLA's cost model of one compiled step, ``B/A``: the FLOPs and the bytes accessed
-  of the case's executable over those of plain SGD's
-  (``jitted.lower(...).compile().cost_analysis()``). No other process can disturb
-  them, so they are measured at every batch size, even one too large to run here.
-  The cost model counts a loop's body once and a conditional's costliest branch,
-  and sees nothing inside a LAPACK call (``eigh``), which is why the transformer's
-  scan is unrolled and why AdaReg's figures are an upper bound on its matmuls.
-* Timings, on the batch sizes asked for: blocks of steps of the baseline ``A``,
-  the case ``B`` and a second, separately compiled copy of the baseline ``A'``
-  (the null control) run in a random order each round, each block ends in
-  ``block_until_ready``, and the figure is the median over rounds of the paired
-  ratio ``B/A`` after warm-up. The null control's median ``A'/A`` and the
-  interquartile range of its rounds show the machine's noise floor. A timing
-  ratio outside the cost model's ``[min, max]`` of its FLOP and bytes ratios by
-  more than that spread is flagged: either the noise or a cost the model cannot
-  see (a LAPACK call, dispatch, cache effects).
+* XLA's cost model of one compiled step: the FLOPs and bytes accessed of the
+  case's executable over those of plain SGD's (``compile().cost_analysis()``),
+  deterministic, so measured at every batch size. It counts a loop's body once, a
+  conditional's costliest branch, and nothing inside a LAPACK call.
+* The seconds XLA takes to compile the case's step (the penalties' iteration
+  counts must not grow it).
+* Timings, on the batch sizes asked for (:func:`measure`): blocks of plain SGD
+  ``A``, the case ``B`` and a second copy of ``A`` (the null control ``A'``) in a
+  random order each round; the median over rounds of ``B/A`` and of ``A'/A``.
 
-Cases live in a registry, so other modules' benchmarks are one decorated builder::
-
-    @register("my_regularizer")
-    def _my_regularizer(problem: Problem) -> Stepper:
-        return train_step(problem, tx=optax.chain(my_transform(0.01), problem.sgd()))
-
-``margin-regs bench`` and ``benchmarks/run.py`` call :func:`main`;
-``benchmarks/readme_table.py`` turns its ``--json`` output into the README table.
+A case may name its own reference instead of plain SGD (:class:`Versus`): the
+vmapped ensembles are timed against their members run one by one. Cases live in a
+registry (:func:`register`); ``margin-regs bench`` and ``benchmarks/run.py`` call
+:func:`main`, and ``benchmarks/readme_table.py`` renders the ``--json`` output.
 """
 
 from __future__ import annotations
@@ -67,11 +56,9 @@ __all__ = [
     "build_parser",
     "compiled_costs",
     "cost_model",
-    "disagreement",
     "from_json",
     "main",
     "make_problem",
-    "markdown_tables",
     "measure",
     "register",
     "run",
@@ -189,11 +176,14 @@ class Stepper:
     step: Callable[[Any, jax.Array, jax.Array], Any]
     carry: Any
     compiled: Any = None
+    compile_seconds: float = math.nan
 
     def compile(self, x: jax.Array, y: jax.Array) -> Any:
-        """The executable for ``(carry, x, y)``, compiled on first use."""
+        """The executable for ``(carry, x, y)``, compiled (and timed) on first use."""
         if self.compiled is None:
+            start = time.perf_counter()
             self.compiled = self.step.lower(self.carry, x, y).compile()
+            self.compile_seconds = time.perf_counter() - start
         return self.compiled
 
 
@@ -223,6 +213,21 @@ class Amortised(NamedTuple):
     periodic: Stepper
     period: int
     event_costs: Callable[[], Costs] | None = None
+
+
+class Versus(NamedTuple):
+    """A case whose ratios are taken against its own reference, not plain SGD.
+
+    Attributes:
+      case: the step measured.
+      reference: ``() -> Stepper``, a fresh reference step (called twice: the
+        reference and its null control).
+      against: what the reference is, for the tables.
+    """
+
+    case: Stepper
+    reference: Callable[[], Stepper]
+    against: str
 
 
 def make_problem(
@@ -279,7 +284,20 @@ def train_step(
       give the independent copies the null control needs.
     """
     tx = problem.sgd() if tx is None else tx
+    params = jax.tree.map(jnp.copy, problem.params)
+    # The step donates its carry, and a donated buffer may appear only once: copy
+    # every leaf, since an initial state may hold one array in two places.
+    carry = _copy((params, tx.init(params), penalty_state))
+    return Stepper(jax.jit(_step_fn(problem, tx, penalty), donate_argnums=0), carry)
 
+
+def _copy(tree: Any) -> Any:
+    return jax.tree.map(lambda a: a.copy(), tree)
+
+
+def _step_fn(
+    problem: Problem, tx: optax.GradientTransformation, penalty: Callable | None
+) -> Callable[[Any, jax.Array, jax.Array], Any]:
     def objective(params, aux, x, y):
         loss = problem.loss(params, x, y)
         if penalty is None:
@@ -293,21 +311,17 @@ def train_step(
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, aux
 
-    params = jax.tree.map(jnp.copy, problem.params)
-    # The step donates its carry, and a donated buffer may appear only once: copy
-    # every leaf, since an initial state may hold one array in two places.
-    carry = jax.tree.map(lambda a: a.copy(), (params, tx.init(params), penalty_state))
-    return Stepper(jax.jit(step, donate_argnums=0), carry)
+    return step
 
 
-Builder = Callable[[Problem], "Stepper | Amortised"]
+Builder = Callable[[Problem], "Stepper | Amortised | Versus"]
 
 
 class Case(NamedTuple):
     """A registered benchmark: how to build its step, and where it runs.
 
     Attributes:
-      build: ``Problem -> Stepper | Amortised``.
+      build: ``Problem -> Stepper | Amortised | Versus``.
       models: the model names it runs on.
       by_default: whether a pattern such as ``*`` selects it; a slow reference
         case sets ``False`` and runs only when named exactly.
@@ -480,6 +494,43 @@ def _adareg_last_layer(problem: Problem) -> Amortised:
 def _adareg_all_layers(problem: Problem) -> Stepper:
     """Every kernel, between re-solves: d²p + dp² multiply-adds per kernel and step."""
     return train_step(problem, tx=optax.chain(mr.adareg(COEFF), problem.sgd()))
+
+
+ENSEMBLE = 4
+
+
+def _ensemble(problem: Problem, tx: optax.GradientTransformation) -> Versus:
+    """``ENSEMBLE`` members in one ``jax.vmap``ped step, against one jitted step
+    that runs them one after the other (a Python loop, so the cost model counts
+    every member)."""
+    step = _step_fn(problem, tx, None)
+    init = jax.jit(problem.module.init)
+    keys = jax.random.split(jax.random.key(1), ENSEMBLE)
+    members = [init(k, problem.x[:1])["params"] for k in keys]
+    carries = [(p, tx.init(p), None) for p in members]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *carries)
+    vmapped = jax.jit(jax.vmap(step, in_axes=(0, None, None)), donate_argnums=0)
+
+    def one_by_one() -> Stepper:
+        loop = jax.jit(lambda cs, x, y: [step(c, x, y) for c in cs], donate_argnums=0)
+        return Stepper(loop, _copy(carries))
+
+    return Versus(Stepper(vmapped, stacked), one_by_one, "members one by one")
+
+
+@register("adareg_ensemble", models=("mlp",))
+def _adareg_ensemble(problem: Problem) -> Versus:
+    """AdaReg on every layer, 4 vmapped members: the re-solve stays a real branch
+    and the SVDs run one member at a time (issue 21)."""
+    tx = mr.adareg(COEFF, update_every=ADAREG_PERIOD, **ADAREG_BOUNDS)
+    return _ensemble(problem, optax.chain(tx, problem.sgd()))
+
+
+@register("spectral_norm_regularization_ensemble", models=("mlp",))
+def _spectral_ensemble(problem: Problem) -> Versus:
+    """The spectral transform, 4 vmapped members against the 4 one by one."""
+    tx = mr.spectral_norm_regularization(COEFF)
+    return _ensemble(problem, optax.chain(tx, problem.sgd()))
 
 
 @register("jacobian_margin_vjp")
@@ -714,17 +765,20 @@ class Result(NamedTuple):
       case: the registered name.
       model: the model name.
       batch_size: samples per step.
-      flops_ratio: XLA's cost-model FLOPs of one compiled step, case/plain SGD.
-      bytes_ratio: XLA's cost-model bytes accessed, case/plain SGD: the extra
+      flops_ratio: XLA's cost-model FLOPs of one compiled step, case/reference
+        (plain SGD unless ``against`` says otherwise).
+      bytes_ratio: XLA's cost-model bytes accessed, case/reference: the extra
         passes over weights and activations.
       ratio: the median paired time ratio (NaN where not timed).
       spread: the interquartile range of the per-round time ratios.
       null: the null control's median ``A'/A``.
       null_spread: its interquartile range.
-      baseline_ms: median milliseconds per plain SGD step.
+      baseline_ms: median milliseconds per reference step.
       rounds: paired rounds timed (0: cost model only).
       steps_per_block: steps in each timed block.
-      note: why the timing and the cost model disagree ("" when they agree).
+      compile_seconds: seconds XLA took to compile the case's step.
+      baseline_compile_seconds: the same for the reference step.
+      against: the reference, ``"plain SGD"`` unless the case is a :class:`Versus`.
     """
 
     case: str
@@ -739,40 +793,9 @@ class Result(NamedTuple):
     baseline_ms: float = math.nan
     rounds: int = 0
     steps_per_block: int = 0
-    note: str = ""
-
-
-def disagreement(
-    ratio: float,
-    flops_ratio: float,
-    bytes_ratio: float,
-    null: float,
-    null_spread: float,
-) -> str:
-    """Why a time ratio stands outside the cost model's range, or ``""``.
-
-    The cost model brackets the time ratio between its FLOP and bytes ratios (a
-    step is bound by one or the other); the tolerance is the null control's noise,
-    ``max(null_spread, |null − 1|)``.
-
-    Example:
-      >>> from margin_regs.experiments.bench import disagreement
-      >>> disagreement(1.02, 1.0, 1.05, 1.01, 0.03)
-      ''
-      >>> disagreement(2.0, 1.0, 1.05, 1.01, 0.03)
-      'time 2.00x above the cost model (1.00x-1.05x) by more than the null spread 0.03'
-    """
-    if math.isnan(ratio):
-        return ""
-    tolerance = max(null_spread, abs(null - 1.0))
-    low, high = sorted((flops_ratio, bytes_ratio))
-    if low - tolerance <= ratio <= high + tolerance:
-        return ""
-    side = "above" if ratio > high else "below"
-    return (
-        f"time {ratio:.2f}x {side} the cost model ({low:.2f}x-{high:.2f}x) "
-        f"by more than the null spread {tolerance:.2f}"
-    )
+    compile_seconds: float = math.nan
+    baseline_compile_seconds: float = math.nan
+    against: str = "plain SGD"
 
 
 def _amortise(steady: float, periodic: float, period: int) -> float:
@@ -837,13 +860,32 @@ def _baseline(model: str, batch_size: int, tiny: bool) -> _Baseline:
     return _Baseline(problem, step, train_step(problem), costs)
 
 
+def _compile_seconds(built: Stepper | Amortised) -> float:
+    return (built if isinstance(built, Stepper) else built.steady).compile_seconds
+
+
 def _figures(name: str, base: _Baseline, timed: bool, settings: dict) -> Result:
     """The cost-model ratios of one case, and its timing if ``timed``."""
     problem = base.problem
     built = CASES[name].build(problem)
+    against = "plain SGD"
+    if isinstance(built, Versus):
+        reference, null = built.reference(), built.reference()
+        base = base._replace(
+            step=reference, null=null, costs=_costs(reference, problem)
+        )
+        built, against = built.case, built.against
     costs = _costs(built, problem)
     ratios = (c / b for c, b in zip(costs, base.costs, strict=True))
-    result = Result(name, problem.model, len(problem.x), *ratios)
+    result = Result(
+        name,
+        problem.model,
+        len(problem.x),
+        *ratios,
+        compile_seconds=_compile_seconds(built),
+        baseline_compile_seconds=base.step.compile_seconds,
+        against=against,
+    )
     if not timed:
         return result
     ratio, spread, t = _time(built, problem, base.step, base.null, **settings)
@@ -855,7 +897,6 @@ def _figures(name: str, base: _Baseline, timed: bool, settings: dict) -> Result:
         baseline_ms=1e3 * t.baseline_seconds,
         rounds=t.rounds,
         steps_per_block=t.steps_per_block,
-        note=disagreement(ratio, *result[3:5], t.null, t.null_spread),
     )
 
 
@@ -908,18 +949,19 @@ def run(
 
 
 def format_result(r: Result) -> str:
-    """One line: cost-model ratios, then the timing and any disagreement."""
+    """One line: cost-model ratios, compile seconds, then the timing."""
     line = (
-        f"{r.model:11s} {r.batch_size:5d} {r.case:30s} "
-        f"flops {r.flops_ratio:6.3f}x  bytes {r.bytes_ratio:6.3f}x"
+        f"{r.model:11s} {r.batch_size:5d} {r.case:38s} "
+        f"flops {r.flops_ratio:6.3f}x  bytes {r.bytes_ratio:6.3f}x  "
+        f"compile {r.compile_seconds:6.1f}s ({r.baseline_compile_seconds:.1f}s)"
     )
     if r.rounds:
         line += (
             f"  time {r.ratio:6.3f}x (IQR {r.spread:5.3f}; null {r.null:5.3f}x, "
-            f"IQR {r.null_spread:5.3f}; baseline {r.baseline_ms:8.2f} ms/step, "
+            f"IQR {r.null_spread:5.3f}; {r.baseline_ms:8.2f} ms/step, "
             f"{r.rounds} rounds x {r.steps_per_block} steps)"
         )
-    return line + (f"  ! {r.note}" if r.note else "")
+    return line + ("" if r.against == "plain SGD" else f"  vs {r.against}")
 
 
 def build_parser(
@@ -1005,8 +1047,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     print(
         f"jax {meta['jax']} on {meta['device']} (load {meta['load_average']:.1f}); "
         "flops/bytes = XLA's cost model of one step, case/plain SGD; time = median "
-        "paired time(case)/time(plain SGD); null = a second copy of plain SGD; "
-        "! = the time stands outside the cost model by more than the null's spread",
+        "paired time(case)/time(plain SGD, or the case's own reference); null = a "
+        "second copy of the reference; compile = seconds to compile (reference's)",
         file=sys.stderr,
     )
     results: list[Result] = []
@@ -1048,62 +1090,12 @@ def to_json(meta: dict[str, Any], results: Sequence[Result]) -> dict[str, Any]:
 def from_json(data: dict[str, Any]) -> list[Result]:
     """The :class:`Result` list of :func:`to_json`'s output."""
     return [
-        Result(**{k: math.nan if v is None else v for k, v in row.items()})
+        Result(
+            **{
+                k: math.nan if v is None else v
+                for k, v in row.items()
+                if k in Result._fields
+            }
+        )
         for row in data["results"]
     ]
-
-
-def _cell(r: Result | None) -> str:
-    if r is None:
-        return ""
-    # Three decimals for the deterministic cost model, two for the noisy timing.
-    cost = f"{r.flops_ratio:.3f}× / {r.bytes_ratio:.3f}×"
-    if not r.rounds:
-        return cost
-    return f"**{r.ratio:.2f}×**{' ⚠' if r.note else ''} · {cost}"
-
-
-def markdown_tables(results: Sequence[Result]) -> str:
-    """The README's tables: one per batch size, a row per case, a column per model.
-
-    A cell reads ``time · FLOPs / bytes`` (ratios to plain SGD), cases in the
-    registry's order; a timed batch size
-    gets a row of null controls, and ⚠ marks a time outside the cost model by more
-    than the null's spread, with the reason listed under the table.
-
-    Example:
-      >>> from margin_regs.experiments.bench import Result, markdown_tables
-      >>> print(markdown_tables([Result("eigenvalue_decay", "mlp", 128, 1.01, 1.23)]))
-      Batch 128:
-      <BLANKLINE>
-      | case | mlp |
-      |---|---|
-      | `eigenvalue_decay` | 1.010× / 1.230× |
-      <BLANKLINE>
-    """
-    out = []
-    for batch_size in sorted({r.batch_size for r in results}):
-        rows = [r for r in results if r.batch_size == batch_size]
-        names = [m for m in MODELS if any(r.model == m for r in rows)]
-        present = {r.case for r in rows}
-        cases = [n for n in CASES if n in present] + sorted(present - set(CASES))
-        table = {(r.case, r.model): r for r in rows}
-        out += [
-            f"Batch {batch_size}:",
-            "",
-            "| case | " + " | ".join(names) + " |",
-            "|---" * (len(names) + 1) + "|",
-        ]
-        for case in cases:
-            cells = [_cell(table.get((case, m))) for m in names]
-            out.append(f"| `{case}` | " + " | ".join(cells) + " |")
-        nulls = {m: [r.null for r in rows if r.model == m and r.rounds] for m in names}
-        if any(nulls.values()):
-            cells = [
-                f"{statistics.median(v):.2f}×" if v else "" for v in nulls.values()
-            ]
-            out.append("| null control (plain vs plain) | " + " | ".join(cells) + " |")
-        out.append("")
-        notes = [f"- ⚠ {r.model}, `{r.case}`: {r.note}" for r in rows if r.note]
-        out += [*notes, ""] if notes else []
-    return "\n".join(out).rstrip() + "\n"
