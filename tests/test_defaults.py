@@ -260,3 +260,27 @@ def test_bare_helpers_refuse_3d_and_keep_the_2d_and_4d_default(helper):
         mr.stable_rank: np.sum(s**2) / s[0] ** 2,
     }[helper]
     np.testing.assert_allclose(helper(conv), expected, rtol=1e-5)
+
+
+def test_transforms_take_inferred_layouts_of_partitioned_equinox_params():
+    # eqx.partition leaves None where the model holds no array: a node with no leaf
+    # in the params and in the inferred layouts, not a layout to line up.
+    model = eqx.nn.MLP(4, 3, 8, 2, key=jax.random.key(0))
+    params, static = eqx.partition(model, eqx.is_array)
+
+    def fn(p, x):
+        return jax.vmap(eqx.combine(p, static))(x)
+
+    layouts = mr.infer_weight_dimension_numbers(fn, params, jnp.ones((5, 4)))
+    tx = mr.spectral_norm_regularization(
+        1.0, n_power_iterations=200, weight_dimension_numbers=layouts
+    )
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    for layer, update in zip(params.layers, updates.layers, strict=True):
+        w = np.asarray(layer.weight, np.float64)
+        u, s, vt = np.linalg.svd(w)
+        np.testing.assert_allclose(
+            update.weight, s[0] * np.outer(u[:, 0], vt[0]), atol=1e-5 * s[0]
+        )
+        np.testing.assert_array_equal(update.bias, 0.0)

@@ -545,9 +545,11 @@ def masked_transform(
             hide(params, layouts),
             hide(layouts, layouts),
         )
-        flags = jax.tree.leaves(layouts, is_leaf=is_spec)
         fresh = iter(jax.tree.leaves(new))
         old, treedef = jax.tree.flatten(updates)
+        # Up to the updates' leaves: a ``None`` in the params (equinox's partition)
+        # is a node with no leaf in both trees, not a layout.
+        flags = treedef.flatten_up_to(layouts)
         merged = [
             o if f is None else next(fresh) for f, o in zip(flags, old, strict=True)
         ]
