@@ -114,8 +114,9 @@ def test_compare_plots_the_results_numbers(two_seeds, tmp_path, monkeypatch):
     from margin_regs.experiments import plots
 
     _, _, out = two_seeds
-    # 100 dpi: accuracy curves 8×4 in, margins 12×4, one tuned regularizer 4×3.6.
-    sizes = {"accuracy_curves": (400, 800), "margins": (400, 1200)}
+    # 100 dpi: accuracy curves 12×4.2 in (vanilla, then the differences), margins
+    # 12×4.
+    sizes = {"accuracy_curves": (420, 1200), "margins": (400, 1200)}
     for name in ("singular_spectra", "margins", "accuracy_curves", "coefficients"):
         image = matplotlib.image.imread(out / f"{name}.png")
         assert image.ndim == 3 and image.std() > 0, name  # something was drawn
@@ -129,12 +130,15 @@ def test_compare_plots_the_results_numbers(two_seeds, tmp_path, monkeypatch):
     )
     plots.plots(payload, str(tmp_path))
     runs, names = payload["runs"], ("vanilla", "spectral")
-    # A test and a train curve per regularizer, in order.
-    curves = iter(figures["accuracy_curves.png"].axes[0].lines)
-    for name in names:
-        for key in ("test_acc", "train_acc"):
-            want = _per_seed(runs, name, "history", key).mean(0)
-            np.testing.assert_allclose(next(curves).get_ydata(), want, rtol=1e-12)
+    # Vanilla's test and train curves, then spectral's paired difference to it.
+    left, right = figures["accuracy_curves.png"].axes[:2]
+    for line, key in zip(left.lines, ("test_acc", "train_acc"), strict=True):
+        want = 100 * _per_seed(runs, "vanilla", "history", key).mean(0)
+        np.testing.assert_allclose(line.get_ydata(), want, rtol=1e-12)
+    diff = _per_seed(runs, "spectral", "history", "test_acc") - _per_seed(
+        runs, "vanilla", "history", "test_acc"
+    )
+    np.testing.assert_allclose(right.lines[0].get_ydata(), 100 * diff.mean(0))
     for ax in figures["singular_spectra.png"].axes:
         for line, name in zip(ax.lines, names, strict=True):
             want = _per_seed(runs, name, "singular_values", ax.get_title()).mean(0)
@@ -151,7 +155,7 @@ def test_compare_plots_the_results_numbers(two_seeds, tmp_path, monkeypatch):
     spectral = payload["regularizers"]["spectral"]
     line = figures["coefficients.png"].axes[0].lines[0]  # the errorbar's data line
     np.testing.assert_allclose(line.get_xdata(), spectral["grid"])
-    np.testing.assert_allclose(line.get_ydata(), np.mean(spectral["val_acc"], 1))
+    np.testing.assert_allclose(line.get_ydata(), 100 * np.mean(spectral["val_acc"], 1))
     for fig in figures.values():
         plt.close(fig)
 
