@@ -151,7 +151,10 @@ def _trace_steps(model, names):
             carries += [jax.tree.map(lambda a: a[0], vmapped), looped[0]]
             continue
         steppers = [built] if isinstance(built, bench.Stepper) else built[:2]
-        carries += [s.step(s.carry, problem.x, problem.y) for s in steppers]
+        stepped = [s.step(s.carry, problem.x, problem.y) for s in steppers]
+        if name == "bagging":  # the members' carries: the first member's
+            stepped = [jax.tree.map(lambda a: a[0], c) for c in stepped]
+        carries += stepped
     return problem.params, carries
 
 
@@ -295,3 +298,26 @@ def test_the_large_models_have_their_published_sizes():
     block = 2 * 2 * d + 4 * (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
     rest = features * d + d + tokens * d + 2 * d + d * 10 + 10
     assert _parameter_count("transformer") == 4 * block + rest
+
+
+def test_bagging_case_steps_each_member_on_its_bootstrap_resample():
+    problem = bench.make_problem("mlp", 16, tiny=True)
+    built = bench.CASES["bagging"].build(problem)
+    params = built.step(built.carry, problem.x, problem.y)[0]
+    idx = np.asarray(
+        bench.bagging.bootstrap_indices(
+            jax.random.key(1), bench.BAGGING_MEMBERS, problem.x.shape[0]
+        )
+    )
+    for member in (0, bench.BAGGING_MEMBERS - 1):
+        x, y = problem.x[idx[member]], problem.y[idx[member]]
+        grads = jax.grad(problem.loss)(problem.params, x, y)
+        want = jax.tree.map(
+            lambda p, g: p - bench.LEARNING_RATE * g, problem.params, grads
+        )
+        got = jax.tree.map(lambda a, member=member: a[member], params)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+            got,
+            want,
+        )

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fnmatch
+import functools
 import json
 import math
 import os
@@ -39,7 +40,7 @@ import numpy as np
 import optax
 
 import margin_regs as mr
-from margin_regs.experiments import models
+from margin_regs.experiments import bagging, models, recipes
 
 __all__ = [
     "BATCH_SIZES",
@@ -612,6 +613,64 @@ def _adversarial(problem: Problem) -> Stepper:
     return train_step(_AdversarialProblem(**fields))
 
 
+# Deep Learning book ch. 7, as `margin-regs compare` applies them; image models only
+# where the regularizer needs images.
+_IMAGE_MODELS = ("mlp", "cnn")
+
+
+@register("tangent_prop", models=_IMAGE_MODELS)
+def _tangent_prop(problem: Problem) -> Stepper:
+    def penalty(params, state, x, y):
+        logits_fn = functools.partial(problem.apply, params)
+        return COEFF * mr.tangent_prop_penalty(
+            logits_fn, x, mr.image_tangents(x)
+        ), state
+
+    return train_step(problem, penalty=penalty)
+
+
+@dataclasses.dataclass(frozen=True)
+class _AugmentedProblem(Problem):
+    """The same model and batch, each image shifted by up to 2 pixels and rotated."""
+
+    def loss(self, params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
+        # A key that depends on the batch, so that XLA cannot fold the draws away.
+        key = jax.random.fold_in(jax.random.key(0), jnp.sum(y))
+        return super().loss(params, recipes.augment_images(x, key, 2.0), y)
+
+
+@register("augmentation", models=_IMAGE_MODELS)
+def _augmentation(problem: Problem) -> Stepper:
+    fields = {f.name: getattr(problem, f.name) for f in dataclasses.fields(problem)}
+    return train_step(_AugmentedProblem(**fields))
+
+
+@register("l2_init", models=_IMAGE_MODELS)
+def _l2_init(problem: Problem) -> Stepper:
+    return train_step(
+        problem, tx=optax.chain(recipes.tie_to_init(COEFF), problem.sgd())
+    )
+
+
+BAGGING_MEMBERS = 5
+
+
+@register("bagging", models=_IMAGE_MODELS)
+def _bagging(problem: Problem) -> Stepper:
+    """k members, each on its bootstrap resample of the batch, as one vmapped step."""
+    one = train_step(problem)
+    member = _step_fn(problem, problem.sgd(), None)
+    idx = bagging.bootstrap_indices(
+        jax.random.key(1), BAGGING_MEMBERS, problem.x.shape[0]
+    )
+
+    def step(carry, x, y):
+        return jax.vmap(member)(carry, x[idx], y[idx])
+
+    carry = jax.tree.map(lambda a: jnp.stack([a] * BAGGING_MEMBERS), one.carry)
+    return Stepper(jax.jit(step, donate_argnums=0), carry)
+
+
 def cost_model(stepper: Stepper, x: jax.Array, y: jax.Array) -> Costs:
     """FLOPs and bytes accessed of one compiled step, from XLA's cost analysis."""
     return compiled_costs(stepper.compile(x, y))
@@ -964,13 +1023,27 @@ def format_result(r: Result) -> str:
     return line + ("" if r.against == "plain SGD" else f"  vs {r.against}")
 
 
+def _run_time_note() -> str:
+    """What a default run does and an upper bound on how long its timing takes."""
+    pairs = sum(len(CASES[n].models) for n in _select(["*"]))
+    minutes = pairs * 30 / 60
+    return (
+        f"Defaults: every default case on every model it registers for ({pairs} "
+        "pairs), the cost model at batch 128 and 4096, timing at batch 128 for at "
+        f"most 30 s a pair: up to {minutes:.0f} min of timing plus compilation (a "
+        "few seconds a step on the MLP, about a minute on ResNet-18 and VGG-11). "
+        "--quick --tiny is a smoke run of a few minutes; --timed-batch-sizes with "
+        "no value gives the cost model alone."
+    )
+
+
 def build_parser(
     parser: argparse.ArgumentParser | None = None,
 ) -> argparse.ArgumentParser:
     """The ``bench`` arguments, added to ``parser`` (for the CLI) or a new one."""
-    parser = parser or argparse.ArgumentParser(
-        prog="margin-regs bench", description=__doc__.splitlines()[0]
-    )
+    parser = parser or argparse.ArgumentParser(prog="margin-regs bench")
+    parser.description = __doc__.splitlines()[0]
+    parser.epilog = _run_time_note()
     parser.add_argument(
         "--cases",
         nargs="+",
