@@ -4,8 +4,10 @@ estimate before it starts."""
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -81,8 +83,99 @@ def _splits(setting: Setting, seeds: int) -> list[data.Dataset]:
     ]
 
 
+def _convergence(protocol: Protocol, results: dict) -> dict[str, dict[str, Any]]:
+    """Per setting: the baseline's mean final training accuracy and loss, and whether
+    it reached the paper's regime (``protocol.min_train_acc``)."""
+    out = {}
+    for setting in protocol.settings:
+        base = results[setting.name][setting.baseline]
+        acc = float(np.mean(base["train_acc"]))
+        out[setting.name] = {
+            "baseline": setting.baseline,
+            "train_acc": acc,
+            "train_loss": float(np.mean(base["train_loss"])),
+            "threshold": protocol.min_train_acc,
+            "in_regime": bool(acc >= protocol.min_train_acc),
+        }
+    return out
+
+
+def _preconditions(protocol: Protocol, results: dict) -> list[dict[str, Any]]:
+    """Each precondition with its measured value and whether it holds."""
+    out = []
+    for p in protocol.preconditions:
+        a = np.mean(results[p.cell_a][p.method][p.metric])
+        b = np.mean(results[p.cell_b][p.method][p.metric])
+        out.append(
+            {
+                "text": p.text,
+                "measured": float(a - b),
+                "minimum": p.minimum,
+                "met": bool(a - b >= p.minimum),
+            }
+        )
+    return out
+
+
+def untestable_cells(
+    claim_cells: Sequence[str], convergence: dict, preconditions: list[dict]
+) -> dict[str, str]:
+    """``{cell: why}`` for the cells of a claim that are not testable here.
+
+    A derived cell (``"small → large"``) is untestable when any setting is.
+    """
+    failed = [p for p in preconditions if not p["met"]]
+    out = {}
+    for cell in claim_cells:
+        why = []
+        for p in failed:
+            why.append(
+                f"precondition failed: {p['text']}; measured "
+                f"{100 * p['measured']:+.2f} points"
+            )
+        settings = [cell] if cell in convergence else list(convergence)
+        for s in settings:
+            c = convergence[s]
+            if not c["in_regime"]:
+                why.append(
+                    f"{s}: baseline {c['baseline']} reached {100 * c['train_acc']:.2f}% "
+                    f"training accuracy < {100 * c['threshold']:.0f}%"
+                )
+        if why:
+            out[cell] = "; ".join(why)
+    return out
+
+
+def _train_setting(protocol: Protocol, setting: Setting, log, start) -> dict:
+    splits = _splits(setting, protocol.seeds)
+    out = {}
+    for cell in setting.cells:
+        r = train_cell(cell, splits, curves=setting.curves)
+        out[cell.method] = r.at_selected() | {
+            "coeff": float(r.coeffs[r.selected]),
+            "grid": r.coeffs.tolist(),
+            "grid_val_acc": np.mean(r.acc["val_acc"], axis=1).tolist(),
+            "grid_train_acc": np.mean(r.acc["train_acc"], axis=1).tolist(),
+            "seconds": r.seconds,
+        }
+        if log:
+            m = out[cell.method]
+            print(
+                f"  {protocol.name}: {setting.name} {cell.method}: test "
+                f"{100 * np.mean(m['test_acc']):.2f}%, train "
+                f"{100 * np.mean(m['train_acc']):.2f}% ({r.seconds:.0f} s; "
+                f"{time.perf_counter() - start:.0f} s so far)",
+                file=sys.stderr,
+                flush=True,
+            )
+    return out
+
+
 def run_protocol(protocol: Protocol, *, log: bool = True) -> dict[str, Any]:
     """Train every cell of a protocol and judge its claims.
+
+    A setting whose baseline did not reach the paper's training regime, and every
+    claim when a precondition fails, is judged "not testable here".
 
     Args:
       protocol: what to run.
@@ -91,35 +184,24 @@ def run_protocol(protocol: Protocol, *, log: bool = True) -> dict[str, Any]:
     Returns:
       A JSON-ready dict: ``results[cell][method]`` (per-seed measurements at the
       selected coefficient, the coefficient, the grid's validation accuracies),
-      ``judgements`` and ``seconds``.
+      ``convergence``, ``preconditions``, ``judgements``, ``seconds`` and the load.
     """
-    start = time.perf_counter()
-    results: dict[str, dict[str, Any]] = {}
-    for setting in protocol.settings:
-        splits = _splits(setting, protocol.seeds)
-        results[setting.name] = {}
-        for cell in setting.cells:
-            r = train_cell(cell, splits, curves=setting.curves)
-            results[setting.name][cell.method] = r.at_selected() | {
-                "coeff": float(r.coeffs[r.selected]),
-                "grid": r.coeffs.tolist(),
-                "grid_val_acc": np.mean(r.acc["val_acc"], axis=1).tolist(),
-                "seconds": r.seconds,
-            }
-            if log:
-                print(
-                    f"  {protocol.name}: {setting.name} {cell.method}: test "
-                    f"{100 * np.mean(r.acc['test_acc'][r.selected]):.2f}% "
-                    f"({r.seconds:.0f} s; {time.perf_counter() - start:.0f} s so far)",
-                    file=sys.stderr,
-                    flush=True,
-                )
+    start, load_start = time.perf_counter(), list(os.getloadavg())
+    results = {
+        s.name: _train_setting(protocol, s, log, start) for s in protocol.settings
+    }
+    convergence = _convergence(protocol, results)
     if protocol.derive is not None:
         results = protocol.derive(results)
-    judgements = [judge(c, results) for c in protocol.claims]
+    preconditions = _preconditions(protocol, results)
+    judgements = [
+        judge(c, results, untestable_cells(c.cells, convergence, preconditions))
+        for c in protocol.claims
+    ]
     return {
         "name": protocol.name,
         "title": protocol.title,
+        "budget": protocol.budget,
         "seeds": protocol.seeds,
         "scaling": list(protocol.scaling),
         "coefficients": protocol.coefficients,
@@ -131,6 +213,12 @@ def run_protocol(protocol: Protocol, *, log: bool = True) -> dict[str, Any]:
             for (c, m, k), v in protocol.paper.items()
         ],
         "results": results,
+        "convergence": convergence,
+        "preconditions": preconditions,
         "judgements": [j.as_dict() for j in judgements],
         "seconds": time.perf_counter() - start,
+        "estimate_seconds": estimate_seconds(protocol),
+        "load_average_start": load_start,
+        "load_average_end": list(os.getloadavg()),
+        "cpus": os.cpu_count(),
     }

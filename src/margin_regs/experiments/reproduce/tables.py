@@ -11,15 +11,24 @@ from typing import Any
 
 import numpy as np
 
-from margin_regs.experiments.reproduce.verdicts import mean_interval
+from margin_regs.experiments.reproduce.verdicts import MIN_EFFECT, mean_interval
 
-__all__ = ["RULE", "format_report", "plot", "write"]
+__all__ = ["QUICK_WARNING", "RULE", "format_report", "plot", "write"]
 
 RULE = (
     "verdict rule: the per-seed paired difference (methods share data and "
-    "initialization per seed), averaged over the claim's cells, with its 95% "
-    "t-interval: 'reproduced' if the interval lies above 0 (for '≥' claims: above "
-    "−tolerance), 'not reproduced' if it lies below 0, else 'inconclusive'"
+    "initialization per seed), averaged over the claim's testable cells, with its "
+    "95% t-interval (scipy.stats.t): 'reproduced' if the interval lies above 0 and "
+    f"the mean is at least the minimum effect ({100 * MIN_EFFECT:.1f} points of "
+    "accuracy unless stated; for '≥' claims: the interval above −tolerance), 'not "
+    "reproduced' if it lies below 0 (mean beyond the minimum effect), 'negligible' if "
+    "the effect is smaller than the minimum, 'inconclusive' if the interval contains "
+    "0 or has zero spread (flagged), 'not testable here' if the baseline did not "
+    "reach the paper's training regime or a precondition failed"
+)
+QUICK_WARNING = (
+    "budget 'quick': a smoke run of tiny sizes and 2 epochs; its verdicts mean "
+    "nothing (use --budget cpu)"
 )
 
 
@@ -56,6 +65,8 @@ def _rows(result: dict[str, Any]) -> list[list[str]]:
                 row.append(_ours(measured.get(metric), scale))
                 present |= metric in measured
             if present:
+                row.append(_ours(measured.get("train_acc"), 100))
+                row.append(_ours(measured.get("train_loss"), 1))
                 coeff = measured.get("coeff")
                 row.append("" if coeff is None else f"{coeff:g}")
                 rows.append(row)
@@ -86,10 +97,28 @@ def _claim_line(j: dict[str, Any], scale: float, unit: str) -> str:
     for c in j["cells"].values():
         counts[c["verdict"]] = counts.get(c["verdict"], 0) + 1
     per_cell = ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
-    return (
-        f"  {j['verdict'].upper():<15} {j['text']} ({j['source']}): {interval}; "
+    line = (
+        f"  {j['verdict'].upper():<17} {j['text']} ({j['source']}): {interval}; "
         f"cells: {per_cell}"
     )
+    return "\n".join([line, *(f"      flag: {f}" for f in j.get("flags", []))])
+
+
+def _context(result: dict[str, Any]) -> list[str]:
+    """Convergence of each setting's baseline and the preconditions, one line each."""
+    lines = ["convergence (the unregularized baseline's final training accuracy):"]
+    for cell, c in result.get("convergence", {}).items():
+        state = "in regime" if c["in_regime"] else "NOT in regime: not testable here"
+        lines.append(
+            f"  {cell}: {c['baseline']} {100 * c['train_acc']:.2f}% (loss "
+            f"{c['train_loss']:.3g}; needs ≥ {100 * c['threshold']:.0f}%): {state}"
+        )
+    for p in result.get("preconditions", []):
+        lines.append(
+            f"precondition: {p['text']}: measured {100 * p['measured']:+.2f} points "
+            f"(needs ≥ {100 * p['minimum']:+.2f}): {'met' if p['met'] else 'NOT MET'}"
+        )
+    return lines
 
 
 def format_report(result: dict[str, Any]) -> str:
@@ -107,17 +136,21 @@ def format_report(result: dict[str, Any]) -> str:
         if metric in reported:
             header.append(f"paper {name}")
         header.append(f"ours {name} (95% CI)")
-    header.append("coeff")
+    header += ["train acc [%]", "train loss (CE)", "coeff"]
     scales = {m: (s, " points" if s == 100 else "") for m, _, s in result["metrics"]}
     lines = [
         f"== {result['name']}: {result['title']} ==",
-        f"{result['seeds']} seeds; {result['seconds'] / 60:.1f} min",
+        f"budget {result.get('budget', 'cpu')!r}; {result['seeds']} seeds; "
+        f"{result['seconds'] / 60:.1f} min",
+        *([QUICK_WARNING] if result.get("budget") == "quick" else []),
         "scaled from the paper:",
         *[f"  - {s}" for s in result["scaling"]],
         f"coefficients: {result['coefficients']}",
         f"paper's numbers: {result['paper_note']}",
         "",
         _table(header, _rows(result)),
+        "",
+        *_context(result),
         "",
         "claims (" + RULE + "):",
     ]
