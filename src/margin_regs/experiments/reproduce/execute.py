@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -81,6 +82,20 @@ def _splits(setting: Setting, seeds: int) -> list[data.Dataset]:
         data.prepare(pooled, train_size=setting.train_size, seed=s)
         for s in range(seeds)
     ]
+
+
+def _commit() -> str | None:
+    """The source tree's git commit (``+dirty`` with uncommitted changes), if any."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        run = functools.partial(
+            subprocess.run, cwd=here, capture_output=True, text=True, timeout=10
+        )
+        head = run(["git", "rev-parse", "--short", "HEAD"]).stdout.strip()
+        dirty = run(["git", "status", "--porcelain", "--", "."]).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
 
 
 def _convergence(protocol: Protocol, results: dict) -> dict[str, dict[str, Any]]:
@@ -218,6 +233,7 @@ def run_protocol(protocol: Protocol, *, log: bool = True) -> dict[str, Any]:
         "judgements": [j.as_dict() for j in judgements],
         "seconds": time.perf_counter() - start,
         "estimate_seconds": estimate_seconds(protocol),
+        "commit": _commit(),
         "load_average_start": load_start,
         "load_average_end": list(os.getloadavg()),
         "cpus": os.cpu_count(),
