@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the same as --budget quick",
     )
     parser.add_argument(
+        "--mnist",
+        metavar="DIR",
+        help="the full MNIST (a folder with its four IDX files) instead of mnist5k; "
+        "the 'paper' budget's larger sizes need it",
+    )
+    parser.add_argument(
         "--out",
         default="margin_regs_reproduce",
         metavar="DIR",
@@ -101,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(QUICK_WARNING, flush=True)
     start = time.perf_counter()
     for protocol in protocols:
-        result = run_protocol(protocol)
+        result = run_protocol(protocol, mnist=args.mnist)
         print("\n" + format_report(result), flush=True)
         print("wrote " + ", ".join(write(result, args.out)), flush=True)
     print(f"\ntotal: {(time.perf_counter() - start) / 60:.1f} min", file=sys.stderr)
