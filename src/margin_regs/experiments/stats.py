@@ -18,6 +18,7 @@ import scipy.stats
 
 __all__ = ["Interval", "gap_threshold", "paired_difference", "t_quantile"]
 
+
 def t_quantile(df: int) -> float:
     """The 97.5% quantile of Student's t with ``df`` degrees of freedom.
 

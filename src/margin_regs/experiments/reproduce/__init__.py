@@ -21,7 +21,6 @@ from collections.abc import Sequence
 
 from margin_regs.experiments.reproduce.execute import estimate_seconds, run_protocol
 from margin_regs.experiments.reproduce.protocols import BUDGETS, PROTOCOLS, Protocol
-from margin_regs.experiments.reproduce.tables import QUICK_WARNING, format_report, write
 
 __all__ = ["BUDGETS", "PROTOCOLS", "Protocol", "build_parser", "main", "run_protocol"]
 
@@ -83,6 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
         "the 'paper' budget's larger sizes need it",
     )
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the cells OUT/NAME.partial.json holds (every trained cell is "
+        "saved there) and train only the rest",
+    )
+    parser.add_argument(
+        "--partial",
+        action="store_true",
+        help="train nothing: write NAME.json from OUT/NAME.partial.json's complete "
+        "settings (the rest listed as missing)",
+    )
+    parser.add_argument(
         "--out",
         default="margin_regs_reproduce",
         metavar="DIR",
@@ -93,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``margin-regs reproduce``; returns the exit status."""
+    # tables is imported here, so that ``python -m ...reproduce.tables`` runs it fresh.
+    from margin_regs.experiments.reproduce.tables import (
+        QUICK_WARNING,
+        format_report,
+        write,
+    )
+
     args = build_parser().parse_args(argv)
     names = list(PROTOCOLS) if args.name == "all" else [args.name]
     protocols = [PROTOCOLS[n](args.budget) for n in names]
@@ -107,7 +125,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(QUICK_WARNING, flush=True)
     start = time.perf_counter()
     for protocol in protocols:
-        result = run_protocol(protocol, mnist=args.mnist)
+        checkpoint = os.path.join(args.out, f"{protocol.name}.partial.json")
+        if not (args.resume or args.partial) and os.path.exists(checkpoint):
+            os.remove(checkpoint)
+        os.makedirs(args.out, exist_ok=True)
+        result = run_protocol(
+            protocol, mnist=args.mnist, checkpoint=checkpoint, train=not args.partial
+        )
         print("\n" + format_report(result), flush=True)
         print("wrote " + ", ".join(write(result, args.out)), flush=True)
     print(f"\ntotal: {(time.perf_counter() - start) / 60:.1f} min", file=sys.stderr)

@@ -13,7 +13,7 @@ import numpy as np
 
 from margin_regs.experiments.reproduce.verdicts import MIN_EFFECT, mean_interval
 
-__all__ = ["QUICK_WARNING", "RULE", "format_report", "plot", "write"]
+__all__ = ["QUICK_WARNING", "RULE", "format_report", "markdown", "plot", "write"]
 
 RULE = (
     "verdict rule: the per-seed paired difference (methods share data and "
@@ -215,3 +215,167 @@ def write(result: dict[str, Any], out: str) -> list[str]:
         json.dump(result, f, indent=1, allow_nan=True)
     plot(result, base + ".png")
     return [base + ".json", base + ".png"]
+
+
+def _paper_difference(result: dict[str, Any], j: dict[str, Any]) -> str:
+    """The paper's own difference for a claim (mean over its cells), where the
+    paper reports both methods' numbers."""
+    paper = {(p["cell"], p["method"], p["metric"]): p["value"] for p in result["paper"]}
+    scale = {m: s for m, _, s in result["metrics"]}.get(j["metric"], 1)
+    diffs = [
+        paper[(c, j["better"], j["metric"])] - paper[(c, j["worse"], j["metric"])]
+        for c in j["cells"]
+        if (c, j["better"], j["metric"]) in paper
+        and (c, j["worse"], j["metric"]) in paper
+    ]
+    if not diffs:
+        return "curves only" if not result["paper"] else "—"
+    sign = (
+        1 if j["metric"] not in ("gap", "acc_drop", "stable_rank", "sigma_max") else -1
+    )
+    return f"{sign * scale * float(np.mean(diffs)):+.2f}"
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return out + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _md_protocol(result: dict[str, Any]) -> list[str]:
+    header = ["setting", "method"]
+    reported = {p["metric"] for p in result["paper"]}
+    for metric, name, _ in result["metrics"]:
+        if metric in reported:
+            header.append(f"paper {name}")
+        header.append(f"ours {name}")
+    header += ["train acc [%]", "train loss (CE)", "coeff"]
+    load = result.get("load_average_start", [float("nan")])[0]
+    lines = [
+        f"## `{result['name']}`: {result['title']}",
+        "",
+        f"Budget `{result.get('budget')}`, {result['seeds']} seeds, "
+        f"{result['seconds'] / 60:.1f} min wall ({result.get('cpu_seconds', 0) / 60:.1f} "
+        f"min CPU; load average {load:.1f} at the start, "
+        f"{result.get('load_average_end', [float('nan')])[0]:.1f} at the end; "
+        f"printed estimate for idle cores {result.get('estimate_seconds', 0) / 60:.1f} "
+        f"min), commit `{result.get('commit')}`.",
+        "",
+        "Scaled from the paper: " + "; ".join(result["scaling"]) + ".",
+        "",
+        f"Coefficients: {result['coefficients']}. Paper: {result['paper_note']}.",
+        "",
+        *_md_table(header, _rows(result)),
+        "",
+        *[f"- {line.strip()}" for line in _context(result)[1:]],
+    ]
+    for name, value in result.get("diagnostics", {}).items():
+        lines.append(
+            f"- {name}: " + ", ".join(f"{k} {v:.3g}" for k, v in value.items())
+        )
+    rows = []
+    for j in result["judgements"]:
+        scale = {m: s for m, _, s in result["metrics"]}.get(j["metric"], 1)
+        d = j["difference"]
+        spec = "+.2f" if scale == 100 else "+.3g"
+        ours = (
+            f"{scale * d['mean']:{spec}}"
+            if d["low"] is None
+            else f"{scale * d['mean']:{spec}} [{scale * d['low']:{spec}}, "
+            f"{scale * d['high']:{spec}}]"
+        )
+        cells = ", ".join(f"{c}: {v['verdict']}" for c, v in j["cells"].items())
+        rows.append(
+            [j["text"], j["source"], _paper_difference(result, j), ours,
+             f"**{j['verdict']}**", cells]
+        )  # fmt: skip
+    lines += [
+        "",
+        *_md_table(
+            ["claim", "source", "paper Δ", "ours Δ [95% CI]", "verdict", "per setting"],
+            rows,
+        ),
+        "",
+    ]
+    return lines
+
+
+def markdown(results: list[dict[str, Any]], machine: str) -> str:
+    """The reproduction tables (markdown) of saved ``margin-regs reproduce`` runs.
+
+    Args:
+      results: what :func:`~.execute.run_protocol` returned, one per protocol.
+      machine: where they ran (cores, load), one line.
+
+    Returns:
+      The text of ``docs/reproductions.md``.
+    """
+    summary = []
+    for r in results:
+        counts: dict[str, int] = {}
+        for j in r["judgements"]:
+            counts[j["verdict"]] = counts.get(j["verdict"], 0) + 1
+        summary.append(
+            [f"`{r['name']}`", r.get("budget", "?"), f"{r['seconds'] / 60:.1f}",
+             f"{r.get('cpu_seconds', float('nan')) / 60:.1f}",
+             f"{r.get('load_average_start', [float('nan')])[0]:.1f}",
+             f"{r.get('estimate_seconds', float('nan')) / 60:.1f}",
+             ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))]
+        )  # fmt: skip
+    total = sum(r["seconds"] for r in results) / 60
+    lines = [
+        "# Reproductions",
+        "",
+        "Generated by `python -m margin_regs.experiments.reproduce.tables "
+        "benchmarks/results/reproduce docs/reproductions.md` from the committed JSON "
+        "of `margin-regs reproduce NAME --budget cpu`; no number here is typed by hand.",
+        "",
+        f"Machine: {machine}. Total wall time {total:.1f} min.",
+        "",
+        RULE[0].upper() + RULE[1:] + ".",
+        "",
+        *_md_table(
+            [
+                "protocol",
+                "budget",
+                "wall [min]",
+                "CPU [min]",
+                "load at start",
+                "estimate [min]",
+                "verdicts",
+            ],
+            summary,
+        ),
+        "",
+    ]
+    for r in results:
+        lines += _md_protocol(r)
+    return "\n".join(lines).replace("|  |", "| |") + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m margin_regs.experiments.reproduce.tables DIR OUT.md [MACHINE]``."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    folder, out = argv[0], argv[1]
+    machine = argv[2] if len(argv) > 2 else f"{os.cpu_count()} CPU cores"
+    order = [
+        "sokolic-fig2",
+        "sokolic-table1",
+        "zhao-fig2",
+        "yoshida-gap",
+        "ludwig-table2",
+    ]
+    results = []
+    for name in order:
+        path = os.path.join(folder, f"{name}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                results.append(json.load(f))
+    with open(out, "w") as f:
+        f.write(markdown(results, machine))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

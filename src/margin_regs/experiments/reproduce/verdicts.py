@@ -104,7 +104,9 @@ def verdict(
     if kind not in ("greater", "at_least"):
         raise ValueError(f'kind must be "greater" or "at_least", got {kind!r}')
     if not (tolerance >= 0 and min_effect >= 0):
-        raise ValueError(f"tolerance and min_effect must be ≥ 0: {tolerance}, {min_effect}")
+        raise ValueError(
+            f"tolerance and min_effect must be ≥ 0: {tolerance}, {min_effect}"
+        )
     if diff.low is None or not (math.isfinite(diff.low) and math.isfinite(diff.high)):
         return INCONCLUSIVE
     if zero_spread(diff):
