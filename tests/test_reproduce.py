@@ -60,11 +60,15 @@ CLAIM = Claim("A > B", "Table X", "a", "b", CELLS)
 
 def test_known_ordering_is_reproduced():
     base = np.array([0.90, 0.92, 0.91])
-    results = _results([base + 0.02, base + 0.031], [base, base + 0.001])
+    up = np.array([0.02, 0.025, 0.015])
+    results = _results([base + up, base + up + 0.011], [base, base + 0.001])
     j = judge(CLAIM, results)
     assert j.verdict == REPRODUCED
     assert all(v == REPRODUCED for v, _ in j.cells.values())
-    assert j.difference.mean == pytest.approx(np.mean([0.02, 0.03]))
+    assert j.difference.mean == pytest.approx(0.025)
+    assert (j.difference.low, j.difference.high) == pytest.approx(
+        _scipy_interval(up + 0.005), rel=1e-4
+    )
 
 
 def test_reversed_ordering_is_not_reproduced():
@@ -104,7 +108,7 @@ def test_an_undefined_measurement_gives_no_verdict():
     # A diverged run's spectrum is recorded as NaN: its cell, and the pooled claim,
     # stay inconclusive however clear the other cells are.
     base = np.array([0.90, 0.92, 0.91])
-    results = _results([base + 0.05, [np.nan, 0.5, 0.5]], [base, base])
+    results = _results([base + [0.05, 0.04, 0.06], [np.nan, 0.5, 0.5]], [base, base])
     j = judge(CLAIM, results)
     assert j.cells["n=256"][0] == REPRODUCED
     assert j.cells["n=1024"][0] == INCONCLUSIVE and j.verdict == INCONCLUSIVE
@@ -156,7 +160,8 @@ def test_a_zero_spread_difference_is_flagged_not_decided():
 
 def test_untestable_cells_are_left_out_of_the_pooled_verdict():
     base = np.array([0.90, 0.92, 0.91])
-    results = _results([[*base, 0.02, 0.03, 0.025], base - 0.05], [base, base])
+    up = base + np.array([0.02, 0.03, 0.025])
+    results = _results([up, base - 0.05], [base, base])
     j = judge(CLAIM, results, {"n=1024": "baseline at 90% training accuracy"})
     assert j.cells["n=1024"][0] == NOT_TESTABLE
     assert j.verdict == REPRODUCED
@@ -219,7 +224,7 @@ def _steps(setting, cell) -> int:
 def test_budget_tiers():
     for name, build in PROTOCOLS.items():
         quick, cpu, paper = (build(b) for b in BUDGETS)
-        assert all(c.config.epochs <= 2 for s in quick.settings for c in s.cells)
+        assert all(_steps(s, c) <= 16 for s in quick.settings for c in s.cells)
         assert all(s.train_size <= 256 for s in quick.settings)
         conv = any(c.config.model in CONV_MODELS for s in cpu.settings
                    for c in s.cells)  # fmt: skip
