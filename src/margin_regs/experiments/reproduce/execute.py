@@ -216,24 +216,26 @@ def _train_cells(protocol: Protocol, state: dict, log, mnist, checkpoint) -> Non
 
 
 def _restrict(protocol: Protocol, results: dict) -> Protocol:
-    """The protocol cut to its settings whose every cell trained (a partial run),
-    its claims to those settings (and derived cells only when all are present)."""
-    complete = [
-        s
-        for s in protocol.settings
-        if all(c.method in results.get(s.name, {}) for c in s.cells)
-    ]
-    if len(complete) == len(protocol.settings):
+    """The protocol cut to what a partial run trained: the settings whose baseline
+    trained, their trained cells, the claims whose two methods trained there (and
+    derived cells only when every setting is complete)."""
+    settings = []
+    for s in protocol.settings:
+        done = results.get(s.name, {})
+        if s.baseline in done:
+            cells = tuple(c for c in s.cells if c.method in done)
+            settings.append(dataclasses.replace(s, cells=cells))
+    if settings == list(protocol.settings):
         return protocol
-    names = {s.name for s in complete}
+    trained = {s.name: {c.method for c in s.cells} for s in settings}
     claims = []
     for c in protocol.claims:
-        kept = tuple(x for x in c.cells if x in names)
+        kept = tuple(x for x in c.cells if {c.better, c.worse} <= trained.get(x, set()))
         if kept and all(c.metric in results[x][c.better] for x in kept):
             claims.append(dataclasses.replace(c, cells=kept))
     return dataclasses.replace(
         protocol,
-        settings=tuple(complete),
+        settings=tuple(settings),
         claims=tuple(claims),
         preconditions=(),
         derive=None,
@@ -312,7 +314,12 @@ def run_protocol(
             for (c, m, k), v in protocol.paper.items()
         ],
         "results": results,
-        "missing": [s.name for s in full.settings if s not in protocol.settings],
+        "missing": [
+            f"{s.name} {c.method}"
+            for s in full.settings
+            for c in s.cells
+            if c.method not in results.get(s.name, {})
+        ],
         "convergence": convergence,
         "preconditions": preconditions,
         "diagnostics": diagnostics,

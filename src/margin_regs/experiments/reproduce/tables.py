@@ -143,6 +143,12 @@ def format_report(result: dict[str, Any]) -> str:
         f"budget {result.get('budget', 'cpu')!r}; {result['seeds']} seeds; "
         f"{result['seconds'] / 60:.1f} min",
         *([QUICK_WARNING] if result.get("budget") == "quick" else []),
+        *(
+            ["PARTIAL RUN, not trained (claims judged on what was): "
+             + ", ".join(result["missing"])]
+            if result.get("missing")
+            else []
+        ),
         "scaled from the paper:",
         *[f"  - {s}" for s in result["scaling"]],
         f"coefficients: {result['coefficients']}",
@@ -260,6 +266,13 @@ def _md_protocol(result: dict[str, Any]) -> list[str]:
         f"printed estimate for idle cores {result.get('estimate_seconds', 0) / 60:.1f} "
         f"min), commit `{result.get('commit')}`.",
         "",
+        *(
+            [f"**Partial run**: not trained before the deadline: "
+             f"{', '.join(result['missing'])}; the claims are judged on what was "
+             "(`margin-regs reproduce NAME --resume` continues it).", ""]
+            if result.get("missing")
+            else []
+        ),
         "Scaled from the paper: " + "; ".join(result["scaling"]) + ".",
         "",
         f"Coefficients: {result['coefficients']}. Paper: {result['paper_note']}.",
