@@ -108,7 +108,9 @@ def test_an_undefined_measurement_gives_no_verdict():
     # A diverged run's spectrum is recorded as NaN: its cell, and the pooled claim,
     # stay inconclusive however clear the other cells are.
     base = np.array([0.90, 0.92, 0.91])
-    results = _results([base + [0.05, 0.04, 0.06], [np.nan, 0.5, 0.5]], [base, base])
+    results = _results(
+        [base + np.array([0.05, 0.04, 0.06]), [np.nan, 0.5, 0.5]], [base, base]
+    )
     j = judge(CLAIM, results)
     assert j.cells["n=256"][0] == REPRODUCED
     assert j.cells["n=1024"][0] == INCONCLUSIVE and j.verdict == INCONCLUSIVE

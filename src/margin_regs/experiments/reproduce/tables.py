@@ -144,8 +144,10 @@ def format_report(result: dict[str, Any]) -> str:
         f"{result['seconds'] / 60:.1f} min",
         *([QUICK_WARNING] if result.get("budget") == "quick" else []),
         *(
-            ["PARTIAL RUN, not trained (claims judged on what was): "
-             + ", ".join(result["missing"])]
+            [
+                "PARTIAL RUN, not trained (claims judged on what was): "
+                + ", ".join(result["missing"])
+            ]
             if result.get("missing")
             else []
         ),
@@ -267,9 +269,12 @@ def _md_protocol(result: dict[str, Any]) -> list[str]:
         f"min), commit `{result.get('commit')}`.",
         "",
         *(
-            [f"**Partial run**: not trained before the deadline: "
-             f"{', '.join(result['missing'])}; the claims are judged on what was "
-             "(`margin-regs reproduce NAME --resume` continues it).", ""]
+            [
+                f"**Partial run**: not trained before the deadline: "
+                f"{', '.join(result['missing'])}; the claims are judged on what was "
+                "(`margin-regs reproduce NAME --resume` continues it).",
+                "",
+            ]
             if result.get("missing")
             else []
         ),
