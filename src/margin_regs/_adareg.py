@@ -65,14 +65,13 @@ both settings, and the README's Overhead section has the figures.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from margin_regs import _common, _layouts, _tree
+from margin_regs import _batching, _common, _layouts, _tree
 
 __all__ = [
     "AdaRegPrecisions",
@@ -276,7 +275,7 @@ def _complete(u: jax.Array) -> jax.Array:
 
 
 def _sweep(k: jax.Array, f: AdaRegPrecisions, lower, upper) -> AdaRegPrecisions:
-    """Alg. 1, lines 3–4, on ``(n, d, p)`` kernels, by SVDs of the factors.
+    """Alg. 1, lines 3–4, on a ``(d, p)`` kernel, by SVDs of the factors.
 
     ``Ω_out ← INVTHRESHOLD(Kᵀ Ω_in K, d)`` is read off the SVD of ``Ω_in^½ K`` and
     ``Ω_in ← INVTHRESHOLD(K Ω_out Kᵀ, p)`` off that of ``K Ω_out^½``: never a Gram
@@ -377,49 +376,37 @@ def _factors(kernels: list, treedef: Any, precisions: Any) -> list[AdaRegPrecisi
     )
 
 
-def _unbatch(k: jax.Array, f: AdaRegPrecisions) -> tuple[jax.Array, Any]:
-    batch = k.ndim - 2
-    return k.reshape(-1, *k.shape[-2:]), jax.tree.map(
-        lambda x: x.reshape(-1, *x.shape[batch:]), f
-    )
-
-
 def _guarded(k: jax.Array, old: AdaRegPrecisions, new: AdaRegPrecisions) -> Any:
     # A non-finite kernel (a diverged step) keeps its old precisions, so one bad
     # step cannot leave NaN in the optimizer state for good.
-    finite = jnp.all(jnp.isfinite(k), axis=(-2, -1))
+    finite = jnp.all(jnp.isfinite(k))
     for x in new:
-        finite &= jnp.all(jnp.isfinite(x.reshape(len(k), -1)), axis=-1)
-    return jax.tree.map(
-        lambda a, b: jnp.where(finite.reshape(-1, *[1] * (a.ndim - 1)), a, b), new, old
-    )
+        finite &= jnp.all(jnp.isfinite(x))
+    return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+
+@_batching.one_at_a_time
+def _sweep_one(k: jax.Array, f: AdaRegPrecisions, lower, upper) -> AdaRegPrecisions:
+    """:func:`_sweep` of one ``(d, p)`` matrix, guarded; a loop under ``vmap``.
+
+    A batch of matrices goes through LAPACK one at a time: two batched SVDs that
+    XLA runs at once can deadlock its CPU thread pool (see ``_batching``).
+    """
+    return _guarded(k, f, _sweep(k, f, lower, upper))
 
 
 def _solve(kernels: list, factors: list, lower: Any, upper: Any) -> list:
-    """One sweep for every kernel.
-
-    Same-shaped matrices, batch slices included, share one batched SVD per side.
-    """
-    new = list(factors)
-    groups: dict[tuple, list[int]] = {}
-    for i, k in enumerate(kernels):
-        groups.setdefault((k.shape[-2:], k.dtype), []).append(i)
-    for indices in groups.values():
-        flat = [_unbatch(kernels[i], factors[i]) for i in indices]
-        stack = jnp.concatenate([k for k, _ in flat])
-        old = jax.tree.map(lambda *xs: jnp.concatenate(xs), *[f for _, f in flat])
-        solved = _guarded(stack, old, _sweep(stack, old, lower, upper))
-        start = 0
-        for i, (k, _) in zip(indices, flat, strict=True):
-            new[i] = jax.tree.map(
-                functools.partial(_take, start=start, n=len(k)), solved, factors[i]
-            )
-            start += len(k)
+    """One sweep for every kernel, each matrix of a batched layout on its own."""
+    new = []
+    for k, f in zip(kernels, factors, strict=True):
+        d, p = k.shape[-2:]
+        flat = jax.tree.map(lambda x, n=k.ndim - 2: x.reshape(-1, *x.shape[n:]), f)
+        bounds = jnp.asarray(lower, k.dtype), jnp.asarray(upper, k.dtype)
+        solved = jax.vmap(_sweep_one, in_axes=(0, 0, None, None))(
+            k.reshape(-1, d, p), flat, *bounds
+        )
+        new.append(jax.tree.map(lambda x, like: x.reshape(like.shape), solved, f))
     return new
-
-
-def _take(x: jax.Array, like: jax.Array, *, start: int, n: int) -> jax.Array:
-    return x[start : start + n].reshape(like.shape)
 
 
 def _init(params: Any, layouts: Any, fn: str) -> AdaRegPrecisions:
@@ -531,8 +518,9 @@ def adareg_update_precisions(
     The eigenpairs come from SVDs of ``Ω_in^½ K`` and ``K Ω_out^½`` (not from the
     Gram matrices, whose small eigenvalues float32 loses), after dividing ``K`` by
     a power of two near ``max |K|``; singular values below ``8 · eps`` times the
-    largest count as zero (their precision is ``upper``). Same-shaped kernels share
-    one batched SVD. A kernel with non-finite entries keeps its old precisions.
+    largest count as zero (their precision is ``upper``). Matrices go through
+    LAPACK one at a time (batched CPU SVDs can deadlock XLA's thread pool). A
+    kernel with non-finite entries keeps its old precisions.
 
     Args:
       params: a pytree of parameters.
@@ -587,7 +575,8 @@ def adareg(
     re-solved from the params passed to ``update`` (the weights after
     ``update_every`` steps at fixed precisions) by
     :func:`adareg_update_precisions`; that step and the next ``update_every − 1``
-    use them. The re-solve runs under ``lax.cond``, so other steps skip the SVDs.
+    use them. The re-solve is a real branch, so other steps skip the SVDs, under
+    ``jax.vmap`` too (ensembles re-solve when any member is due).
     The term is computed from factored precisions (:class:`AdaRegPrecisions`):
     float32 stays within 1e-5 of float64 Alg. 1 whichever side is ill-conditioned.
 
@@ -672,10 +661,11 @@ def adareg(
         kernels, treedef = _matrices(params, layouts, "adareg")
         factors = _factors(kernels, treedef, state.precisions)
         resolve = (state.count > 0) & (state.count % update_every == 0)
-        factors = jax.lax.cond(
+        # a real branch under vmap too: the SVDs run only on re-solve steps
+        _, factors = _batching.periodic_cond(
             resolve,
-            lambda: _solve(kernels, factors, lower, upper),
-            lambda: factors,
+            lambda kf: (kf[0], _solve(*kf, lower, upper)),
+            (kernels, factors),
         )
         c = _common.coeff_at(coeff, state.count)
         _, _, ops, _ = _layouts.flatten_selected(params, layouts)
