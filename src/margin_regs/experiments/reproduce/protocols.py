@@ -297,7 +297,9 @@ def _lm_variance(ds) -> dict:
     """The one-class LM estimator's gradient against the exact all-class one."""
     from margin_regs.experiments.reproduce.estimator import lm_gradient_variance
 
-    return {"lm_estimator_gradient": lm_gradient_variance("cnn", ds.x_train[:32])}
+    return {
+        "lm_estimator_gradient": lm_gradient_variance("cnn", ds.x_train[:32], draws=32)
+    }
 
 
 # Sokolić et al., Fig. 2 -------------------------------------------------------------
