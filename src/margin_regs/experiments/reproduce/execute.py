@@ -23,16 +23,17 @@ from margin_regs.experiments.reproduce.verdicts import judge
 __all__ = ["estimate_seconds", "run_protocol"]
 
 # Wall µs per sample and training step on an idle 2-core CPU (convolutional models
-# at 14×14). Calibrated on one measurement: Sokolić Fig. 2's L=2 MLP at 110 epochs,
-# full grids, 3 seeds, n = 1,024 and 3,000 trained in 7.8 min (issue 26): 18 µs for
-# 784-392-392-10. The other models scale by their measured CPU time relative to it
-# (the Table I CNN: 5.4×) or by multiply-adds. Only for the estimate printed before
-# a run; the JSON records the measured wall and CPU time beside it.
+# at 14×14, batch 32 or 256). Dense models: a base cost times (1 + 64 / batch), small
+# batches using the cores less well; calibrated on this package's own cpu-budget
+# cells run at load average ≤ 4 (Ludwig's Keras MLP at batch 128: 54–62 s a cell) and
+# on Sokolić Fig. 2 at load 6–10 (L = 2, 3). Conv models: the Table I CNN's measured
+# CPU time relative to the MLP's (5.4×), not yet checked on idle cores. Only for the
+# estimate printed before a run; the JSON records the wall and CPU time beside it.
 _US_PER_SAMPLE = {
     "mlp1": 12.0,
     "mlp": 18.0,
-    "mlp3": 24.0,
-    "keras_mlp": 26.0,
+    "mlp3": 28.0,
+    "keras_mlp": 27.0,
     "cnn": 98.0,
     "cnn3": 113.0,
     "adareg_cnn": 41.0,
@@ -43,7 +44,7 @@ _COMPILE_S = {"conv": 8.0, "dense": 5.0}
 
 def _method_factor(description: str) -> float:
     """How much more a step costs than plain SGD (double backprop, two passes)."""
-    for marker, factor in (("LM", 3.0), ("Eigenvalue Decay, seed", 1.5),
+    for marker, factor in (("LM", 2.3), ("Eigenvalue Decay, seed", 1.5),
                            ("adversarial", 2.0), ("spectral", 1.2),
                            ("AdaReg", 1.2)):  # fmt: skip
         if marker in description:
@@ -68,13 +69,16 @@ def estimate_seconds(protocol: Protocol) -> float:
             batch = min(config.batch_size, n)
             steps = (n // batch) * config.epochs
             runs = len(cell.coeffs) * protocol.seeds
+            kind = "conv" if config.model in CONV_MODELS else "dense"
             per_sample = _US_PER_SAMPLE[config.model] * 1e-6
+            if kind == "dense":
+                per_sample *= 1 + 64 / batch
             factor = _method_factor(cell.recipe.description)
             total += runs * steps * batch * per_sample * factor
-            # Measuring: a forward pass (a third of a step) over train, val, test.
+            # Measuring: a forward pass over train, val and test (half a step's cost
+            # a sample: chunked, one program per epoch).
             measured = (n + 1400) * (config.epochs if setting.curves else 1)
-            total += runs * measured * per_sample / 3
-            kind = "conv" if config.model in CONV_MODELS else "dense"
+            total += runs * measured * per_sample / 2
             if kind == "conv":
                 total += runs * steps * _STEP_OVERHEAD_S
             programs.add((cell.recipe, config, n, kind))
