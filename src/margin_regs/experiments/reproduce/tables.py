@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -334,7 +335,10 @@ def _md_estimator(v: dict[str, Any]) -> list[str]:
 
 
 def markdown(
-    results: list[dict[str, Any]], machine: str, estimator: dict | None = None
+    results: list[dict[str, Any]],
+    machine: str,
+    estimator: dict | None = None,
+    not_run: Sequence[str] = (),
 ) -> str:
     """The reproduction tables (markdown) of saved ``margin-regs reproduce`` runs.
 
@@ -367,6 +371,11 @@ def markdown(
         "",
         f"Machine: {machine}. Total wall time {total:.1f} min.",
         "",
+        *(
+            [f"Not run at this budget yet (no JSON): {', '.join(not_run)}.", ""]
+            if not_run
+            else []
+        ),
         RULE[0].upper() + RULE[1:] + ".",
         "",
         *_md_table(
@@ -404,19 +413,21 @@ def main(argv: list[str] | None = None) -> int:
         "yoshida-gap",
         "ludwig-table2",
     ]
-    results = []
+    results, not_run = [], []
     for name in order:
         path = os.path.join(folder, f"{name}.json")
         if os.path.exists(path):
             with open(path) as f:
                 results.append(json.load(f))
+        else:
+            not_run.append(f"`{name}`")
     estimator = None
     path = os.path.join(folder, "lm_estimator_variance.json")
     if os.path.exists(path):
         with open(path) as f:
             estimator = json.load(f)
     with open(out, "w") as f:
-        f.write(markdown(results, machine, estimator))
+        f.write(markdown(results, machine, estimator, not_run))
     return 0
 
 
