@@ -12,6 +12,23 @@ def test_t_quantile_matches_scipy(df):
     assert stats.t_quantile(df) == pytest.approx(sp.t.ppf(0.975, df), rel=2e-4)
 
 
+# The Student's t table this module carried before it called scipy (ν = 1, 2, 3, 4,
+# 5, 10, 30): scipy.stats.t gives the same quantiles to 4 decimals.
+_FORMER_TABLE = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 5: 2.5706, 10: 2.2281,
+                 30: 2.0423}  # fmt: skip
+
+
+@pytest.mark.parametrize("df", sorted(_FORMER_TABLE))
+def test_t_quantile_keeps_the_former_table(df):
+    assert stats.t_quantile(df) == pytest.approx(_FORMER_TABLE[df], abs=1e-4)
+
+
+def test_gap_threshold_is_the_lowest_best_minus_a_point():
+    curves = [[0.5, 0.91, 0.9], [0.6, 0.87, 0.86], [0.2, 0.99]]
+    assert stats.gap_threshold(curves) == pytest.approx(0.86)
+    assert stats.gap_threshold([[0.005]]) == 0.0
+
+
 def test_paired_difference_matches_scipy_ttest_rel():
     rng = np.random.default_rng(0)
     control = rng.uniform(0.8, 0.9, 5)

@@ -67,7 +67,7 @@ def summarize(
       >>> s["vanilla"]["seeds"], s["vanilla"]["relative_time"]
       (2, 1.0)
     """
-    threshold = max(0.0, min(max(r.history["test_acc"]) for r in results) - 0.01)
+    threshold = stats.gap_threshold([r.history["test_acc"] for r in results])
     groups: dict[str, list[RunResult]] = {}
     for r in results:
         groups.setdefault(r.regularizer, []).append(r)

@@ -4,7 +4,7 @@ Every regularizer of a comparison trains on the same per-seed data split and
 initialization as vanilla, so its effect on seed ``s`` is the paired difference
 ``d_s = acc_reg(s) - acc_vanilla(s)``; the seed-to-seed spread that both runs share
 cancels. The mean difference carries Student's two-sided t-interval with ``S - 1``
-degrees of freedom; with one seed there is no interval.
+degrees of freedom (``scipy.stats.t``); with one seed there is no interval.
 """
 
 from __future__ import annotations
@@ -14,23 +14,15 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
+import scipy.stats
 
-__all__ = ["Interval", "paired_difference", "t_quantile"]
-
-# Two-sided 95% quantiles t_{0.975, ν} for ν = 1..30 (Student's t table).
-_T975 = (
-    12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
-    2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
-    2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423,
-)  # fmt: skip
-_Z975 = 1.959964
+__all__ = ["Interval", "gap_threshold", "paired_difference", "t_quantile"]
 
 
 def t_quantile(df: int) -> float:
     """The 97.5% quantile of Student's t with ``df`` degrees of freedom.
 
-    A table for ``df ≤ 30``; beyond, the Cornish-Fisher expansion around the normal
-    quantile (error below 1e-4 there).
+    ``scipy.stats.t.ppf(0.975, df)``.
 
     Args:
       df: degrees of freedom, ≥ 1.
@@ -43,20 +35,12 @@ def t_quantile(df: int) -> float:
 
     Example:
       >>> from margin_regs.experiments.stats import t_quantile
-      >>> t_quantile(2), round(t_quantile(1000), 3)
+      >>> round(t_quantile(2), 4), round(t_quantile(1000), 3)
       (4.3027, 1.962)
     """
-    if df < 1:
+    if not df >= 1:
         raise ValueError(f"df must be ≥ 1, got {df}")
-    if df <= len(_T975):
-        return _T975[df - 1]
-    z = _Z975
-    return (
-        z
-        + (z**3 + z) / (4 * df)
-        + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3)
-    )
+    return float(scipy.stats.t.ppf(0.975, df))
 
 
 class Interval(NamedTuple):
@@ -115,3 +99,24 @@ def paired_difference(treated: Sequence[float], control: Sequence[float]) -> Int
         return Interval(mean, None, None, 1)
     half = t_quantile(n - 1) * float(diff.std(ddof=1)) / math.sqrt(n)
     return Interval(mean, mean - half, mean + half, n)
+
+
+def gap_threshold(test_curves: Sequence[Sequence[float]]) -> float:
+    """Yoshida & Miyato's threshold ``α`` for comparing generalization gaps.
+
+    One ``α`` that every run's test accuracy exceeds at some point: the lowest best
+    test accuracy over the runs, minus one point (floored at 0), so that no method
+    looks good by barely fitting (:func:`margin_regs.generalization_gap`).
+
+    Args:
+      test_curves: each run's test accuracies over training.
+
+    Returns:
+      ``α`` in [0, 1].
+
+    Example:
+      >>> from margin_regs.experiments.stats import gap_threshold
+      >>> round(gap_threshold([[0.5, 0.9, 0.88], [0.7, 0.86]]), 4)
+      0.85
+    """
+    return max(0.0, min(float(np.max(c)) for c in test_curves) - 0.01)

@@ -1,20 +1,20 @@
 """Training one cell of a reproduction: a method, its coefficient(s), every seed.
 
-Built on the harness's pure :meth:`~margin_regs.experiments.training.Trainer.epoch`
-and :meth:`~margin_regs.experiments.training.Trainer.objective` (the coefficient
-may be traced). For dense models every (coefficient, seed) trains in one
-``vmap``-ed program, as ``margin-regs compare`` does. Convolutional models train one
-run at a time, one jitted call per step, through one compiled program per recipe
-and schedule: on XLA's CPU backend a ``vmap`` over per-seed conv kernels becomes a
-grouped convolution whose gradient is several times slower than the runs one by one
-(3 seeds of the Table I CNN: 7× one seed's epoch time), and a convolution inside a
-``lax.scan`` body about 10× slower than the same step jitted alone.
+Dense models train every (coefficient, seed) at once on the harness's vmapped grid
+program (:class:`~margin_regs.experiments.grid.GridTrainer`: its ``init``, its
+vmapped epoch and its :class:`~margin_regs.experiments.grid.GridMetrics`), measured
+at the end only (or after every epoch when a protocol needs curves), not after every
+epoch as ``margin-regs compare`` does. Convolutional models train one run at a time,
+one jitted call per step: on XLA's CPU backend a ``vmap`` over per-seed conv kernels
+becomes a grouped convolution whose gradient is several times slower than the runs
+one by one, and a convolution inside a ``lax.scan`` body about 10× slower than the
+same step jitted alone (1.3 s against 0.14 s for 8 steps of the Table I CNN).
 
-Unlike :func:`margin_regs.experiments.grid.train_grid`, a cell measures its runs
-only where the protocol needs it (at the end, or after every epoch for
-Yoshida & Miyato's generalization gap), which halves the cost of these small runs.
-Seed ``s`` draws its training subset with :func:`~margin_regs.experiments.data.prepare`
-and its initialization and minibatch order from ``jax.random.key(s)``, exactly as
+A cell's learning-rate schedule is the paper's: phases of ``(epochs, rate)``
+(Sokolić et al.: 30/30/30/20 epochs at 0.01 … 0.00001), else the harness's
+/10 after 1/2 and 3/4 of the steps. Seed ``s`` draws its training subset with
+:func:`~margin_regs.experiments.data.prepare` and its initialization and minibatch
+order from ``jax.random.key(s)``, exactly as
 :func:`~margin_regs.experiments.training.run` does, so every method of a cell is
 paired with the others seed by seed.
 """
@@ -25,7 +25,6 @@ import dataclasses
 import functools
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +38,11 @@ from margin_regs.experiments.recipes import Recipe
 __all__ = ["Cell", "CellResult", "downsample", "train_cell"]
 
 CONV_MODELS = frozenset({"cnn", "cnn3", "adareg_cnn"})
+# What every run reports at its end (the losses are the cross-entropy of the logits,
+# whatever loss trained them).
+FINAL = ("train_acc", "train_loss", "val_acc", "test_acc", "test_loss")
+
+Phases = tuple[tuple[int, float], ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,13 +54,25 @@ class Cell:
       recipe: how the method trains.
       coeffs: the coefficient grid; one value: fixed, several: the one with the best
         mean validation accuracy is reported (never the test set).
-      config: the schedule (model, epochs, batch size, learning rate).
+      config: the model, epochs, batch size and initial rate.
+      phases: ``((epochs, rate), ...)``, the paper's step schedule (their epochs
+        sum to ``config.epochs``); ``None``: the harness's.
     """
 
     method: str
     recipe: Recipe
     coeffs: tuple[float, ...]
     config: training.TrainConfig
+    phases: Phases | None = None
+
+    def __post_init__(self):
+        if self.phases is not None and (
+            sum(e for e, _ in self.phases) != self.config.epochs
+        ):
+            raise ValueError(
+                f"{self.method}: phases {self.phases} do not sum to "
+                f"{self.config.epochs} epochs"
+            )
 
 
 @dataclasses.dataclass
@@ -67,11 +83,12 @@ class CellResult:
       method: the cell's method.
       coeffs: the grid ``(C,)``.
       selected: index of the coefficient chosen on validation.
-      acc: ``{"train_acc"|"val_acc"|"test_acc": (C, S)}`` of the final params.
+      acc: ``{name: (C, S)}`` for every name of :data:`FINAL`, of the final params.
       classifier: ``{"sigma_max"|"stable_rank": (C, S)}`` of the classifier kernel.
-      curves: ``{"train_acc"|"test_acc": (C, S, E)}`` after every epoch (only when
-        asked for), else empty.
+      curves: ``{"train_acc_curve"|"test_acc_curve": (C, S, E)}`` (only when asked).
       seconds: wall time of the cell, compilation included.
+      cpu_seconds: the process's CPU time over the cell (every thread), which a
+        shared machine inflates far less than the wall time.
     """
 
     method: str
@@ -81,6 +98,7 @@ class CellResult:
     classifier: dict[str, np.ndarray]
     curves: dict[str, np.ndarray]
     seconds: float
+    cpu_seconds: float = float("nan")
 
     def at_selected(self) -> dict[str, list[float]]:
         """Per-seed measurements at the selected coefficient (lists, JSON-ready)."""
@@ -124,35 +142,34 @@ def downsample(dataset: Dataset, factor: int) -> Dataset:
     )
 
 
+class _PhasedTrainer(training.Trainer):
+    """A :class:`~margin_regs.experiments.training.Trainer` whose SGD follows the
+    paper's phases of ``(epochs, rate)`` instead of /10 after 1/2 and 3/4."""
+
+    def __init__(self, recipe, coeff, config, num_classes, train_size, phases):
+        super().__init__(recipe, coeff, config, num_classes, train_size)
+        boundaries, step, rate = {}, 0, phases[0][1]
+        for epochs, new_rate in phases:
+            if step:
+                boundaries[step] = new_rate / rate
+            step, rate = step + epochs * self.steps_per_epoch, new_rate
+        self.schedule = optax.piecewise_constant_schedule(phases[0][1], boundaries)
+        self.optimizer = self.make_optimizer(coeff)
+        self.train_epoch = jax.jit(functools.partial(self.epoch, coeff))
+
+
 @functools.cache
-def _programs(trainer: training.Trainer) -> tuple[Callable, Callable]:
-    """``init(coeffs, keys, x)`` and ``epoch(coeffs, state, x, y, keys)``, jitted,
-    ``vmap``-ed over coefficients (outer) and seeds (inner)."""
-
-    def init_one(coeff, key, x):
-        params = trainer.eval.init(key, x[:1])["params"]
-        return training.TrainState(params, trainer.make_optimizer(coeff).init(params))
-
-    init = jax.vmap(jax.vmap(init_one, (None, 0, 0)), (0, None, None))
-    epoch = jax.vmap(trainer.epoch, (None, 0, 0, 0, 0))
-    epoch = jax.vmap(epoch, (0, 0, None, None, None))
-    return jax.jit(init), jax.jit(epoch)
-
-
-def _stack(splits: Sequence[Dataset], name: str) -> jax.Array:
-    return jnp.asarray(np.stack([getattr(ds, name) for ds in splits]))
-
-
-def _trainer(cell: Cell, num_classes: int, n: int) -> training.Trainer:
+def _grid_trainer(cell: Cell, num_classes: int, n: int) -> grid.GridTrainer:
     # The coefficient is traced in the programs, so every cell of a recipe and
-    # schedule shares one trainer (and its compilation), whatever its grid; "no
-    # regularization" as the weight-decay recipe at 0 shares weight decay's. Only a
+    # schedule shares one program (and its compilation), whatever its grid; only a
     # dropout rate shapes the model.
-    if cell.recipe.dropout:
-        static = cell.coeffs[0]
-    else:
-        static = 0.0 if cell.recipe.coeff is None else cell.recipe.coeff
-    return training.get_trainer(cell.recipe, static, cell.config, num_classes, n)
+    static = cell.coeffs[0] if cell.recipe.dropout else cell.recipe.coeff
+    if cell.phases is None:
+        return grid.get_grid_trainer(cell.recipe, cell.config, num_classes, n, static)
+    trainer = _PhasedTrainer(
+        cell.recipe, static, cell.config, num_classes, n, cell.phases
+    )
+    return grid.GridTrainer(trainer, None)
 
 
 @functools.cache
@@ -172,12 +189,7 @@ def _step_program(trainer: training.Trainer) -> Callable:
 
 def _stepwise_epoch(trainer: training.Trainer, coeff, state, x, y, key):
     """:meth:`~margin_regs.experiments.training.Trainer.epoch` (the same minibatch
-    order and keys) as one jitted call per step instead of one ``lax.scan``.
-
-    On XLA's CPU backend a convolution inside the scan's loop body runs about 10×
-    slower than the same step jitted on its own (measured here on the Table I CNN:
-    1.3 s against 0.14 s for 8 steps), so the conv models step from Python.
-    """
+    order and keys) as one jitted call per step instead of one ``lax.scan``."""
     step = _step_program(trainer)
     k_order, k_steps = jax.random.split(key)
     b, steps = trainer.batch_size, trainer.steps_per_epoch
@@ -189,58 +201,36 @@ def _stepwise_epoch(trainer: training.Trainer, coeff, state, x, y, key):
     return state
 
 
-def _train(cell: Cell, coeffs, splits: Sequence[Dataset], seeds, measure_epoch) -> Any:
-    """Params ``(C, S, ...)`` after training; ``measure_epoch(epoch, params)``."""
-    trainer = _trainer(cell, splits[0].num_classes, len(splits[0].x_train))
-    init, epoch = _programs(trainer)
-    coeffs = jnp.asarray(coeffs, jnp.float32)
+def _train(gt: grid.GridTrainer, coeffs, data: grid.SeedData, seeds, cell, measure):
+    """Train every (coefficient, seed) of ``coeffs × seeds``: one vmapped program
+    for dense models, one run per call for conv models; ``measure(e, params)``
+    after every epoch. Returns the final params ``(C, S, ...)``."""
     keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s)))(jnp.asarray(seeds))
-    x, y = _stack(splits, "x_train"), _stack(splits, "y_train")
-    state = init(coeffs, keys[:, 0], x)
+    params = gt.metrics.init_params(keys[:, 0], data.x_train)
+    state = gt.init(coeffs, params).train
     stepwise = cell.config.model in CONV_MODELS
-    if stepwise:  # one run per call (see _programs_of)
+    if stepwise:  # one run (the caller passes one coefficient and one seed)
         state = jax.tree.map(lambda leaf: leaf[0, 0], state)
-        x_np, y_np = splits[0].x_train, splits[0].y_train
+        x, y = np.asarray(data.x_train[0]), np.asarray(data.y_train[0])
     for e in range(cell.config.epochs):
         epoch_keys = jax.vmap(jax.random.fold_in, (0, None))(keys[:, 1], e)
         if stepwise:
-            state = _stepwise_epoch(
-                trainer, coeffs[0], state, x_np, y_np, epoch_keys[0]
-            )
-            measure_epoch(e, jax.tree.map(lambda leaf: leaf[None, None], state.params))
+            state = _stepwise_epoch(gt.trainer, coeffs[0], state, x, y, epoch_keys[0])
+            params = jax.tree.map(lambda leaf: leaf[None, None], state.params)
         else:
-            state, _ = epoch(coeffs, state, x, y, epoch_keys)
-            measure_epoch(e, state.params)
-    if stepwise:
-        return jax.tree.map(lambda leaf: leaf[None, None], state.params)
-    return state.params
+            state, _ = gt._train(coeffs, state, data.x_train, data.y_train, epoch_keys)
+            params = state.params
+        measure(e, params)
+    return params
 
 
-class _Program(NamedTuple):
-    """Which runs one call of the compiled program trains."""
-
-    coeff_index: list[int]
-    seed_index: list[int]
-    splits: list[Dataset]
-    seeds: list[int]
-
-
-def _programs_of(cell: Cell, splits: Sequence[Dataset], seeds: Sequence[int]):
-    """Every (coefficient, seed) at once, or one run per call for conv models."""
+def _runs(cell: Cell, seeds: Sequence[int]):
+    """``(coefficient indices, seed indices)`` trained per call: all of them at
+    once for dense models, one by one for conv models."""
+    c_all, s_all = list(range(len(cell.coeffs))), list(range(len(seeds)))
     if cell.config.model not in CONV_MODELS:
-        return [
-            _Program(
-                list(range(len(cell.coeffs))),
-                list(range(len(seeds))),
-                [*splits],
-                [*seeds],
-            )
-        ]
-    return [
-        _Program([c], [i], [ds], [s])
-        for c in range(len(cell.coeffs))
-        for i, (ds, s) in enumerate(zip(splits, seeds, strict=True))
-    ]
+        return [(c_all, s_all)]
+    return [([c], [s]) for c in c_all for s in s_all]
 
 
 def train_cell(
@@ -270,62 +260,53 @@ def train_cell(
     seeds = list(range(len(splits))) if seeds is None else list(seeds)
     if cell.recipe.dropout and len(cell.coeffs) != 1:
         raise ValueError(f"{cell.method}: a dropout rate shapes the model; give one")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    gt = _grid_trainer(cell, splits[0].num_classes, len(splits[0].x_train))
     evaluator = training.get_evaluator(cell.config.model, splits[0].num_classes)
     shape = (len(cell.coeffs), len(seeds))
-    out = {
-        k: np.zeros(shape)
-        for k in ("train_acc", "val_acc", "test_acc", "sigma_max", "stable_rank")
-    }
+    out = {k: np.zeros(shape) for k in (*FINAL, "sigma_max", "stable_rank")}
     history = {k: np.zeros((*shape, cell.config.epochs)) for k in ("train", "test")}
-    for program in _programs_of(cell, splits, seeds):
+    for c_index, s_index in _runs(cell, seeds):
+        data = grid.stack_splits([splits[i] for i in s_index])
+        at = np.ix_(c_index, s_index)
 
-        def measure_epoch(e, params, program=program):
+        def measure(e, params, data=data, at=at):
             if curves:
-                for c, i, ds, p in _each_run(params, program):
-                    for split in history:
-                        history[split][c, i, e] = _accuracy(evaluator, p, ds, split)
+                m = jax.device_get(gt.metrics.measure(params, data))
+                for split in history:
+                    history[split][(*at, e)] = m[f"{split}_acc"]
             if on_epoch is not None:
                 on_epoch()
 
-        coeffs = [cell.coeffs[c] for c in program.coeff_index]
-        params = _train(cell, coeffs, program.splits, program.seeds, measure_epoch)
-        for c, i, ds, p in _each_run(params, program):
-            for split in ("train", "val", "test"):
-                out[f"{split}_acc"][c, i] = _accuracy(evaluator, p, ds, split)
-            sigmas, ranks = evaluator.layer_stats(p)
-            finite = all(
-                bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(p)
-            )
-            # A diverged run's weights have no spectrum (mr.stable_ranks reports 0
-            # for a NaN kernel): record it as undefined, so no verdict rests on it.
-            out["sigma_max"][c, i] = _classifier_value(sigmas) if finite else np.nan
-            out["stable_rank"][c, i] = _classifier_value(ranks) if finite else np.nan
+        coeffs = jnp.asarray([cell.coeffs[c] for c in c_index], jnp.float32)
+        params = _train(gt, coeffs, data, [seeds[i] for i in s_index], cell, measure)
+        final = jax.device_get(gt.metrics.measure(params, data))
+        for k in FINAL:
+            out[k][at] = final[k]
+        for a, c in enumerate(c_index):
+            for b, i in enumerate(s_index):
+                p = jax.tree.map(lambda leaf, a=a, b=b: leaf[a, b], params)
+                out["sigma_max"][c, i], out["stable_rank"][c, i] = _spectrum(
+                    evaluator, p
+                )
     return CellResult(
         method=cell.method,
         coeffs=np.asarray(cell.coeffs, float),
         selected=grid.select(out["val_acc"]),
-        acc={k: out[k] for k in ("train_acc", "val_acc", "test_acc")},
+        acc={k: out[k] for k in FINAL},
         classifier={k: out[k] for k in ("sigma_max", "stable_rank")},
         curves={f"{k}_acc_curve": v for k, v in history.items()} if curves else {},
         seconds=time.perf_counter() - start,
+        cpu_seconds=time.process_time() - cpu_start,
     )
 
 
-def _each_run(params: Any, program: _Program):
-    """``(coefficient index, seed index, data, params)`` of every run of a call."""
-    for a, c in enumerate(program.coeff_index):
-        for b, (i, ds) in enumerate(
-            zip(program.seed_index, program.splits, strict=True)
-        ):
-            yield c, i, ds, jax.tree.map(lambda leaf, a=a, b=b: leaf[a, b], params)
-
-
-def _accuracy(evaluator, params, ds: Dataset, split: str) -> float:
-    x, y = getattr(ds, f"x_{split}"), getattr(ds, f"y_{split}")
-    return evaluator.evaluate(params, x, y)[1]
-
-
-def _classifier_value(per_layer: dict[str, jax.Array]) -> float:
-    (value,) = [float(v) for k, v in per_layer.items() if "classifier" in k]
-    return value
+def _spectrum(evaluator, params) -> tuple[float, float]:
+    """The classifier kernel's σ_max and stable rank; NaN for a diverged run (its
+    weights have no spectrum, so no verdict rests on it)."""
+    if not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(params)):
+        return np.nan, np.nan
+    sigmas, ranks = evaluator.layer_stats(params)
+    (sigma,) = [float(v) for k, v in sigmas.items() if "classifier" in k]
+    (rank,) = [float(v) for k, v in ranks.items() if "classifier" in k]
+    return sigma, rank

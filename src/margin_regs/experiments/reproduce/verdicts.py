@@ -5,20 +5,28 @@ or more *cells* (a training-set size, a depth, a loss). Every method of a cell t
 on the same per-seed data and initialization, so the evidence is the paired
 difference ``d_s = A(s) - B(s)`` over seeds ``s`` (signed so that positive favours
 the claim: for a smaller-is-better metric, ``B(s) - A(s)``), with its 95%
-t-interval (:func:`margin_regs.experiments.stats.paired_difference`).
+t-interval (``scipy.stats.t``, :func:`margin_regs.experiments.stats.paired_difference`).
 
 The rule, per cell and for the claim as a whole (the claim's ``d_s`` is the mean of
-its cells' ``d_s``, i.e. "on average over the settings the paper tested"):
+its testable cells' ``d_s``, i.e. "on average over the settings the paper tested"):
 
-* a *strict* claim ("A > B") is **reproduced** when the interval lies above 0, **not
-  reproduced** when it lies below 0 (the ordering is reversed beyond the seed
-  noise), and **inconclusive** otherwise (the interval contains 0);
-* an *at least* claim ("A ≥ B", e.g. "WD always outperforms or is at least as good
-  as no regularization") is **reproduced** when the interval lies above
-  ``-tolerance`` (A is not worse by more than the tolerance), **not reproduced**
-  when it lies below 0 and reaches below ``-tolerance``, **inconclusive** otherwise.
-
-With one seed there is no interval, and every verdict is inconclusive.
+* **not testable here**: the cell's unregularized baseline did not reach the regime
+  the paper trains to (e.g. it does not fit the training set), or the phenomenon the
+  claim is about did not appear (a failed precondition); a claim none of whose cells
+  is testable is not testable;
+* **inconclusive**: fewer than two seeds, an undefined measurement, a
+  *zero-spread* difference (every seed differs by exactly the same amount: the
+  interval is a point, which is no evidence of a definite ordering; flagged), or an
+  interval containing 0 that is not inside ``±min_effect``;
+* **negligible**: the interval lies inside ``(-min_effect, +min_effect)``, or it
+  excludes 0 but the mean difference is smaller in size than ``min_effect``
+  (:data:`MIN_EFFECT`: 0.2 points of accuracy);
+* a *strict* claim ("A > B") is **reproduced** when the interval lies above 0 and
+  the mean is at least ``min_effect``, **not reproduced** when the interval lies
+  below 0 and the mean is at most ``-min_effect``;
+* an *at least* claim ("A ≥ B") is **reproduced** when the interval lies above
+  ``-tolerance``, **not reproduced** when it lies below 0 and reaches below
+  ``-tolerance``, **inconclusive** otherwise.
 """
 
 from __future__ import annotations
@@ -34,8 +42,12 @@ from margin_regs.experiments.stats import Interval, paired_difference, t_quantil
 
 __all__ = [
     "INCONCLUSIVE",
+    "MIN_EFFECT",
+    "NEGLIGIBLE",
     "NOT_REPRODUCED",
+    "NOT_TESTABLE",
     "REPRODUCED",
+    "VERDICTS",
     "Claim",
     "Judgement",
     "judge",
@@ -46,11 +58,25 @@ __all__ = [
 REPRODUCED = "reproduced"
 NOT_REPRODUCED = "not reproduced"
 INCONCLUSIVE = "inconclusive"
+NEGLIGIBLE = "negligible"
+NOT_TESTABLE = "not testable here"
+VERDICTS = (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, NEGLIGIBLE, NOT_TESTABLE)
+MIN_EFFECT = 0.002  # 0.2 points of accuracy
 
 Kind = Literal["greater", "at_least"]
 
 
-def verdict(diff: Interval, kind: Kind = "greater", tolerance: float = 0.0) -> str:
+def zero_spread(diff: Interval) -> bool:
+    """Whether an interval of several seeds has no width (every difference equal)."""
+    return diff.low is not None and diff.high - diff.low <= 1e-12
+
+
+def verdict(
+    diff: Interval,
+    kind: Kind = "greater",
+    tolerance: float = 0.0,
+    min_effect: float = MIN_EFFECT,
+) -> str:
     """The verdict on "A > B" (or "A ≥ B") from the paired difference ``A - B``.
 
     Args:
@@ -59,32 +85,44 @@ def verdict(diff: Interval, kind: Kind = "greater", tolerance: float = 0.0) -> s
       kind: ``"greater"`` (strict) or ``"at_least"`` (non-inferiority).
       tolerance: for ``"at_least"``, how much worse A may be and still count as
         "at least as good" (the metric's units, e.g. 0.005 accuracy).
+      min_effect: the smallest difference that counts (the metric's units).
 
     Returns:
-      :data:`REPRODUCED`, :data:`NOT_REPRODUCED` or :data:`INCONCLUSIVE`.
+      One of :data:`VERDICTS` other than :data:`NOT_TESTABLE`.
 
     Raises:
-      ValueError: for an unknown ``kind`` or a negative ``tolerance``.
+      ValueError: for an unknown ``kind`` or a negative ``tolerance``/``min_effect``.
 
     Example:
       >>> from margin_regs.experiments.stats import Interval
       >>> from margin_regs.experiments.reproduce.verdicts import verdict
-      >>> verdict(Interval(0.02, 0.01, 0.03, 3)), verdict(Interval(0.02, -0.01, 0.05, 3))
+      >>> verdict(Interval(0.02, 0.01, 0.03, 5)), verdict(Interval(0.02, -0.01, 0.05, 5))
       ('reproduced', 'inconclusive')
-      >>> verdict(Interval(-0.001, -0.003, 0.001, 3), "at_least", tolerance=0.005)
-      'reproduced'
+      >>> verdict(Interval(0.001, 0.0005, 0.0015, 5))
+      'negligible'
     """
     if kind not in ("greater", "at_least"):
         raise ValueError(f'kind must be "greater" or "at_least", got {kind!r}')
-    if not tolerance >= 0:
-        raise ValueError(f"tolerance must be ≥ 0, got {tolerance}")
-    if diff.low is None or diff.high is None:
+    if not (tolerance >= 0 and min_effect >= 0):
+        raise ValueError(
+            f"tolerance and min_effect must be ≥ 0: {tolerance}, {min_effect}"
+        )
+    if diff.low is None or not (math.isfinite(diff.low) and math.isfinite(diff.high)):
         return INCONCLUSIVE
-    floor = 0.0 if kind == "greater" else -tolerance
-    if diff.low > floor:
-        return REPRODUCED
-    if diff.high < 0 and diff.low < floor:
-        return NOT_REPRODUCED
+    if zero_spread(diff):
+        return INCONCLUSIVE
+    if kind == "at_least":
+        if diff.low > -tolerance:
+            return REPRODUCED
+        if diff.high < 0:
+            return NOT_REPRODUCED
+        return INCONCLUSIVE
+    if -min_effect < diff.low and diff.high < min_effect:
+        return NEGLIGIBLE
+    if diff.low > 0 or diff.high < 0:
+        if abs(diff.mean) < min_effect:
+            return NEGLIGIBLE
+        return REPRODUCED if diff.low > 0 else NOT_REPRODUCED
     return INCONCLUSIVE
 
 
@@ -102,6 +140,7 @@ class Claim:
       higher_is_better: the metric's sense (a generalization gap: ``False``).
       kind: ``"greater"`` or ``"at_least"``.
       tolerance: for ``"at_least"``, see :func:`verdict`.
+      min_effect: the smallest difference that counts, in the metric's units.
     """
 
     text: str
@@ -113,16 +152,22 @@ class Claim:
     higher_is_better: bool = True
     kind: Kind = "greater"
     tolerance: float = 0.0
+    min_effect: float = MIN_EFFECT
 
 
 @dataclasses.dataclass(frozen=True)
 class Judgement:
-    """A claim's verdict, overall and per cell, with the intervals behind them."""
+    """A claim's verdict, overall and per cell, with the intervals behind them.
+
+    ``flags`` says why a verdict is not definite (a zero-spread difference, cells
+    not testable here and why).
+    """
 
     claim: Claim
     verdict: str
     difference: Interval
     cells: dict[str, tuple[str, Interval]]
+    flags: tuple[str, ...] = ()
 
     def as_dict(self) -> dict:
         """JSON-ready fields."""
@@ -134,7 +179,9 @@ class Judgement:
             "metric": self.claim.metric,
             "kind": self.claim.kind,
             "tolerance": self.claim.tolerance,
+            "min_effect": self.claim.min_effect,
             "verdict": self.verdict,
+            "flags": list(self.flags),
             "difference": self.difference._asdict(),
             "cells": {
                 c: {"verdict": v, "difference": d._asdict()}
@@ -146,13 +193,16 @@ class Judgement:
 Results = Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]]
 
 
-def judge(claim: Claim, results: Results) -> Judgement:
-    """Apply :func:`verdict` to a claim, per cell and pooled over its cells.
+def judge(
+    claim: Claim, results: Results, untestable: Mapping[str, str] | None = None
+) -> Judgement:
+    """Apply :func:`verdict` to a claim, per cell and pooled over its testable cells.
 
     Args:
       claim: the claim.
       results: ``results[cell][method][metric]`` is one value per seed (the same
         seeds, in the same order, for every method of a cell).
+      untestable: ``{cell: why}`` for the cells judged :data:`NOT_TESTABLE`.
 
     Returns:
       A :class:`Judgement`.
@@ -167,6 +217,7 @@ def judge(claim: Claim, results: Results) -> Judgement:
       >>> judge(Claim("LM > WD", "Table I", "lm", "wd", ("n=256",)), results).verdict
       'reproduced'
     """
+    untestable = dict(untestable or {})
     sign = 1.0 if claim.higher_is_better else -1.0
     per_cell = {}
     for cell in claim.cells:
@@ -178,14 +229,25 @@ def judge(claim: Claim, results: Results) -> Judgement:
                 f"claim {claim.text!r}: results lack {e.args[0]!r} in cell {cell!r}"
             ) from None
         per_cell[cell] = sign * (np.asarray(a, float) - np.asarray(b, float))
-    cells = {}
+    rule = (claim.kind, claim.tolerance, claim.min_effect)
+    cells, flags = {}, []
     for cell, d in per_cell.items():
         diff = paired_difference(d, np.zeros_like(d))
-        cells[cell] = (verdict(diff, claim.kind, claim.tolerance), diff)
+        if cell in untestable:
+            cells[cell] = (NOT_TESTABLE, diff)
+            flags.append(f"{cell}: not testable here ({untestable[cell]})")
+        else:
+            cells[cell] = (verdict(diff, *rule), diff)
+            if zero_spread(diff):
+                flags.append(f"{cell}: zero spread (every seed differs equally)")
+    testable = [d for c, d in per_cell.items() if c not in untestable]
     pooled = paired_difference(
-        np.mean(list(per_cell.values()), axis=0), np.zeros(len(d))
+        np.mean(testable or list(per_cell.values()), axis=0), np.zeros(len(d))
     )
-    return Judgement(claim, verdict(pooled, claim.kind, claim.tolerance), pooled, cells)
+    overall = verdict(pooled, *rule) if testable else NOT_TESTABLE
+    if testable and zero_spread(pooled):
+        flags.append("pooled: zero spread (every seed differs equally)")
+    return Judgement(claim, overall, pooled, cells, tuple(flags))
 
 
 def mean_interval(values: Sequence[float]) -> tuple[float, float | None]:
