@@ -154,7 +154,6 @@ class _PhasedTrainer(training.Trainer):
                 boundaries[step] = new_rate / rate
             step, rate = step + epochs * self.steps_per_epoch, new_rate
         self.schedule = optax.piecewise_constant_schedule(phases[0][1], boundaries)
-        self.optimizer = self.make_optimizer(coeff)
         self.train_epoch = jax.jit(functools.partial(self.epoch, coeff))
 
 
@@ -169,36 +168,7 @@ def _grid_trainer(cell: Cell, num_classes: int, n: int) -> grid.GridTrainer:
     trainer = _PhasedTrainer(
         cell.recipe, static, cell.config, num_classes, n, cell.phases
     )
-    return grid.GridTrainer(trainer, None)
-
-
-@functools.cache
-def _step_program(trainer: training.Trainer) -> Callable:
-    """One jitted SGD step ``(coeff, state, x, y, key) -> state``."""
-
-    def step(coeff, state, x, y, key):
-        grads = jax.grad(trainer.objective, argnums=1)(coeff, state.params, x, y, key)
-        optimizer = trainer.make_optimizer(coeff)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        return training.TrainState(
-            optax.apply_updates(state.params, updates), opt_state
-        )
-
-    return jax.jit(step)
-
-
-def _stepwise_epoch(trainer: training.Trainer, coeff, state, x, y, key):
-    """:meth:`~margin_regs.experiments.training.Trainer.epoch` (the same minibatch
-    order and keys) as one jitted call per step instead of one ``lax.scan``."""
-    step = _step_program(trainer)
-    k_order, k_steps = jax.random.split(key)
-    b, steps = trainer.batch_size, trainer.steps_per_epoch
-    order = np.asarray(jax.random.permutation(k_order, x.shape[0]))
-    keys = jax.random.split(k_steps, steps)
-    for i in range(steps):
-        idx = order[i * b : (i + 1) * b]
-        state = step(coeff, state, x[idx], y[idx], keys[i])
-    return state
+    return grid.GridTrainer(trainer, None, stepwise=False)
 
 
 def _train(gt: grid.GridTrainer, coeffs, data: grid.SeedData, seeds, cell, measure):
@@ -206,7 +176,7 @@ def _train(gt: grid.GridTrainer, coeffs, data: grid.SeedData, seeds, cell, measu
     for dense models, one run per call for conv models; ``measure(e, params)``
     after every epoch. Returns the final params ``(C, S, ...)``."""
     keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s)))(jnp.asarray(seeds))
-    params = gt.metrics.init_params(keys[:, 0], data.x_train)
+    params = gt.eval.init_seeds(keys[:, 0], data.x_train)
     state = gt.init(coeffs, params).train
     stepwise = cell.config.model in CONV_MODELS
     if stepwise:  # one run (the caller passes one coefficient and one seed)
@@ -215,7 +185,7 @@ def _train(gt: grid.GridTrainer, coeffs, data: grid.SeedData, seeds, cell, measu
     for e in range(cell.config.epochs):
         epoch_keys = jax.vmap(jax.random.fold_in, (0, None))(keys[:, 1], e)
         if stepwise:
-            state = _stepwise_epoch(gt.trainer, coeffs[0], state, x, y, epoch_keys[0])
+            state, _ = gt.trainer.stepwise_epoch(coeffs[0], state, x, y, epoch_keys[0])
             params = jax.tree.map(lambda leaf: leaf[None, None], state.params)
         else:
             state, _ = gt._train(coeffs, state, data.x_train, data.y_train, epoch_keys)
@@ -272,7 +242,7 @@ def train_cell(
 
         def measure(e, params, data=data, at=at):
             if curves:
-                m = jax.device_get(gt.metrics.measure(params, data))
+                m = jax.device_get(gt.eval.grid_metrics(params, data))
                 for split in history:
                     history[split][(*at, e)] = m[f"{split}_acc"]
             if on_epoch is not None:
@@ -280,7 +250,7 @@ def train_cell(
 
         coeffs = jnp.asarray([cell.coeffs[c] for c in c_index], jnp.float32)
         params = _train(gt, coeffs, data, [seeds[i] for i in s_index], cell, measure)
-        final = jax.device_get(gt.metrics.measure(params, data))
+        final = jax.device_get(gt.eval.grid_metrics(params, data))
         for k in FINAL:
             out[k][at] = final[k]
         for a, c in enumerate(c_index):
