@@ -518,4 +518,6 @@ def test_warm_start_is_exact_on_a_clustered_spectrum(rng):
     layouts = {"conv": {"kernel": mr.ConvOperator(**kwargs)}}
     state = mr.init_power_iteration(params, 0, weight_dimension_numbers=layouts)
     value, _ = mr.spectral_norm_penalty(params, state, weight_dimension_numbers=layouts)
-    np.testing.assert_allclose(value, expected[0] ** 2 / 2, rtol=2e-6)
+    # 4e-6 in ½σ² is 2e-6 in σ: float32 rounding of the operator (2.6e-6 measured at
+    # the jax floor), a third of what a random start leaves (1.2e-5 in ½σ²).
+    np.testing.assert_allclose(value, expected[0] ** 2 / 2, rtol=4e-6)
