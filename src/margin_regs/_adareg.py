@@ -546,12 +546,8 @@ def adareg(
     so the other steps skip the SVDs. The default period, 500 steps, is the paper's
     inner block (30–50 epochs of 600–6,000 samples at batch 256).
 
-    **Stability.** The term's curvature reaches ``2 · coeff · upper²``: SGD at rate
-    ``lr`` needs ``coeff · lr < 1 / upper²`` (heavy-ball β: ``(1 + β) / upper²``;
-    Nesterov: ``(1 + β) / ((1 + 2β) upper²)``). The default box ``[0.1, 10]`` keeps
-    the paper's ``lower · upper = 1`` and is stable for ``coeff · lr < 1e-2``; the
-    former ``[1e-3, 1e3]`` needed ``coeff · lr < 1e-6`` (and diverged on
-    ``margin-regs reproduce zhao-fig2``). Pass a wider box with a smaller step.
+    **Stability**: SGD needs ``coeff · lr < 1 / upper²`` (``docs/guides/layouts.md``,
+    "AdaReg's box"); the default box ``[0.1, 10]`` is stable for ``coeff · lr < 1e-2``.
 
     Args:
       coeff: the paper's λ: a float, an array or an optax schedule of the count.

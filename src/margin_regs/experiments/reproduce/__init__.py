@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
         + "\n".join(f"  {k}: {v('quick').title}" for k, v in PROTOCOLS.items())
         + "\n  all: every one of them",
     )
+    _add_arguments(parser)
+    return parser
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The experiment, its budget and the output options."""
     parser.add_argument(
         "name",
         choices=[*PROTOCOLS, "all"],
@@ -65,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="cpu",
         help="quick: a smoke run of seconds (tiny sizes, 2 epochs, 2 seeds; its "
         "verdicts mean nothing); cpu (default): the papers' schedules on mnist5k, "
-        "about an hour for 'all' on 2 idle cores; paper: the papers' sizes, grids "
+        "estimated at about an hour for 'all' on 2 idle cores (111 min measured on "
+        "a shared machine); paper: the papers' sizes, grids "
         "and seeds, for a GPU",
     )
     parser.add_argument(
@@ -99,7 +106,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="folder for NAME.json and NAME.png (default: margin_regs_reproduce)",
     )
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

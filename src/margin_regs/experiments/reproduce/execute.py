@@ -247,6 +247,20 @@ def _restrict(protocol: Protocol, results: dict) -> Protocol:
     )
 
 
+def _initial_state(protocol: Protocol, checkpoint: str | None) -> dict[str, Any]:
+    """The checkpoint's trained cells where it holds this protocol and budget; else
+    an empty state stamped with the load and commit at the start."""
+    load_start, commit = list(os.getloadavg()), _commit()
+    state = {"name": protocol.name, "budget": protocol.budget, "results": {},
+             "load_average_start": load_start, "commit": commit}  # fmt: skip
+    if checkpoint is not None and os.path.exists(checkpoint):
+        with open(checkpoint) as f:
+            saved = json.load(f)
+        if (saved["name"], saved["budget"]) == (protocol.name, protocol.budget):
+            state = saved
+    return state
+
+
 def run_protocol(
     protocol: Protocol,
     *,
@@ -274,14 +288,7 @@ def run_protocol(
       selected coefficient, the coefficient, the grid's validation accuracies),
       ``convergence``, ``preconditions``, ``judgements``, ``seconds`` and the load.
     """
-    load_start, commit = list(os.getloadavg()), _commit()
-    state = {"name": protocol.name, "budget": protocol.budget, "results": {},
-             "load_average_start": load_start, "commit": commit}  # fmt: skip
-    if checkpoint is not None and os.path.exists(checkpoint):
-        with open(checkpoint) as f:
-            saved = json.load(f)
-        if (saved["name"], saved["budget"]) == (protocol.name, protocol.budget):
-            state = saved
+    state = _initial_state(protocol, checkpoint)
     if train:
         _train_cells(protocol, state, log, mnist, checkpoint)
     full = protocol
@@ -331,9 +338,9 @@ def run_protocol(
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
         "estimate_seconds": estimate_seconds(full),
-        "commit": state.get("commit", commit),
+        "commit": state.get("commit") or _commit(),
         "data": "mnist5k" if mnist is None else f"MNIST IDX files in {mnist}",
-        "load_average_start": state.get("load_average_start", load_start),
+        "load_average_start": state.get("load_average_start", list(os.getloadavg())),
         "load_average_end": list(os.getloadavg()),
         "cpus": os.cpu_count(),
     }

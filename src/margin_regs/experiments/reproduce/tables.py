@@ -122,6 +122,18 @@ def _context(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _header(result: dict[str, Any], ours: str) -> list[str]:
+    """The results table's columns: the paper's number beside ours where it reports
+    one, then convergence and the coefficient."""
+    header = ["setting", "method"]
+    reported = {p["metric"] for p in result["paper"]}
+    for metric, name, _ in result["metrics"]:
+        if metric in reported:
+            header.append(f"paper {name}")
+        header.append(f"ours {name}{ours}")
+    return [*header, "train acc [%]", "train loss (CE)", "coeff"]
+
+
 def format_report(result: dict[str, Any]) -> str:
     """The table (paper vs ours, 95% intervals over seeds) and a verdict per claim.
 
@@ -131,13 +143,7 @@ def format_report(result: dict[str, Any]) -> str:
     Returns:
       The text to print.
     """
-    header = ["setting", "method"]
-    reported = {p["metric"] for p in result["paper"]}
-    for metric, name, _ in result["metrics"]:
-        if metric in reported:
-            header.append(f"paper {name}")
-        header.append(f"ours {name} (95% CI)")
-    header += ["train acc [%]", "train loss (CE)", "coeff"]
+    header = _header(result, " (95% CI)")
     scales = {m: (s, " points" if s == 100 else "") for m, _, s in result["metrics"]}
     lines = [
         f"== {result['name']}: {result['title']} ==",
@@ -251,13 +257,7 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _md_protocol(result: dict[str, Any]) -> list[str]:
-    header = ["setting", "method"]
-    reported = {p["metric"] for p in result["paper"]}
-    for metric, name, _ in result["metrics"]:
-        if metric in reported:
-            header.append(f"paper {name}")
-        header.append(f"ours {name}")
-    header += ["train acc [%]", "train loss (CE)", "coeff"]
+    header = _header(result, "")
     load = result.get("load_average_start", [float("nan")])[0]
     lines = [
         f"## `{result['name']}`: {result['title']}",
