@@ -131,6 +131,7 @@ def _numpy_forward(name, params, x):
         ("cnn", SHAPES["digits"]),
         ("cnn", SHAPES["mnist1d"]),
         ("cnn3", (7, 7, 1)),  # odd sizes: SAME pooling pads 7 → 4 → 2
+        ("cnn3", (14, 14, 1)),  # Table I: the third conv, on 4×4, a CoveringConv
         ("adareg_cnn", SHAPES["digits"]),
         ("adareg_cnn", (16, 16, 1)),  # unpadded: 16 → 12 → 6 → 2 → 1
     ],
@@ -173,3 +174,20 @@ def test_dropout_only_in_training():
 def test_unknown_model():
     with pytest.raises(ValueError, match="unknown model 'vgg'"):
         models.make_model("vgg", 10)
+
+
+def test_covering_conv_is_the_conv_it_replaces_value_gradient_and_layout():
+    model, params, x = _init("cnn3", (14, 14, 1))
+    twin = model.clone(covering=False)
+
+    def loss(m):
+        return lambda p: jnp.sum(jnp.sin(m.apply({"params": p}, x)))
+
+    got, want = jax.grad(loss(model))(params), jax.grad(loss(twin))(params)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * np.abs(w).max())
+    # the same parameters, initialized alike, and the kernel still a conv operator
+    mine, theirs = (m.init(jax.random.key(3), x)["params"] for m in (model, twin))
+    assert jax.tree.all(jax.tree.map(jnp.array_equal, mine, theirs))
+    layouts = models.weight_layouts(model, (14, 14, 1), "operator")
+    assert layouts["conv_2"]["kernel"].input_shape == (4, 4, 32)

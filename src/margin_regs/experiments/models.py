@@ -27,6 +27,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import margin_regs as mr
 
@@ -34,6 +35,7 @@ __all__ = [
     "CLASSIFIER_PATH",
     "MODELS",
     "AdaRegCNN",
+    "CoveringConv",
     "KerasMLP",
     "SokolicCNN",
     "SokolicCNN3",
@@ -99,6 +101,51 @@ def _window(x: jax.Array, size: int) -> tuple[int, ...]:
     return (size,) * (x.ndim - 2)
 
 
+class CoveringConv(nn.Module):
+    """``nn.Conv(features, kernel_size, padding="SAME")`` as a dense operator: for
+    inputs no larger than the window, where XLA's CPU convolution is slow.
+
+    ``out[n, i, d] = Σ_{i', c} x[n, i', c] K[i' - i + k // 2, c, d]`` over the taps
+    inside the kernel: the same parameters (``kernel`` of shape ``(*kernel_size,
+    c_in, features)``, ``bias``), initialization and outputs as ``nn.Conv``. The
+    Table I CNN's third convolution (4×4 inputs, 5×5 window) trains 6× faster.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> from margin_regs.experiments.models import CoveringConv
+      >>> x = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
+      >>> p = nn.Conv(8, (5, 5), padding="SAME").init(jax.random.key(1), x)
+      >>> y = CoveringConv(8, (5, 5)).apply(p, x)
+      >>> bool(jnp.allclose(y, nn.Conv(8, (5, 5), padding="SAME").apply(p, x), atol=1e-5))
+      True
+    """
+
+    features: int
+    kernel_size: tuple[int, ...]
+    padding: str = "SAME"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.padding != "SAME" or any(k % 2 == 0 for k in self.kernel_size):
+            raise ValueError("CoveringConv: SAME padding and odd windows only")
+        spatial = x.shape[1:-1]
+        shape = (*self.kernel_size, x.shape[-1], self.features)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), shape)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        taps, inside = [], True
+        for a, (s, k) in enumerate(zip(spatial, self.kernel_size, strict=True)):
+            tap = np.arange(s)[None, :] - np.arange(s)[:, None] + k // 2  # [out, in]
+            at = [1] * (2 * len(spatial))
+            at[2 * a : 2 * a + 2] = [s, s]
+            taps.append(np.clip(tap, 0, k - 1).reshape(at))
+            inside = inside & ((tap >= 0) & (tap < k)).reshape(at)
+        operator = kernel[tuple(taps)] * inside[..., None, None]  # (o, i, o, i.., c, d)
+        letters = "abcdefgh"[: len(spatial)]
+        outs, ins = letters.upper(), letters
+        pairs = "".join(o + i for o, i in zip(outs, ins, strict=True))
+        y = jnp.einsum(f"n{ins}y,{pairs}yz->n{outs}z", x, operator)
+        return y + bias
+
 class SokolicCNN(nn.Module):
     """Sokolić et al.'s 2-layer CNN of Table I.
 
@@ -113,6 +160,9 @@ class SokolicCNN(nn.Module):
       dropout_rate: dropout before the classifier (0: none).
       num_conv: convolutions; a max-pool follows each of the first two (the paper's
         2- and 3-layer CNNs, :class:`SokolicCNN3`).
+      covering: a convolution whose input is no larger than its window runs as a
+        :class:`CoveringConv` (the same function and parameters, faster on XLA's
+        CPU); :func:`weight_layouts` traces the ``nn.Conv`` twin.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -132,13 +182,14 @@ class SokolicCNN(nn.Module):
     features: int = 32
     dropout_rate: float = 0.0
     num_conv: int = 2
+    covering: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         for i in range(self.num_conv):
-            x = nn.Conv(self.features, _window(x, 5), padding="SAME", name=f"conv_{i}")(
-                x
-            )
+            small = x[0, ..., 0].size <= 5 ** (x.ndim - 2)
+            conv = CoveringConv if self.covering and small else nn.Conv
+            x = conv(self.features, _window(x, 5), padding="SAME", name=f"conv_{i}")(x)
             x = nn.relu(x)
             if i < 2:
                 x = nn.max_pool(x, _window(x, 2), strides=_window(x, 2), padding="SAME")
@@ -315,6 +366,8 @@ def weight_layouts(
         raise ValueError(f"conv must be 'matrix' or 'operator', got {conv!r}")
     if conv == "matrix":
         return None
+    if getattr(model, "covering", False):  # a CoveringConv's kernel is a conv's
+        model = model.clone(covering=False)
     x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
     params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
     return mr.infer_weight_dimension_numbers(
@@ -530,7 +583,8 @@ class TransformerEncoder(nn.Module):
 
 class SokolicCNN3(SokolicCNN):
     """Sokolić et al.'s 3-layer CNN of Table I: :class:`SokolicCNN` with a third
-    ``(32, 5, 5)``-conv after the second max-pool (``SAME`` padding).
+    ``(32, 5, 5)``-conv after the second max-pool (``SAME`` padding), run as a
+    :class:`CoveringConv` where its input is no larger than 5×5 (14×14 digits).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -545,6 +599,7 @@ class SokolicCNN3(SokolicCNN):
     """
 
     num_conv: int = 3
+    covering: bool = True
 
 
 class SokolicMLP1(SokolicMLP):

@@ -23,28 +23,27 @@ from margin_regs.experiments.reproduce.verdicts import judge
 __all__ = ["estimate_seconds", "run_protocol"]
 
 # Wall µs per sample and training step on an idle 2-core CPU (convolutional models
-# at 14×14, batch 32 or 256). Dense models: a base cost times (1 + 64 / batch), small
-# batches using the cores less well; calibrated on this package's own cpu-budget
-# cells run at load average ≤ 4 (Ludwig's Keras MLP at batch 128: 54–62 s a cell) and
-# on Sokolić Fig. 2 at load 6–10 (L = 2, 3). Conv models: the Table I CNN's measured
-# CPU time relative to the MLP's (5.4×), not yet checked on idle cores. Only for the
-# estimate printed before a run; the JSON records the wall and CPU time beside it.
+# at 14×14 with their runs in flight three at once, batch 32 or 256). Dense models: a
+# base cost times (1 + 64 / batch), small batches using the cores less well.
+# Calibrated on this package's cpu-budget cells, 3–8 epochs long, on idle cores:
+# Yoshida's MLP at batch 64 and 3,600 and Sokolić's at 128 give the same base within
+# 8%. Only for the estimate printed before a run; the JSON records the wall and CPU
+# time beside it.
 _US_PER_SAMPLE = {
-    "mlp1": 12.0,
-    "mlp": 18.0,
-    "mlp3": 28.0,
-    "keras_mlp": 27.0,
-    "cnn": 98.0,
-    "cnn3": 113.0,
-    "adareg_cnn": 41.0,
+    "mlp1": 13.0,
+    "mlp": 20.0,
+    "mlp3": 31.0,
+    "keras_mlp": 24.0,
+    "cnn": 83.0,
+    "cnn3": 106.0,
+    "adareg_cnn": 48.0,
 }
-_STEP_OVERHEAD_S = 3e-4  # conv models step from Python: one dispatch a step
 _COMPILE_S = {"conv": 8.0, "dense": 5.0}
 
 
 def _method_factor(description: str) -> float:
     """How much more a step costs than plain SGD (double backprop, two passes)."""
-    for marker, factor in (("LM", 2.3), ("Eigenvalue Decay, seed", 1.5),
+    for marker, factor in (("LM", 1.9), ("Eigenvalue Decay, seed", 1.5),
                            ("adversarial", 2.0), ("spectral", 1.2),
                            ("AdaReg", 1.2)):  # fmt: skip
         if marker in description:
@@ -79,8 +78,6 @@ def estimate_seconds(protocol: Protocol) -> float:
             # a sample: chunked, one program per epoch).
             measured = (n + 1400) * (config.epochs if setting.curves else 1)
             total += runs * measured * per_sample / 2
-            if kind == "conv":
-                total += runs * steps * _STEP_OVERHEAD_S
             programs.add((cell.recipe, config, n, kind))
     return total + sum(_COMPILE_S[kind] for *_, kind in programs)
 
