@@ -146,6 +146,7 @@ class CoveringConv(nn.Module):
         y = jnp.einsum(f"n{ins}y,{pairs}yz->n{outs}z", x, operator)
         return y + bias
 
+
 class SokolicCNN(nn.Module):
     """Sokolić et al.'s 2-layer CNN of Table I.
 
