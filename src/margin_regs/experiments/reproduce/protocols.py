@@ -228,6 +228,42 @@ _TABLE_I_SPECS = {
 }  # fmt: skip
 
 
+# Table I's claims: LM > WD and WD ≥ none (0.5-point tolerance) with each loss,
+# hinge > CCE with each regularizer.
+_TABLE_I_CLAIMS = tuple(
+    row
+    for loss, label in (("hinge", "hinge"), ("cce", "CCE"))
+    for row in (
+        (f"LM > WD with the {label} loss", "Table I", f"{loss}/lm", f"{loss}/wd"),
+        (f"WD ≥ no regularization with the {label} loss (tolerance 0.5 points)",
+         "Table I", f"{loss}/wd", f"{loss}/none", "test_acc", True, "at_least",
+         0.005),
+    )
+) + tuple(
+    (f"hinge > CCE with {label}", "Table I", f"hinge/{reg}", f"cce/{reg}")
+    for reg, label in (("wd", "WD"), ("lm", "LM"))
+)  # fmt: skip
+
+
+def _table1_scaling(spec: dict, phases: Phases) -> tuple[str, ...]:
+    """What Sokolić et al.'s Table I protocol scales, for the table's notes."""
+    return (
+        f"training sizes {spec['sizes']} as the paper; {spec['epochs']} epochs at "
+        f"batch 32, rate phases {phases} (epochs, rate) (paper: 100 epochs, 0.01 "
+        "/ 0.001 / 0.0005 for 34 / 33 / 33)",
+        "inputs: 14×14 (2×2 mean-pooled 28×28 digits) to cut each convolution's "
+        "cost 4×; architecture as the paper's (32 5×5 filters, 2×2 max-pool)",
+        "data: mnist5k (3,600-digit training pool, 1,000 test digits; paper: 60k/10k)",
+        "LM: C × the penalty of one random class per sample, an unbiased "
+        "estimator of the paper's sum over all C classes (1 double backprop, not "
+        "10; its gradient's variance is in docs/reproductions.md)",
+        "reported: the final epoch's test accuracy (paper: the best test accuracy "
+        "over training, which selects on the test set)",
+        "no classifier-norm constraint for the hinge loss (paper: a Frobenius "
+        "penalty chosen by grid)",
+    )
+
+
 def sokolic_table1(budget: str) -> Protocol:
     """Sokolić et al. Table I: 2/3-layer CNNs, hinge vs CCE, none / WD / LM."""
     spec = _TABLE_I_SPECS[budget]
@@ -245,16 +281,6 @@ def sokolic_table1(budget: str) -> Protocol:
     for (loss, depth, n), values in _TABLE_I.items():
         for reg, v in zip(("none", "wd", "lm"), values, strict=True):
             paper[(f"{depth}L n={n}", f"{loss}/{reg}", "test_acc")] = v / 100
-    rows = []
-    for loss, label in (("hinge", "hinge"), ("cce", "CCE")):
-        rows.append((f"LM > WD with the {label} loss", "Table I", f"{loss}/lm",
-                     f"{loss}/wd"))  # fmt: skip
-        rows.append((f"WD ≥ no regularization with the {label} loss (tolerance 0.5 "
-                     "points)", "Table I", f"{loss}/wd", f"{loss}/none", "test_acc",
-                     True, "at_least", 0.005))  # fmt: skip
-    for reg, label in (("wd", "WD"), ("lm", "LM")):
-        rows.append((f"hinge > CCE with {label}", "Table I", f"hinge/{reg}",
-                     f"cce/{reg}"))  # fmt: skip
     chosen = "fixed in advance" if len(spec["lm"]) == 1 else "selected on validation"
     return Protocol(
         name="sokolic-table1",
@@ -264,23 +290,8 @@ def sokolic_table1(budget: str) -> Protocol:
         seeds=spec["seeds"],
         paper=paper,
         paper_note="Table I (full MNIST test set; best test accuracy over 100 epochs)",
-        claims=_claims(names, *rows),
-        scaling=(
-            f"training sizes {spec['sizes']} as the paper; {spec['epochs']} epochs at "
-            f"batch 32, rate phases {phases} (epochs, rate) (paper: 100 epochs, 0.01 "
-            "/ 0.001 / 0.0005 for 34 / 33 / 33)",
-            "inputs: 14×14 (2×2 mean-pooled 28×28 digits) to cut each convolution's "
-            "cost 4×; architecture as the paper's (32 5×5 filters, 2×2 max-pool)",
-            "data: mnist5k (3,600-digit training pool, 1,000 test digits; paper: "
-            "60k/10k)",
-            "LM: C × the penalty of one random class per sample, an unbiased "
-            "estimator of the paper's sum over all C classes (1 double backprop, not "
-            "10; its gradient's variance is in docs/reproductions.md)",
-            "reported: the final epoch's test accuracy (paper: the best test accuracy "
-            "over training, which selects on the test set)",
-            "no classifier-norm constraint for the hinge loss (paper: a Frobenius "
-            "penalty chosen by grid)",
-        ),
+        claims=_claims(names, *_TABLE_I_CLAIMS),
+        scaling=_table1_scaling(spec, phases),
         coefficients=(
             f"{chosen} from the paper's grids (it does not report its choices): WD λ "
             f"∈ {spec['wd']}, LM λ ∈ {spec['lm']} (the paper's value divided by the "
@@ -375,6 +386,38 @@ _ZHAO_SPECS = {
 }
 
 
+# Fig. 2(a)'s accuracy claims and Fig. 4's spectra (0.05 the minimum effect on σ and
+# the stable rank).
+_ZHAO_CLAIMS = (
+    ("AdaReg > no regularization", "Fig. 2(a)", "adareg", "none"),
+    ("AdaReg > weight decay", "Fig. 2(a)", "adareg", "wd"),
+    ("AdaReg > dropout", "Fig. 2(a)", "adareg", "dropout"),
+    ("stable rank: AdaReg < WD", "Fig. 4(a)", "adareg", "wd", "stable_rank",
+     False, "greater", 0.0, 0.05),
+    ("spectral norm: AdaReg < WD", "Fig. 4(b)", "adareg", "wd", "sigma_max",
+     False, "greater", 0.0, 0.05),
+    ("spectral norm: WD < none", "Fig. 4(b)", "wd", "none", "sigma_max", False,
+     "greater", 0.0, 0.05),
+)  # fmt: skip
+
+
+def _zhao_scaling(spec: dict, epochs_of: dict[int, int]) -> tuple[str, ...]:
+    """What Zhao et al.'s protocol scales, for the table's notes."""
+    return (
+        f"training sizes {spec['sizes']} (paper: 60 … 60,000, 11 sizes); "
+        f"{spec['steps']} optimizer steps per run at every size (epochs "
+        f"{epochs_of}; paper: 2–5 outer loops of 50 epochs)",
+        "inputs: 14×14 (2×2 mean-pooled), so the CNN's convolutions use SAME "
+        "padding (paper: 28×28, VALID)"
+        if spec["downsample"] > 1
+        else "inputs: 28×28 as the paper",
+        "optimizer: SGD with Nesterov momentum 0.9, initial rate 0.05 chosen in "
+        "advance for batch 256 (the paper states none), /10 after 1/2 and 3/4",
+        "AdaReg: on the last (softmax) layer as the paper, precisions re-solved "
+        "every epoch",
+    )
+
+
 def zhao_fig2(budget: str) -> Protocol:
     """Zhao et al. Fig. 2/4: AdaReg on the last layer vs WD, dropout and none."""
     spec = _ZHAO_SPECS[budget]
@@ -393,17 +436,6 @@ def zhao_fig2(budget: str) -> Protocol:
         cells = _cells(methods, config, phases)
         settings.append(Setting(f"n={n}", n, spec["downsample"], cells, "none"))
     names = tuple(s.name for s in settings)
-    rows = [
-        ("AdaReg > no regularization", "Fig. 2(a)", "adareg", "none"),
-        ("AdaReg > weight decay", "Fig. 2(a)", "adareg", "wd"),
-        ("AdaReg > dropout", "Fig. 2(a)", "adareg", "dropout"),
-        ("stable rank: AdaReg < WD", "Fig. 4(a)", "adareg", "wd", "stable_rank",
-         False, "greater", 0.0, 0.05),
-        ("spectral norm: AdaReg < WD", "Fig. 4(b)", "adareg", "wd", "sigma_max",
-         False, "greater", 0.0, 0.05),
-        ("spectral norm: WD < none", "Fig. 4(b)", "wd", "none", "sigma_max", False,
-         "greater", 0.0, 0.05),
-    ]  # fmt: skip
     return Protocol(
         name="zhao-fig2",
         title="Zhao et al. Fig. 2 and 4: AdaReg (last layer) on MNIST, batch 256",
@@ -416,20 +448,8 @@ def zhao_fig2(budget: str) -> Protocol:
             "training samples, and CNN 98.99% / AdaReg 99.19% at 60,000; Fig. 4 shows "
             "AdaReg's last layer with a lower stable rank and spectral norm than WD's"
         ),
-        claims=_claims(names, *rows),
-        scaling=(
-            f"training sizes {spec['sizes']} (paper: 60 … 60,000, 11 sizes); "
-            f"{spec['steps']} optimizer steps per run at every size (epochs "
-            f"{epochs_of}; paper: 2–5 outer loops of 50 epochs)",
-            "inputs: 14×14 (2×2 mean-pooled), so the CNN's convolutions use SAME "
-            "padding (paper: 28×28, VALID)"
-            if spec["downsample"] > 1
-            else "inputs: 28×28 as the paper",
-            "optimizer: SGD with Nesterov momentum 0.9, initial rate 0.05 chosen in "
-            "advance for batch 256 (the paper states none), /10 after 1/2 and 3/4",
-            "AdaReg: on the last (softmax) layer as the paper, precisions re-solved "
-            "every epoch",
-        ),
+        claims=_claims(names, *_ZHAO_CLAIMS),
+        scaling=_zhao_scaling(spec, epochs_of),
         coefficients=(
             "fixed in advance (the paper fixes every hyperparameter across methods and "
             "reports none): the library's defaults WD λ=1e-4, dropout 0.25, AdaReg λ=1e-4"
