@@ -24,28 +24,26 @@ __all__ = ["estimate_seconds", "run_protocol"]
 
 # Wall µs per sample and training step on an idle 2-core CPU (convolutional models
 # at 14×14 with their runs in flight three at once, batch 32 or 256). Dense models: a
-# base cost times (1 + 64 / batch), small batches using the cores less well.
-# Calibrated on this package's cpu-budget cells, 3–8 epochs long, on idle cores:
-# Yoshida's MLP at batch 64 and 3,600 and Sokolić's at 128 give the same base within
-# 8%. Only for the estimate printed before a run; the JSON records the wall and CPU
-# time beside it.
+# base cost times (1 + 32 / batch), small batches using the cores less well.
+# Calibrated on every cell of a full ``reproduce all --budget cpu`` run on idle cores
+# (39.4 min; docs/reproductions.md). Only for the estimate printed before a run; the
+# JSON records the wall and CPU time beside it.
 _US_PER_SAMPLE = {
-    "mlp1": 13.0,
-    "mlp": 20.0,
-    "mlp3": 31.0,
-    "keras_mlp": 24.0,
-    "cnn": 83.0,
-    "cnn3": 106.0,
-    "adareg_cnn": 48.0,
+    "mlp1": 11.0,
+    "mlp": 16.5,
+    "mlp3": 26.0,
+    "keras_mlp": 27.5,
+    "cnn": 54.0,
+    "cnn3": 66.0,
+    "adareg_cnn": 34.0,
 }
 _COMPILE_S = {"conv": 8.0, "dense": 5.0}
 
 
 def _method_factor(description: str) -> float:
     """How much more a step costs than plain SGD (double backprop, two passes)."""
-    for marker, factor in (("LM", 1.9), ("Eigenvalue Decay, seed", 1.5),
-                           ("adversarial", 2.0), ("spectral", 1.2),
-                           ("AdaReg", 1.2)):  # fmt: skip
+    for marker, factor in (("LM", 2.1), ("Eigenvalue Decay, seed", 1.5),
+                           ("adversarial", 1.6)):  # fmt: skip
         if marker in description:
             return factor
     return 1.0
@@ -71,7 +69,7 @@ def estimate_seconds(protocol: Protocol) -> float:
             kind = "conv" if config.model in CONV_MODELS else "dense"
             per_sample = _US_PER_SAMPLE[config.model] * 1e-6
             if kind == "dense":
-                per_sample *= 1 + 64 / batch
+                per_sample *= 1 + 32 / batch
             factor = _method_factor(cell.recipe.description)
             total += runs * steps * batch * per_sample * factor
             # Measuring: a forward pass over train, val and test (half a step's cost

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -51,8 +52,22 @@ def _ours(values: list[float] | None, scale: float) -> str:
     return f"{_fmt(mean, scale)} ± {_fmt(half, scale)}"
 
 
+def _paper(result: dict[str, Any]) -> dict[tuple[str, str, str], float]:
+    """``{(cell, method, metric): the paper's value}``."""
+    return {(p["cell"], p["method"], p["metric"]): p["value"] for p in result["paper"]}
+
+
+def _difference(j: dict[str, Any], scale: float, unit: str = "") -> str:
+    """A claim's mean difference and its interval: ``+1.52 [+0.78, +2.26]``."""
+    d, spec = j["difference"], "+.2f" if scale == 100 else "+.3g"
+    mean = f"{scale * d['mean']:{spec}}{unit}"
+    if d["low"] is None:
+        return mean
+    return f"{mean} [{scale * d['low']:{spec}}, {scale * d['high']:{spec}}]"
+
+
 def _rows(result: dict[str, Any]) -> list[list[str]]:
-    paper = {(p["cell"], p["method"], p["metric"]): p["value"] for p in result["paper"]}
+    paper = _paper(result)
     labels = result["labels"]
     reported = {metric for _, _, metric in paper}
     rows = []
@@ -85,18 +100,10 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _claim_line(j: dict[str, Any], scale: float, unit: str) -> str:
-    d = j["difference"]
-    spec = "+.2f" if scale == 100 else "+.3g"
-    if d["low"] is None:
-        interval = f"{scale * d['mean']:{spec}}{unit} (one seed: no interval)"
-    else:
-        interval = (
-            f"{scale * d['mean']:{spec}}{unit} "
-            f"[{scale * d['low']:{spec}}, {scale * d['high']:{spec}}]"
-        )
-    counts = {}
-    for c in j["cells"].values():
-        counts[c["verdict"]] = counts.get(c["verdict"], 0) + 1
+    interval = _difference(j, scale, unit)
+    if j["difference"]["low"] is None:
+        interval += " (one seed: no interval)"
+    counts = collections.Counter(c["verdict"] for c in j["cells"].values())
     per_cell = ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
     line = (
         f"  {j['verdict'].upper():<17} {j['text']} ({j['source']}): {interval}; "
@@ -182,8 +189,7 @@ def plot(result: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = result["metrics"]
-    paper = {(p["cell"], p["method"], p["metric"]): p["value"] for p in result["paper"]}
+    metrics, paper = result["metrics"], _paper(result)
     fig, axes = plt.subplots(
         1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False
     )
@@ -235,7 +241,7 @@ def write(result: dict[str, Any], out: str) -> list[str]:
 def _paper_difference(result: dict[str, Any], j: dict[str, Any]) -> str:
     """The paper's own difference for a claim (mean over its cells), where the
     paper reports both methods' numbers."""
-    paper = {(p["cell"], p["method"], p["metric"]): p["value"] for p in result["paper"]}
+    paper = _paper(result)
     scale = {m: s for m, _, s in result["metrics"]}.get(j["metric"], 1)
     diffs = [
         paper[(c, j["better"], j["metric"])] - paper[(c, j["worse"], j["metric"])]
@@ -294,14 +300,7 @@ def _md_protocol(result: dict[str, Any]) -> list[str]:
     rows = []
     for j in result["judgements"]:
         scale = {m: s for m, _, s in result["metrics"]}.get(j["metric"], 1)
-        d = j["difference"]
-        spec = "+.2f" if scale == 100 else "+.3g"
-        ours = (
-            f"{scale * d['mean']:{spec}}"
-            if d["low"] is None
-            else f"{scale * d['mean']:{spec}} [{scale * d['low']:{spec}}, "
-            f"{scale * d['high']:{spec}}]"
-        )
+        ours = _difference(j, scale)
         cells = ", ".join(f"{c}: {v['verdict']}" for c, v in j["cells"].items())
         rows.append(
             [j["text"], j["source"], _paper_difference(result, j), ours,
@@ -351,9 +350,7 @@ def markdown(
     """
     summary = []
     for r in results:
-        counts: dict[str, int] = {}
-        for j in r["judgements"]:
-            counts[j["verdict"]] = counts.get(j["verdict"], 0) + 1
+        counts = collections.Counter(j["verdict"] for j in r["judgements"])
         summary.append(
             [f"`{r['name']}`", r.get("budget", "?"), f"{r['seconds'] / 60:.1f}",
              f"{r.get('cpu_seconds', float('nan')) / 60:.1f}",
@@ -406,13 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     folder, out = argv[0], argv[1]
     machine = argv[2] if len(argv) > 2 else f"{os.cpu_count()} CPU cores"
-    order = [
-        "sokolic-fig2",
-        "sokolic-table1",
-        "zhao-fig2",
-        "yoshida-gap",
-        "ludwig-table2",
-    ]
+    order = ["sokolic-fig2", "sokolic-table1", "zhao-fig2", "yoshida-gap",
+             "ludwig-table2"]  # fmt: skip
     results, not_run = [], []
     for name in order:
         path = os.path.join(folder, f"{name}.json")
