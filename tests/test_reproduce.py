@@ -255,7 +255,7 @@ def test_budget_tiers():
                    for c in s.cells)  # fmt: skip
     zhao = PROTOCOLS["zhao-fig2"]("cpu")
     steps = [_steps(s, c) for s in zhao.settings for c in s.cells]
-    assert min(steps) >= 1400  # n = 60 trains as many steps as n = 3600
+    assert min(steps) >= 1000  # n = 60 trains as many steps as n = 3600 (72 epochs)
     ludwig = PROTOCOLS["ludwig-table2"]("cpu")
     assert all(c.config.epochs >= 20 for c in ludwig.settings[0].cells)
     yoshida = PROTOCOLS["yoshida-gap"]("cpu")
