@@ -288,6 +288,10 @@ def test_a_file_that_is_not_a_zip_is_refused(tmp_path, capsys):
             ],
             "patience must be a whole number",
         ),
+        (
+            ["compare", "--coeff", "bagging=inf", "--regularizers", "bagging"],
+            "must be a finite number ≥ 0",
+        ),
         (["compare", "--dataset", "/no/such/place"], "no such file or folder"),
         (["compare", "--train-size", "100000"], "--train-size: train_size=100000"),
         (["report", "/no/such/results.json"], "not a margin-regs results.json"),
@@ -299,6 +303,15 @@ def test_bad_options_exit_2_with_a_message(argv, message, capsys):
         cli.main(argv)
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_report_refuses_a_json_that_is_not_a_comparison(tmp_path, capsys):
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps({"summary": {}}))
+    with pytest.raises(SystemExit) as info:
+        cli.main(["report", str(path)])
+    assert info.value.code == 2
+    assert "not a margin-regs results.json ('config')" in capsys.readouterr().err
 
 
 def test_help_documents_every_option_and_regularizer(capsys):

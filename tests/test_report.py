@@ -1,6 +1,7 @@
 """Summaries over seeds, the table's edge flags and its wrapped note."""
 
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -77,3 +78,15 @@ def test_table_flags_edge_coefficients_and_wraps_its_note():
     assert len(note) > 5 and max(map(len, note)) <= 88
     unflagged = report.format_table({"vanilla": _row()})
     assert "(min)/(max)" not in unflagged
+
+
+def test_git_commit_is_the_checkouts_head():
+    here = os.path.dirname(report.__file__)
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True
+    ).stdout.strip()
+    commit = report._git_commit()
+    if not head:  # an installed wheel: no checkout
+        assert commit is None
+    else:
+        assert commit.removesuffix("+dirty") == head

@@ -1,9 +1,7 @@
 """The comparison's figures, drawn from its ``results.json`` payload.
 
-Curves and spectra are the mean over seeds with a band (± one standard deviation),
-margins are empirical CDFs pooled over seeds (overlaid histograms of seven methods
-are unreadable), each figure has one legend, and margin axes carry their units.
-Everything comes from the payload, so ``margin-regs report`` redraws a saved run.
+Curves and spectra are means over seeds with a ± one std band, margins empirical CDFs
+pooled over seeds (overlaid histograms of seven methods are unreadable).
 """
 
 from __future__ import annotations
@@ -13,23 +11,17 @@ import os
 from typing import Any
 
 import numpy as np
+from matplotlib import ticker
+from matplotlib.figure import Figure
+
+from margin_regs.experiments.report import grid_edge, layer_order
 
 __all__ = ["plots"]
 
 
 def plots(payload: dict[str, Any], out: str) -> list[str]:
-    """Draw every figure of a comparison into the folder ``out``.
-
-    Args:
-      payload: the ``results.json`` dict (:func:`~margin_regs.experiments.report.build_payload`).
-      out: an existing folder.
-
-    Returns:
-      The PNG paths written.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """Draw every figure of a comparison's ``payload`` into the existing folder
+    ``out``; the PNG paths written."""
     runs: dict[str, list[dict[str, Any]]] = {}
     for run in payload["runs"]:
         runs.setdefault(run["regularizer"], []).append(run)
@@ -44,7 +36,7 @@ def plots(payload: dict[str, Any], out: str) -> list[str]:
 
 
 def _colors(runs) -> dict[str, str]:
-    """One color per regularizer; vanilla black, drawn dashed-free under the others."""
+    """One color per regularizer; vanilla black."""
     others = [n for n in runs if n != "vanilla"]
     return {"vanilla": "k"} | {n: f"C{i % 10}" for i, n in enumerate(others)}
 
@@ -65,27 +57,23 @@ def _ragged(series: list[list[float]]) -> np.ndarray:
 
 
 def _curves(runs, out: str) -> str:
-    import matplotlib.pyplot as plt
-
     paired = "vanilla" in runs and len(runs) > 1
-    fig, axes = plt.subplots(
-        1, 2 if paired else 1, figsize=(12, 4.2), squeeze=False, layout="constrained"
-    )
+    fig = Figure(figsize=(12, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2 if paired else 1, squeeze=False)[0]
     colors = _colors(runs)
-    ax = axes[0][0]
     for name in ["vanilla"] if paired else runs:
-        test = _ragged([r["history"]["test_acc"] for r in runs[name]])
-        train = _ragged([r["history"]["train_acc"] for r in runs[name]])
-        epochs = np.arange(1, test.shape[1] + 1)
-        _band(ax, epochs, 100 * test, colors[name], name)
-        _band(ax, epochs, 100 * train, colors[name], None, ls="--", lw=0.8)
-    ax.set(
+        for key, style in (("test_acc", {}), ("train_acc", {"ls": "--", "lw": 0.8})):
+            curves = 100 * _ragged([r["history"][key] for r in runs[name]])
+            epochs = np.arange(1, curves.shape[1] + 1)
+            label = name if key == "test_acc" else None
+            _band(axes[0], epochs, curves, colors[name], label, **style)
+    axes[0].set(
         title=("vanilla: " if paired else "") + "test (solid) and train (dashed)",
         xlabel="epoch",
         ylabel="accuracy %",
     )
     if paired:
-        _differences(axes[0][1], runs, colors)
+        _differences(axes[1], runs, colors)
     fig.suptitle(
         "Accuracy over training at each selected coefficient (± std over seeds)"
     )
@@ -97,17 +85,16 @@ def _differences(ax, runs, colors) -> None:
     """Each regularizer's test accuracy minus vanilla's, seed by seed, in points."""
     vanilla = {r["seed"]: r["history"]["test_acc"] for r in runs["vanilla"]}
     for name, group in runs.items():
-        if name == "vanilla":
+        pairs = [
+            (r["history"]["test_acc"], vanilla[r["seed"]])
+            for r in group
+            if r["seed"] in vanilla
+        ]
+        if name == "vanilla" or not pairs:
             continue
-        diffs = []
-        for r in group:
-            base = vanilla.get(r["seed"])
-            if base is not None:
-                n = min(len(base), len(r["history"]["test_acc"]))
-                diffs.append(np.subtract(r["history"]["test_acc"][:n], base[:n]))
-        if diffs:
-            diff = 100 * _ragged([list(d) for d in diffs])
-            _band(ax, np.arange(1, diff.shape[1] + 1), diff, colors[name], name)
+        n = min(min(len(ours), len(base)) for ours, base in pairs)
+        diff = 100 * np.array([np.subtract(ours[:n], base[:n]) for ours, base in pairs])
+        _band(ax, np.arange(1, n + 1), diff, colors[name], name)
     ax.axhline(0.0, color="k", lw=0.6)
     ax.set(
         title="test accuracy − vanilla's (paired by seed)",
@@ -117,26 +104,15 @@ def _differences(ax, runs, colors) -> None:
 
 
 def _spectra(runs, out: str) -> str:
-    import matplotlib.pyplot as plt
-    from matplotlib import ticker
-
     colors = _colors(runs)
-    first = next(iter(runs.values()))[0]
-    layers = sorted(
-        first["singular_values"], key=lambda k: (k.startswith("classifier"), k)
-    )
-    fig, axes = plt.subplots(
-        1,
-        len(layers),
-        figsize=(4 * len(layers) + 1.5, 3.4),
-        squeeze=False,
-        layout="constrained",
-    )
-    for ax, layer in zip(axes[0], layers, strict=True):
+    layers = layer_order(next(iter(runs.values()))[0]["singular_values"])
+    fig = Figure(figsize=(4 * len(layers) + 1.5, 3.4), layout="constrained")
+    axes = fig.subplots(1, len(layers), squeeze=False)[0]
+    for ax, layer in zip(axes, layers, strict=True):
         for name, group in runs.items():
             values = _ragged([r["singular_values"][layer] for r in group])
             index = np.arange(1, values.shape[1] + 1)
-            _band(ax, index, values, colors[name], name if ax is axes[0][0] else None)
+            _band(ax, index, values, colors[name], name if ax is axes[0] else None)
         ax.set(title=layer, xlabel="index", ylabel="singular value", yscale="log")
         # Plain labels at 1 and 3 per decade (0.3, 1, 3), not 3×10⁻¹.
         ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 3.0)))
@@ -151,27 +127,28 @@ def _spectra(runs, out: str) -> str:
 
 
 def _margins(runs, out: str) -> str:
-    import matplotlib.pyplot as plt
-
     colors = _colors(runs)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
-    kinds = (
-        ("input_margins", "input margin: first-order l2 distance to the boundary "
-         "(input units)"),
-        ("output_margins", "output margin z_y − max z_j (logits)"),
-    )  # fmt: skip
-    for ax, (key, label) in zip(axes, kinds, strict=True):
+    fig = Figure(figsize=(12, 4), layout="constrained")
+    kinds = {
+        "input_margins": "input margin: first-order l2 distance to the boundary "
+        "(input units)",
+        "output_margins": "output margin z_y − max z_j (logits)",
+    }
+    for ax, (key, xlabel) in zip(fig.subplots(1, 2), kinds.items(), strict=True):
         for name, group in runs.items():
-            pooled = np.sort(
-                [m for r in group for m in r[key] if m is not None and math.isfinite(m)]
+            pooled = np.array(
+                [np.nan if m is None else m for r in group for m in r[key]]
             )
+            pooled = np.sort(pooled[np.isfinite(pooled)])
             if pooled.size:
                 cdf = np.arange(1, pooled.size + 1) / pooled.size
-                ax.step(pooled, cdf, where="post", color=colors[name],
-                        lw=2.2 if name == "vanilla" else 1.2,
-                        label=name if key == "input_margins" else None)  # fmt: skip
+                lw = 2.2 if name == "vanilla" else 1.2
+                label = name if key == "input_margins" else None
+                ax.step(
+                    pooled, cdf, where="post", color=colors[name], lw=lw, label=label
+                )
         ax.axvline(0.0, color="k", lw=0.5)
-        ax.set(xlabel=label, ylabel="fraction of test samples ≤ x")
+        ax.set(xlabel=xlabel, ylabel="fraction of test samples ≤ x")
     fig.suptitle(
         "Empirical CDFs of the test-set margins, pooled over seeds "
         "(< 0: misclassified; further right: larger margins)"
@@ -181,33 +158,31 @@ def _margins(runs, out: str) -> str:
 
 
 def _coefficients(regularizers: dict[str, Any], out: str) -> str:
-    import matplotlib.pyplot as plt
-
     tuned = {
         n: r for n, r in regularizers.items() if len(r["grid"]) > 1 and r["grid"][0]
     }
     cols = max(1, min(3, len(tuned)))
     rows = max(1, math.ceil(len(tuned) / cols))
-    fig, axes = plt.subplots(
-        rows, cols, figsize=(4.2 * cols, 3 * rows + 0.8), squeeze=False,
-        layout="constrained",
-    )  # fmt: skip
-    for ax in axes.flat[len(tuned) :]:
+    fig = Figure(figsize=(4.2 * cols, 3 * rows + 0.8), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[len(tuned) :]:
         ax.set_visible(False)
-    for ax, (name, r) in zip(axes.flat, tuned.items(), strict=False):
-        val = 100 * np.asarray(r["val_acc"], float)
-        grid = np.asarray(r["grid"], float)
-        ax.errorbar(grid, val.mean(1), yerr=val.std(1) if val.shape[1] > 1 else None,
-                    marker="o", capsize=3, color="C0", label="validation (mean ± std)")  # fmt: skip
+    for ax, (name, r) in zip(axes, tuned.items(), strict=False):
+        val, grid = 100 * np.asarray(r["val_acc"], float), np.asarray(r["grid"], float)
+        mean, spread = val.mean(1), val.std(1) if val.shape[1] > 1 else None
+        ax.errorbar(
+            grid, mean, spread, marker="o", capsize=3, label="validation (mean ± std)"
+        )
         ax.axvline(r["selected_coeff"], color="C3", ls=":", label="selected")
         ax.set(xscale="log", xlabel=r["coeff_name"], ylabel="val accuracy %")
         # One labelled tick per grid value: log axes' own minor labels overlap.
         ax.set_xticks(grid, [f"{g:g}" for g in grid], rotation=30)
         ax.minorticks_off()
-        edge = _edge(r)
-        ax.set_title(name + (f" (selected at the {edge} end)" if edge else ""),
-                     color="C3" if edge else "k", fontsize=10)  # fmt: skip
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+        edge = grid_edge(r["grid"], r["grid"].index(r["selected_coeff"]))
+        edge = {"lowest": "low", "highest": "high"}.get(edge)
+        title = name + (f" (selected at the {edge} end)" if edge else "")
+        ax.set_title(title, color="C3" if edge else "k", fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8)
     fig.suptitle(
         "Validation accuracy against the coefficient (selection on validation)"
@@ -215,19 +190,7 @@ def _coefficients(regularizers: dict[str, Any], out: str) -> str:
     return _save(fig, out, "coefficients.png")
 
 
-def _edge(regularizer: dict[str, Any]) -> str | None:
-    """``"low"``/``"high"`` when the selected coefficient is an end of its grid."""
-    from margin_regs.experiments.report import grid_edge
-
-    grid = regularizer["grid"]
-    edge = grid_edge(grid, grid.index(regularizer["selected_coeff"]))
-    return {"lowest": "low", "highest": "high"}.get(edge)
-
-
-def _save(fig, out: str, name: str) -> str:
-    import matplotlib.pyplot as plt
-
+def _save(fig: Figure, out: str, name: str) -> str:
     path = os.path.join(out, name)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

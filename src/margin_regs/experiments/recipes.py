@@ -1,11 +1,6 @@
 """Regularizers as the experiment loop applies them: one :class:`Recipe` each.
 
-A regularizer is a :class:`Recipe`: an optax transform chained before the optimizer,
-a projection chained after it, a penalty added to the loss, a loss that replaces the
-cross-entropy, a perturbation of each training batch or of the weights of the forward
-pass, dropout, early stopping, or a bagged ensemble. Each takes the recipe's one
-hyperparameter ``coeff``. Adding a method to the comparison is one entry in
-:data:`RECIPES`.
+Adding a method to the comparison is one entry in :data:`RECIPES`.
 """
 
 from __future__ import annotations
@@ -46,10 +41,9 @@ class StepContext(NamedTuple):
       key: a fresh key for the penalty's own randomness.
       apply: ``(params, x) -> logits`` in training mode (dropout active).
       num_classes: number of classes.
-      apply_with_activations: ``(params, x) -> (logits, activations)``, the
-        hidden representations the reference models sow (a pytree, batch first).
-      layouts: the ``weight_dimension_numbers`` of the run (``None``: the library's
-        default, conv kernels reshaped; see :attr:`Setup.layouts`).
+      apply_with_activations: ``(params, x) -> (logits, activations)``, the hidden
+        representations the reference models sow (a pytree, batch first).
+      layouts: the run's ``weight_dimension_numbers`` (:attr:`Setup.layouts`).
     """
 
     params: Any
@@ -75,13 +69,10 @@ class StepContext(NamedTuple):
 class Setup(NamedTuple):
     """What a recipe's transform factory may need to know about the run.
 
-    ``layouts`` is the ``weight_dimension_numbers`` of the run's kernels:
-    ``None`` (the library's default: a conv kernel is its reshaped matrix) or, with
-    ``--conv-operator``, :func:`~margin_regs.experiments.models.weight_layouts`'
-    pytree in which each conv kernel is a :class:`margin_regs.ConvOperator`. Only
-    the methods defined on any linear operator take it (spectral norm
-    regularization, Eigenvalue Decay); AdaReg and max-norm need true matrices and
-    keep their matrix layouts.
+    ``layouts``: ``None`` (conv kernels as reshaped matrices) or, with
+    ``--conv-operator``, :func:`~margin_regs.experiments.models.weight_layouts`' pytree
+    of :class:`margin_regs.ConvOperator` s, taken by the methods defined on any linear
+    operator (spectral, Eigenvalue Decay); AdaReg and max-norm keep matrices.
     """
 
     model: nn.Module
@@ -98,8 +89,7 @@ class Recipe:
       description: one line for ``--help`` and the README.
       reference: where the method and its default hyperparameter come from.
       coeff: the paper's value of the recipe's one hyperparameter (``None``: none).
-      grid: the values ``margin-regs compare`` tries by default, around ``coeff``
-        (the one chosen on validation is reported).
+      grid: the values ``margin-regs compare`` tries by default, around ``coeff``.
       coeff_name: what ``coeff`` is (``"λ"``, ``"ε"``, ``"patience"``...).
       transform: ``(coeff, setup) -> GradientTransformation`` chained before SGD.
       projection: ``(coeff, setup) -> GradientTransformation`` chained after SGD
@@ -110,17 +100,16 @@ class Recipe:
       perturb_params: ``(params, key, coeff) -> params`` for the forward pass.
       dropout: if true, the model is built with dropout rate ``coeff``.
       early_stopping: if true, ``coeff`` is the patience in epochs.
-      bagging: if true, ``coeff`` members are trained on bootstrap resamples of
-        the training set and averaged (:mod:`margin_regs.experiments.bagging`).
-      images_only: if true, ``compare`` refuses data that are not images
-        ``(n, H, W, C)``.
+      bagging: if true, ``coeff`` members train on bootstrap resamples, averaged
+        (:mod:`margin_regs.experiments.bagging`).
+      images_only: if true, ``compare`` refuses data that are not ``(n, H, W, C)``.
     """
 
     description: str
     reference: str
     coeff: float | None = None
     grid: tuple[float, ...] = ()
-    coeff_name: str = "coeff"
+    coeff_name: str = "λ"
     transform: Callable[[float, Setup], optax.GradientTransformation] | None = None
     projection: Callable[[float, Setup], optax.GradientTransformation] | None = None
     penalty: Callable[[StepContext, float], jax.Array] | None = None
@@ -134,11 +123,7 @@ class Recipe:
 
 
 def cross_entropy(ctx: StepContext, smoothing: float = 0.0) -> jax.Array:
-    """Mean softmax cross-entropy of the step's batch, targets smoothed by ``smoothing``.
-
-    The loss of every recipe that does not replace it (label smoothing sets
-    ``smoothing``; Szegedy et al. 2016).
-    """
+    """Mean softmax cross-entropy of the batch, targets smoothed by ``smoothing``."""
     logits = ctx.apply(ctx.params, ctx.x)
     # A traced smoothing (a grid's coefficient) always takes the smoothed path.
     if not isinstance(smoothing, jax.Array) and smoothing == 0.0:
@@ -149,14 +134,10 @@ def cross_entropy(ctx: StepContext, smoothing: float = 0.0) -> jax.Array:
 
 def jacobian_penalty(ctx: StepContext, coeff: float) -> jax.Array:
     """``coeff`` times Sokolić et al.'s LM penalty for one random class per sample."""
-    value = mr.jacobian_margin_penalty(
-        ctx.logits_fn(),
-        ctx.x,
-        classes="random",
-        key=ctx.key,
-        classifier=models.classifier_kernel(ctx.params),
+    classifier = models.classifier_kernel(ctx.params)
+    return coeff * mr.jacobian_margin_penalty(
+        ctx.logits_fn(), ctx.x, classes="random", key=ctx.key, classifier=classifier
     )
-    return coeff * value
 
 
 def _eigenvalue_decay(ctx: StepContext, coeff: float) -> jax.Array:
@@ -166,28 +147,10 @@ def _eigenvalue_decay(ctx: StepContext, coeff: float) -> jax.Array:
     return coeff * value
 
 
-def _adversarial(ctx: StepContext, coeff: float) -> jax.Array:
-    return mr.adversarial_loss(
-        ctx.per_sample_loss, ctx.x, ctx.y, epsilon=coeff, alpha=0.5
-    )
-
-
 def _sparse_representation(ctx: StepContext, coeff: float) -> jax.Array:
     logits, activations = ctx.apply_with_activations(ctx.params, ctx.x)
     data = optax.softmax_cross_entropy_with_integer_labels(logits, ctx.y)
-    penalty = mr.activation_l1_penalty(activations)
-    return jnp.mean(data) + coeff * penalty
-
-
-def _hinge(ctx: StepContext, coeff: float) -> jax.Array:
-    del coeff
-    logits = ctx.apply(ctx.params, ctx.x)
-    return jnp.mean(optax.losses.multiclass_hinge_loss(logits, ctx.y))
-
-
-def _tangent_prop(ctx: StepContext, coeff: float) -> jax.Array:
-    tangents = mr.image_tangents(ctx.x)
-    return coeff * mr.tangent_prop_penalty(ctx.logits_fn(), ctx.x, tangents)
+    return jnp.mean(data) + coeff * mr.activation_l1_penalty(activations)
 
 
 # Rotation range per pixel of translation range: ±2 pixels come with ±10°.
@@ -198,7 +161,7 @@ def augment_images(x: jax.Array, key: jax.Array, coeff: float) -> jax.Array:
     """Each image of ``x (n, H, W, C)`` randomly shifted and rotated (dm-pix).
 
     Shifts uniform in ``[−coeff, coeff]`` pixels along each axis, rotations uniform
-    in ``±DEGREES_PER_PIXEL · coeff`` degrees, applied by :func:`shift_and_rotate`.
+    in ``±DEGREES_PER_PIXEL · coeff`` degrees (:func:`shift_and_rotate`).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -209,18 +172,16 @@ def augment_images(x: jax.Array, key: jax.Array, coeff: float) -> jax.Array:
       ((2, 8, 8, 1), False)
     """
     k_shift, k_angle = jax.random.split(key)
-    n = x.shape[0]
-    shifts = coeff * jax.random.uniform(k_shift, (n, 2), minval=-1.0, maxval=1.0)
+    shifts = coeff * jax.random.uniform(k_shift, (len(x), 2), minval=-1.0, maxval=1.0)
     limit = jnp.deg2rad(DEGREES_PER_PIXEL) * coeff
-    angles = limit * jax.random.uniform(k_angle, (n,), minval=-1.0, maxval=1.0)
+    angles = limit * jax.random.uniform(k_angle, (len(x),), minval=-1.0, maxval=1.0)
     return shift_and_rotate(x, shifts, angles)
 
 
 def shift_and_rotate(x: jax.Array, shifts: jax.Array, angles: jax.Array) -> jax.Array:
     """Image ``i`` of ``x (n, H, W, C)`` rotated by ``angles[i]`` radians about its
-    centre (counter-clockwise, ``dm_pix.rotate``'s sense), then its content moved by
-    ``shifts[i] = (rows, columns)`` pixels; one bilinear ``dm_pix.affine_transform``
-    per image, zero fill (the digits' background) interpolated into the edge pixels.
+    centre (``dm_pix.rotate``'s sense), then moved by ``shifts[i] = (rows, columns)``
+    pixels: one bilinear ``dm_pix.affine_transform``, zero fill at the edges.
 
     Example:
       >>> import jax.numpy as jnp
@@ -253,14 +214,13 @@ class TieToInitState(NamedTuple):
 
 def tie_to_init(coeff: Any) -> optax.GradientTransformation:
     """Adds ``coeff · ∇ parameter_tying_penalty(params, params₀)``, ``params₀`` the
-    params the optimizer state was initialised with (L2 toward the start point).
+    params the state was initialised with (L2 toward the start point; Li et al. 2018).
 
     Example:
       >>> import jax.numpy as jnp
       >>> from margin_regs.experiments.recipes import tie_to_init
       >>> tx = tie_to_init(0.5)
-      >>> p0 = {"kernel": jnp.zeros((1, 2))}
-      >>> state = tx.init(p0)
+      >>> state = tx.init({"kernel": jnp.zeros((1, 2))})
       >>> p = {"kernel": jnp.array([[1.0, -2.0]])}
       >>> tx.update({"kernel": jnp.zeros((1, 2))}, state, p)[0]["kernel"].tolist()
       [[1.0, -2.0]]
@@ -288,7 +248,6 @@ RECIPES: dict[str, Recipe] = {
         "Yoshida & Miyato 2017 §4.1 (λ=1e-4); Goodfellow et al. §7.1",
         coeff=1e-4,
         grid=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
-        coeff_name="λ",
         transform=lambda c, s: optax.add_decayed_weights(c, mask=models.kernel_mask),
     ),
     "spectral": Recipe(
@@ -296,7 +255,6 @@ RECIPES: dict[str, Recipe] = {
         "Yoshida & Miyato 2017, Alg. 1 (λ=0.01, §4.1)",
         coeff=0.01,
         grid=(0.003, 0.01, 0.03, 0.1),
-        coeff_name="λ",
         transform=lambda c, s: mr.spectral_norm_regularization(
             c, weight_dimension_numbers=s.layouts
         ),
@@ -314,7 +272,6 @@ RECIPES: dict[str, Recipe] = {
         "Sokolić et al. 2017 eq. (26), DNN setup (λ from their grid {0.01,0.1,1,2}; 0.1 here)",
         coeff=0.1,
         grid=(0.01, 0.1, 1.0, 2.0),
-        coeff_name="λ",
         penalty=jacobian_penalty,
     ),
     "adareg": Recipe(
@@ -323,7 +280,6 @@ RECIPES: dict[str, Recipe] = {
         "Zhao et al. 2019 Alg. 1, last layer only (App. B.3); λ=1e-4 (the authors' rho)",
         coeff=1e-4,
         grid=(3e-5, 1e-4, 3e-4, 1e-3),
-        coeff_name="λ",
         transform=lambda c, s: mr.adareg(
             c, update_every=s.steps_per_epoch, mask=models.classifier_mask
         ),
@@ -334,12 +290,16 @@ RECIPES: dict[str, Recipe] = {
         coeff=1.0,
         grid=(0.25, 0.5, 1.0, 2.0),
         coeff_name="ε",
-        loss=_adversarial,
+        loss=lambda ctx, eps: mr.adversarial_loss(
+            ctx.per_sample_loss, ctx.x, ctx.y, epsilon=eps, alpha=0.5
+        ),
     ),
     "hinge": Recipe(
         "multi-class hinge loss instead of cross-entropy (optax.losses.multiclass_hinge_loss)",
         "Sokolić et al. 2017 §V, Table I (hinge beats CCE with WD or LM)",
-        loss=_hinge,
+        loss=lambda ctx, _: jnp.mean(
+            optax.losses.multiclass_hinge_loss(ctx.apply(ctx.params, ctx.x), ctx.y)
+        ),
     ),
     "label_smoothing": Recipe(
         "label smoothing of the cross-entropy targets (optax.smooth_labels)",
@@ -347,7 +307,7 @@ RECIPES: dict[str, Recipe] = {
         coeff=0.1,
         grid=(0.03, 0.1, 0.2, 0.3),
         coeff_name="α",
-        loss=lambda ctx, c: cross_entropy(ctx, c),
+        loss=cross_entropy,
     ),
     "dropout": Recipe(
         "dropout on hidden units (flax.linen.Dropout)",
@@ -362,7 +322,6 @@ RECIPES: dict[str, Recipe] = {
         "Goodfellow et al. §7.1; Ludwig et al. compare L1 (CV-chosen); 1e-5 here",
         coeff=1e-5,
         grid=(1e-6, 1e-5, 1e-4, 1e-3),
-        coeff_name="λ",
         transform=lambda c, s: mr.add_l1_penalty(c),
     ),
     "max_norm": Recipe(
@@ -411,8 +370,10 @@ RECIPES: dict[str, Recipe] = {
         "Goodfellow et al. §7.14; Simard et al. 1992 (λ=1e-3 here)",
         coeff=1e-3,
         grid=(1e-4, 1e-3, 0.01, 0.1),
-        coeff_name="λ",
-        penalty=_tangent_prop,
+        penalty=lambda ctx, c: (
+            c
+            * mr.tangent_prop_penalty(ctx.logits_fn(), ctx.x, mr.image_tangents(ctx.x))
+        ),
         images_only=True,
     ),
     "augmentation": Recipe(
@@ -440,7 +401,6 @@ RECIPES: dict[str, Recipe] = {
         "Goodfellow et al. §7.9; Li et al. 2018 (L2-SP) (λ=1e-3 here)",
         coeff=1e-3,
         grid=(1e-4, 1e-3, 1e-2, 0.1),
-        coeff_name="λ",
         transform=lambda c, s: tie_to_init(c),
     ),
 }

@@ -1,5 +1,4 @@
-"""What a comparison reports: per-regularizer summaries, epoch timings, the table,
-the plots and ``results.json``."""
+"""What a comparison reports: per-regularizer summaries, the table, ``results.json``."""
 
 from __future__ import annotations
 
@@ -26,12 +25,18 @@ __all__ = [
     "build_payload",
     "format_table",
     "grid_edge",
-    "headline",
-    "jsonable",
-    "provenance",
+    "render",
     "summarize",
     "write",
 ]
+
+SIGMA_DEFINITIONS = {
+    "matrix": "σ: reshaped kernel (Yoshida & Miyato), a conv kernel taken as its "
+    "(kh·kw·in, out) matrix",
+    "operator": "σ: conv operator norm, each conv taken as the linear map x ↦ "
+    "conv(x, K) on its input (mr.ConvOperator)",
+}
+"""The table's note on what σ of a conv kernel is, by ``sigma_definition``."""
 
 
 def summarize(
@@ -39,24 +44,17 @@ def summarize(
 ) -> dict[str, dict[str, Any]]:
     """Per-regularizer means over seeds, in the order the results come.
 
-    Fields: ``test_acc_mean``/``test_acc_std`` (population std over seeds),
-    ``train_acc``, ``gap`` (final train − test accuracy), ``yoshida_gap`` (Yoshida &
-    Miyato's gap at one threshold ``α`` for all: the lowest best test accuracy of
-    any run, minus one point, so every method exceeds it), ``sigma_max`` and
-    ``stable_rank`` per layer, ``median_output_margin``, ``median_input_margin``,
-    ``seconds_per_epoch`` (wall), ``cpu_seconds_per_epoch`` (process time) and
-    ``relative_time`` (to ``vanilla`` when present): from ``epoch_seconds`` when
-    given (stored as ``given_seconds_per_epoch``: a grid's seconds per run and
-    epoch), else from the runs' CPU time on the CPU backend (wall time on a shared
-    machine mostly measures other processes) and wall time elsewhere.
+    Fields: test accuracy mean and (population) std, final train accuracy, ``gap``
+    (train − test), Yoshida & Miyato's ``yoshida_gap`` at one threshold for all
+    (:func:`~margin_regs.experiments.stats.gap_threshold`), ``sigma_max`` and
+    ``stable_rank`` per layer, median output and input margins, seconds per epoch and
+    ``relative_time`` to ``vanilla``.
 
     Args:
       results: the runs, any regularizers and seeds.
-      epoch_seconds: optional ``{regularizer: seconds per epoch}`` for the
-        ``relative_time`` column.
-
-    Returns:
-      ``{regularizer: fields}``.
+      epoch_seconds: ``{regularizer: seconds per run and epoch}`` for
+        ``relative_time``; by default the runs' CPU time on the CPU backend (wall
+        time on a shared machine mostly measures other processes), else wall time.
 
     Example:
       >>> from margin_regs.experiments.data import load_digits, prepare
@@ -72,15 +70,12 @@ def summarize(
     for r in results:
         groups.setdefault(r.regularizer, []).append(r)
     out = {name: _group(runs, threshold) for name, runs in groups.items()}
+    cpu = jax.default_backend() == "cpu"
+    clock = "cpu_seconds_per_epoch" if cpu else "seconds_per_epoch"
     if epoch_seconds is not None:
         clock = "given_seconds_per_epoch"
         for name, s in out.items():
             s[clock] = epoch_seconds[name]
-    else:
-        # On the CPU backend the process's CPU time is the cost measure: wall time
-        # on a shared machine mostly measures the other processes.
-        cpu = jax.default_backend() == "cpu"
-        clock = "cpu_seconds_per_epoch" if cpu else "seconds_per_epoch"
     base = out.get("vanilla", {}).get(clock)
     for s in out.values():
         s["relative_time"] = s[clock] / base if base else None
@@ -97,11 +92,7 @@ def _group(runs: Sequence[RunResult], threshold: float) -> dict[str, Any]:
     test = np.array([r.final["test_acc"] for r in runs])
     train = np.array([r.final["train_acc"] for r in runs])
     gaps = [
-        float(
-            mr.generalization_gap(
-                r.history["train_acc"], r.history["test_acc"], threshold
-            )
-        )
+        mr.generalization_gap(r.history["train_acc"], r.history["test_acc"], threshold)
         for r in runs
     ]
     layers = runs[0].final["sigma_max"]
@@ -127,39 +118,16 @@ def _group(runs: Sequence[RunResult], threshold: float) -> dict[str, Any]:
     }
 
 
-def jsonable(value: Any) -> Any:
-    """Non-finite floats become ``None`` (strict JSON has no inf or NaN)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    return value
-
-
-def _layers(summary: dict[str, Any]) -> list[str]:
-    first = next(iter(summary.values()))
-    # Input side first: kernels named by the models' module order.
-    return sorted(first["sigma_max"], key=lambda k: (k.startswith("classifier"), k))
-
-
 def add_differences(
     summary: dict[str, dict[str, Any]], test_acc: dict[str, Sequence[float]]
 ) -> None:
-    """Add each regularizer's paired test-accuracy difference to vanilla, in place.
-
-    ``summary[name]["diff"]`` becomes ``{mean, low, high, n, excludes_zero}``
-    (:func:`~margin_regs.experiments.stats.paired_difference` of the per-seed test
-    accuracies, seeds in the same order); absent when there is no vanilla.
-    """
-    if "vanilla" not in test_acc:
-        return
+    """Add ``summary[name]["diff"] = {mean, low, high, n, excludes_zero}`` in place:
+    :func:`~margin_regs.experiments.stats.paired_difference` of each regularizer's
+    per-seed test accuracies to vanilla's (none without vanilla)."""
     for name, accs in test_acc.items():
-        if name == "vanilla":
-            continue
-        d = stats.paired_difference(accs, test_acc["vanilla"])
-        summary[name]["diff"] = {**d._asdict(), "excludes_zero": d.excludes_zero}
+        if name != "vanilla" and "vanilla" in test_acc:
+            d = stats.paired_difference(accs, test_acc["vanilla"])
+            summary[name]["diff"] = {**d._asdict(), "excludes_zero": d.excludes_zero}
 
 
 def grid_edge(coeffs: Sequence[float], index: int) -> str | None:
@@ -181,49 +149,36 @@ def grid_edge(coeffs: Sequence[float], index: int) -> str | None:
     return "highest" if values[index] == values.max() else None
 
 
-def _accuracy(s: dict[str, Any]) -> str:
-    mean = f"{100 * s['test_acc_mean']:.1f}"
-    return mean if s["seeds"] < 2 else f"{mean} ± {100 * s['test_acc_std']:.1f}"
-
-
-def _difference(s: dict[str, Any]) -> str:
-    d = s.get("diff")
-    if d is None:
-        return "-"
-    if d["low"] is None:
-        return f"{100 * d['mean']:+.1f}"
-    mark = "*" if d["excludes_zero"] else ""
-    return (
-        f"{100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]{mark}"
-    )
+def layer_order(layers: Sequence[str]) -> list[str]:
+    """Kernel paths input side first (the models name them in module order)."""
+    return sorted(layers, key=lambda k: (k.startswith("classifier"), k))
 
 
 def _row(name: str, s: dict[str, Any], layers: list[str]) -> list[str]:
+    """One regularizer's cells: percentages and differences in points."""
+    edge = {"lowest": " (min)", "highest": " (max)"}.get(s.get("coeff_edge"), "")
+    acc = f"{100 * s['test_acc_mean']:.1f}"
+    if s["seeds"] > 1:
+        acc += f" ± {100 * s['test_acc_std']:.1f}"
+    d = s.get("diff")
+    diff = "-" if d is None else f"{100 * d['mean']:+.1f}"
+    if d is not None and d["low"] is not None:
+        diff += f" [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+        diff += "*" if d["excludes_zero"] else ""
     gap = s["yoshida_gap"]
+    seconds = s.get(s.get("relative_time_clock", ""), s["seconds_per_epoch"])
     return [
         name,
-        _coeff(s),
-        _accuracy(s),
-        _difference(s),
+        "-" if s["coeff"] is None else f"{s['coeff']:g}{edge}",
+        acc,
+        diff,
         "n/a" if gap is None or not math.isfinite(gap) else f"{100 * gap:.1f}",
         "/".join(f"{s['sigma_max'][k]:.2f}" for k in layers),
         "/".join(f"{s['stable_rank'][k]:.2f}" for k in layers),
         f"{s['median_output_margin']:.2f}",
         f"{s['median_input_margin']:.3f}",
-        _milliseconds(s),
+        f"{1000 * seconds:.2f}",
     ]
-
-
-def _coeff(s: dict[str, Any]) -> str:
-    if s["coeff"] is None:
-        return "-"
-    edge = {"lowest": " (min)", "highest": " (max)"}.get(s.get("coeff_edge"), "")
-    return f"{s['coeff']:g}{edge}"
-
-
-def _milliseconds(s: dict[str, Any]) -> str:
-    seconds = s.get(s.get("relative_time_clock", ""), s["seconds_per_epoch"])
-    return f"{1000 * seconds:.2f}"
 
 
 def format_table(summary: dict[str, dict[str, Any]]) -> str:
@@ -241,25 +196,21 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
       <BLANKLINE>
       coeff: ...
     """
-    layers = _layers(summary)
-    short = [k.removesuffix("/kernel") for k in layers]
     first = next(iter(summary.values()))
+    layers = layer_order(first["sigma_max"])
+    short = "/".join(k.removesuffix("/kernel") for k in layers)
     # Results written before the field existed measured reshaped kernels.
     definition = first.get("sigma_definition", "matrix")
     tag = " (conv op)" if definition == "operator" else ""
     head = ["regularizer", "coeff", "test acc %", "Δ vs vanilla", "gap %"]
-    head += [f"σ_max{tag} {'/'.join(short)}", f"srank{tag} {'/'.join(short)}"]
-    head += ["out margin", "in margin", "ms/epoch"]
-    rows = [head] + [_row(name, s, layers) for name, s in summary.items()]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = [
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-        for r in rows
-    ]
+    head += [f"σ_max{tag} {short}", f"srank{tag} {short}", "out margin", "in margin"]
+    rows = [[*head, "ms/epoch"]] + [_row(n, s, layers) for n, s in summary.items()]
+    widths = [max(map(len, column)) for column in zip(*rows, strict=True)]
+    lines = ["  ".join(map(str.ljust, r, widths)).rstrip() for r in rows]
     return "\n".join([*lines, "", *_footnote(summary, short, definition)])
 
 
-def _footnote(summary: dict[str, Any], short: list[str], definition: str) -> list[str]:
+def _footnote(summary: dict[str, Any], short: str, definition: str) -> list[str]:
     """The table's note, wrapped to 88 columns."""
     first = next(iter(summary.values()))
     seeds, threshold = first["seeds"], first["yoshida_threshold"]
@@ -269,22 +220,19 @@ def _footnote(summary: dict[str, Any], short: list[str], definition: str) -> lis
         if seeds > 1
         else "one seed: no spread, no interval"
     )
-    edge = any(s.get("coeff_edge") for s in summary.values())
+    edge = (
+        "; (min)/(max): the lowest/highest value of its grid, so a better one may lie "
+        "beyond it (widen the grid with --coeff)"
+        if any(s.get("coeff_edge") for s in summary.values())
+        else ""
+    )
     notes = [
         "coeff: selected by the best mean validation accuracy over the grid (never "
-        "the test set)"
-        + (
-            "; (min)/(max): the lowest/highest value of its grid, so a better one "
-            "may lie beyond it (widen the grid with --coeff)"
-            if edge
-            else ""
-        )
-        + ".",
+        f"the test set){edge}.",
         f"test acc: {spread}.",
         f"gap: Yoshida & Miyato's generalization gap at α = {100 * threshold:.1f}% "
         "test accuracy.",
-        "σ_max, srank: top singular value and stable rank of each layer "
-        f"({'/'.join(short)}).",
+        f"σ_max, srank: top singular value and stable rank of each layer ({short}).",
         f"{SIGMA_DEFINITIONS[definition]}.",
         "out margin: median logit margin z_y − max z_j on the test set (logits); in "
         "margin: median first-order l2 distance to the decision boundary in input "
@@ -296,52 +244,8 @@ def _footnote(summary: dict[str, Any], short: list[str], definition: str) -> lis
     return [line for note in notes for line in textwrap.wrap(note, 88)]
 
 
-SIGMA_DEFINITIONS = {
-    "matrix": "σ: reshaped kernel (Yoshida & Miyato), a conv kernel taken as its "
-    "(kh·kw·in, out) matrix",
-    "operator": "σ: conv operator norm, each conv taken as the linear map x ↦ "
-    "conv(x, K) on its input (mr.ConvOperator)",
-}
-"""The table's note on what σ and the stable rank of a conv kernel are, by
-``sigma_definition`` (:attr:`~margin_regs.experiments.training.TrainConfig.conv`)."""
-
-
-def provenance() -> dict[str, Any]:
-    """The code and machine a run came from: library version, git commit, JAX, CPU.
-
-    ``git_commit`` is the checkout's ``HEAD`` when the package runs from a git work
-    tree (``None`` for an installed wheel), with ``+dirty`` when it has uncommitted
-    changes.
-    """
-    return {
-        "margin_regs_version": mr.__version__,
-        "git_commit": _git_commit(),
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "cpu_count": os.cpu_count(),
-        "jax_backend": jax.default_backend(),
-        "jax_version": jax.__version__,
-    }
-
-
-def _git_commit() -> str | None:
-    here = os.path.dirname(os.path.abspath(__file__))
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=here, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (commit + ("+dirty" if dirty else "")) if commit else None
-
-
-def headline(payload: dict[str, Any]) -> str:
-    """One line: the data, the schedule, the wall time and the code's version."""
+def render(payload: dict[str, Any]) -> str:
+    """The headline (data, schedule, wall time, code version) and the table."""
     c, m = payload["config"], payload["machine"]
     commit = (m.get("git_commit") or "no git commit")[:12]
     state = " (PARTIAL: interrupted)" if payload.get("partial") else ""
@@ -350,8 +254,32 @@ def headline(payload: dict[str, Any]) -> str:
         f"{c['val_size']} validation, {c['test_size']} test, model {c['model']}, "
         f"{c['epochs']} epoch(s), batch {c['batch_size']}, {c['seeds']} seed(s); "
         f"{m['seconds_total']:.0f} s on {m['jax_backend']} ({m['cpu_count']} CPUs); "
-        f"margin_regs {m['margin_regs_version']} ({commit}){state}"
+        f"margin_regs {m['margin_regs_version']} ({commit}){state}\n"
+        + format_table(payload["summary"])
     )
+
+
+def _git_commit() -> str | None:
+    """The checkout's ``HEAD`` (``+dirty`` with uncommitted changes); ``None`` for
+    an installed wheel."""
+    try:
+        described = subprocess.run(
+            [
+                "git",
+                "describe",
+                "--always",
+                "--abbrev=40",
+                "--dirty=+dirty",
+                "--exclude=*",
+            ],
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return described.stdout.strip() or None
 
 
 def build_payload(
@@ -364,31 +292,18 @@ def build_payload(
     *,
     partial: bool = False,
 ) -> dict[str, Any]:
-    """The ``results.json`` of a comparison: everything :func:`render` needs.
-
-    Args:
-      settings: the data and comparison settings (data set, sizes, seeds).
-      config: the shared schedule.
-      grids: ``{name: GridRun}`` of the finished regularizers.
-      results: the full runs at each regularizer's selected coefficient.
-      summary: :func:`summarize` of ``results`` (with :func:`add_differences`).
-      seconds: the comparison's wall time.
-      partial: ``True`` when the run was interrupted (only finished
-        regularizers are present).
-
-    Returns:
-      A JSON-ready dict (non-finite floats become ``None`` on writing).
-    """
+    """The ``results.json`` of a comparison: ``settings`` (data, sizes, seeds) and
+    ``config``, the machine, each finished regularizer's ``GridRun`` in ``grids``,
+    ``summary`` and the ``results`` at the selected coefficients; ``partial`` marks
+    an interrupted comparison."""
     from margin_regs.experiments.recipes import RECIPES
 
-    regularizers = {}
-    for name, grid in grids.items():
-        recipe = RECIPES[name]
-        regularizers[name] = {
-            "description": recipe.description,
-            "reference": recipe.reference,
-            "coeff_name": recipe.coeff_name,
-            "paper_coeff": recipe.coeff,
+    regularizers = {
+        name: {
+            "description": RECIPES[name].description,
+            "reference": RECIPES[name].reference,
+            "coeff_name": RECIPES[name].coeff_name,
+            "paper_coeff": RECIPES[name].coeff,
             "grid": [None if np.isnan(c) else float(c) for c in grid.coeffs],
             "selected_coeff": summary[name]["coeff"],
             "selected_at_edge": summary[name].get("coeff_edge"),
@@ -397,10 +312,22 @@ def build_payload(
             "test_acc": grid.test_acc.tolist(),
             "seconds_per_run_epoch": grid.seconds_per_run_epoch(),
         }
+        for name, grid in grids.items()
+    }
+    machine = {
+        "margin_regs_version": mr.__version__,
+        "git_commit": _git_commit(),
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "jax_backend": jax.default_backend(),
+        "jax_version": jax.__version__,
+        "seconds_total": seconds,
+    }
     return {
         "partial": partial,
         "config": {**settings, **dataclasses.asdict(config)},
-        "machine": {**provenance(), "seconds_total": seconds},
+        "machine": machine,
         "regularizers": regularizers,
         "summary": summary,
         "runs": [
@@ -410,16 +337,23 @@ def build_payload(
     }
 
 
-def write(out: str, payload: dict[str, Any]) -> list[str]:
-    """Write ``results.json`` and the plots of a comparison into the folder ``out``.
+def _jsonable(value: Any) -> Any:
+    """Non-finite floats become ``None`` (strict JSON has no inf or NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
 
-    Returns:
-      The paths written, ``results.json`` first.
-    """
+
+def write(out: str, payload: dict[str, Any]) -> list[str]:
+    """Write ``results.json`` and the plots into the folder ``out``; their paths."""
+    from margin_regs.experiments.plots import plots
+
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "results.json")
     with open(path, "w") as f:
-        json.dump(jsonable(payload), f, allow_nan=False)
-    from margin_regs.experiments.plots import plots
-
+        json.dump(_jsonable(payload), f, allow_nan=False)
     return [path, *plots(payload, out)]
