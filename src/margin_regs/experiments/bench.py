@@ -621,10 +621,15 @@ def measure(
         for i in order.permutation(len(steppers)):
             row[i] = _block(steppers[i], steps, x, y)
         times.append(row)
-    times = np.array(times)
+    return _paired(np.array(times), steps)
+
+
+def _paired(times: np.ndarray, steps: int) -> Timing:
+    """The :class:`Timing` of block seconds ``times``, a row a round, its columns
+    ``A``, ``A'`` and each case."""
     ratios = times[:, 1:] / times[:, :1]  # the null's, then each case's
     medians = np.median(ratios, axis=0).tolist()
-    # The IQR as statistics.quantiles's default method takes it.
+    # The IQR as statistics.quantiles's default method takes it (from 3 rounds).
     q1, q3 = np.percentile(ratios, [25, 75], axis=0, method="weibull")
     iqr = (q3 - q1).tolist() if len(times) > 1 else [math.nan] * len(medians)
     seconds = float(np.median(times[:, 0])) / steps
