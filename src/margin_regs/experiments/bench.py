@@ -263,10 +263,11 @@ def _step_fn(
     loss = loss or problem.loss
 
     def objective(params, aux, x, y):
+        value = loss(params, x, y)
         if penalty is None:
-            return loss(params, x, y), aux
-        value, aux = penalty(params, aux, x, y)
-        return loss(params, x, y) + value, aux
+            return value, aux
+        term, aux = penalty(params, aux, x, y)
+        return value + term, aux
 
     def step(carry, x, y):
         params, opt_state, aux = carry
