@@ -10,13 +10,16 @@ constructors.
 import importlib.util
 import json
 import math
+import statistics
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+import margin_regs as mr
 from margin_regs.experiments import bench
 
 N = 192
@@ -54,6 +57,22 @@ def test_measure_returns_one_median_ratio_per_case():
     assert timing.ratio == timing.ratios[0]
     assert all(math.isfinite(r) and r > 0 for r in (*timing.ratios, timing.null))
     assert timing.null_spread >= 0 and timing.baseline_seconds > 0
+
+
+@pytest.mark.parametrize("rounds", [3, 4, 9])
+def test_paired_figures_are_the_statistics_modules_medians_and_quartiles(rounds):
+    times = np.random.default_rng(rounds).uniform(0.5, 2.0, (rounds, 4))
+    timing = bench._paired(times, steps=3)
+    ratios = times[:, 1:] / times[:, :1]  # the null, then two cases
+    medians = [timing.null, *timing.ratios]
+    spreads = [timing.null_spread, *timing.spreads]
+    for column, median, spread in zip(ratios.T, medians, spreads, strict=True):
+        q1, _, q3 = statistics.quantiles(column.tolist(), n=4)
+        assert median == pytest.approx(statistics.median(column.tolist()))
+        assert spread == pytest.approx(q3 - q1)
+    assert (timing.ratio, timing.spread) == (timing.ratios[0], timing.spreads[0])
+    assert timing.baseline_seconds == pytest.approx(np.median(times[:, 0]) / 3)
+    assert (timing.rounds, timing.steps_per_block) == (rounds, 3)
 
 
 def test_cost_model_counts_a_known_extra_pass():
@@ -194,6 +213,25 @@ def test_train_step_is_one_sgd_step_and_the_ensemble_its_members():
             vmapped[0],
             member[0],
         )
+
+
+def test_a_loss_case_steps_sgd_on_its_own_loss():
+    problem = bench.make_problem("mlp", 4, tiny=True)
+    built = bench.CASES["adversarial_loss"].build(problem)
+
+    def adversarial(params):
+        def per_sample(x, y):
+            logits = problem.apply(params, x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+        return mr.adversarial_loss(per_sample, problem.x, problem.y, epsilon=1.0)
+
+    grads = jax.grad(adversarial)(problem.params)
+    want = jax.tree.map(lambda p, g: p - bench.LEARNING_RATE * g, problem.params, grads)
+    got = built.step(built.carry, problem.x, problem.y)[0]
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, want
+    )
 
 
 def test_the_scanned_transformer_is_counted_block_by_block():

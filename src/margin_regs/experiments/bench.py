@@ -1,21 +1,12 @@
 """Overhead benchmarks: a regularized training step against a plain optax SGD step.
 
-Three figures for every (model, batch size, case):
-
-* XLA's cost model of one compiled step: the FLOPs and bytes accessed of the
-  case's executable over those of plain SGD's (``compile().cost_analysis()``),
-  deterministic, so measured at every batch size. It counts a loop's body once, a
-  conditional's costliest branch, and nothing inside a LAPACK call.
-* The seconds XLA takes to compile the case's step (the penalties' iteration
-  counts must not grow it).
-* Timings, on the batch sizes asked for (:func:`measure`): blocks of plain SGD
-  ``A``, the case ``B`` and a second copy of ``A`` (the null control ``A'``) in a
-  random order each round; the median over rounds of ``B/A`` and of ``A'/A``.
-
-A case may name its own reference instead of plain SGD (:class:`Versus`): the
-vmapped ensembles are timed against their members run one by one. Cases live in a
-registry (:func:`register`); ``margin-regs bench`` and ``benchmarks/run.py`` call
-:func:`main`, and ``benchmarks/readme_table.py`` renders the ``--json`` output.
+Per (model, batch size, case): XLA's cost model of one compiled step, FLOPs and bytes
+over those of the reference step (:func:`cost_model`); the seconds XLA takes to
+compile it; where asked, the median over interleaved rounds of the paired time ratio,
+with a second copy of the reference as the null control (:func:`measure`). The
+reference is plain SGD unless the case names its own (:class:`Versus`). Cases live in
+:data:`CASES` (:func:`register`); ``margin-regs bench`` calls :func:`main`, and
+``benchmarks/readme_table.py`` renders its ``--json`` (docs/guides/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -27,7 +18,6 @@ import functools
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -54,6 +44,7 @@ __all__ = [
     "Result",
     "Stepper",
     "Timing",
+    "Versus",
     "build_parser",
     "compiled_costs",
     "cost_model",
@@ -76,15 +67,10 @@ NUM_CLASSES = 10
 
 
 class BenchModel(NamedTuple):
-    """A benchmark model: a :mod:`~margin_regs.experiments.models` constructor.
-
-    Attributes:
-      build: ``(num_classes, **overrides) -> nn.Module``.
-      input_shape: one sample's shape, channels last.
-      description: what it is, for ``--help`` and the README.
-      tiny: the same constructor's overrides, and ``input_shape``, for a copy that
-        compiles in a second or two (``--tiny``, tests).
-    """
+    """A :mod:`~margin_regs.experiments.models` constructor ``build(num_classes,
+    **overrides)``, one sample's ``input_shape`` (channels last), a ``description``
+    for ``--help``, and the overrides (and ``input_shape``) of a ``tiny`` copy that
+    compiles in seconds (``--tiny``, tests)."""
 
     build: Callable[..., nn.Module]
     input_shape: tuple[int, ...]
@@ -135,15 +121,7 @@ MODELS: dict[str, BenchModel] = {
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-    """One model on one synthetic batch: what a case builds its step from.
-
-    Attributes:
-      model: the name in :data:`MODELS`.
-      module: the Flax module.
-      params: the initial parameters (a flax linen dict).
-      x: inputs ``(batch, *input_shape)``.
-      y: integer labels ``(batch,)``.
-    """
+    """One model (``module``, its initial ``params``) on one batch ``x``, ``y``."""
 
     model: str
     module: nn.Module
@@ -157,21 +135,25 @@ class Problem:
 
     def loss(self, params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
         """Mean softmax cross-entropy of the model on ``(x, y)``."""
-        logits = self.apply(params, x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return _per_sample_loss(self, params)(x, y).mean()
 
     def sgd(self) -> optax.GradientTransformation:
         """The baseline optimizer every case shares."""
         return optax.sgd(LEARNING_RATE)
 
 
+def _per_sample_loss(problem: Problem, params: Any) -> Callable[..., jax.Array]:
+    return lambda x, y: optax.softmax_cross_entropy_with_integer_labels(
+        problem.apply(params, x), y
+    )
+
+
 @dataclasses.dataclass
 class Stepper:
     """A jitted ``step(carry, x, y) -> carry`` and its current ``carry``.
 
-    Mutable: timing advances ``carry`` in place, because the step donates it, and
-    the compiled executable is kept once built (the cost model and the timing use
-    the same one).
+    Mutable: timing advances ``carry`` (the step donates it), and the executable is
+    kept once compiled, so the cost model and the timing use the same one.
     """
 
     step: Callable[[Any, jax.Array, jax.Array], Any]
@@ -196,19 +178,10 @@ class Costs(NamedTuple):
 
 
 class Amortised(NamedTuple):
-    """A case whose cost recurs every ``period`` steps (AdaReg's re-solve).
-
-    Its figures are ``((period − 1) · steady + periodic) / period``. XLA's cost model
-    counts a conditional's costliest branch, so a steady step that skips the event
-    under ``lax.cond`` is counted as if it ran it; ``event_costs`` gives the event's
-    own cost (compiled alone), which the steady step's figures then leave out.
-
-    Attributes:
-      steady: the step between the periodic events.
-      periodic: a step in which the event happens every time.
-      period: steps per event.
-      event_costs: ``() -> Costs`` of the event alone, or ``None``.
-    """
+    """A case whose cost recurs every ``period`` steps: its figures are
+    ``((period − 1) · steady + periodic) / period``, ``periodic`` a step with the
+    event every time. ``event_costs() -> Costs``, the event alone, is taken off the
+    steady step's (XLA counts a ``lax.cond``'s costliest branch)."""
 
     steady: Stepper
     periodic: Stepper
@@ -217,14 +190,8 @@ class Amortised(NamedTuple):
 
 
 class Versus(NamedTuple):
-    """A case whose ratios are taken against its own reference, not plain SGD.
-
-    Attributes:
-      case: the step measured.
-      reference: ``() -> Stepper``, a fresh reference step (called twice: the
-        reference and its null control).
-      against: what the reference is, for the tables.
-    """
+    """A ``case`` step measured against ``reference()`` (a fresh step, called twice
+    for the null control) instead of plain SGD; ``against`` names it."""
 
     case: Stepper
     reference: Callable[[], Stepper]
@@ -232,11 +199,7 @@ class Versus(NamedTuple):
 
 
 def make_problem(
-    model: str,
-    batch_size: int = BATCH_SIZE,
-    *,
-    seed: int = 0,
-    tiny: bool = False,
+    model: str, batch_size: int = BATCH_SIZE, *, seed: int = 0, tiny: bool = False
 ) -> Problem:
     """The named model, initialised, on a synthetic batch.
 
@@ -245,9 +208,6 @@ def make_problem(
       batch_size: samples in the batch.
       seed: for the batch and the initial parameters.
       tiny: build the model's tiny copy (:attr:`BenchModel.tiny`).
-
-    Returns:
-      The :class:`Problem`.
     """
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; have {list(MODELS)}")
@@ -268,28 +228,26 @@ def train_step(
     tx: optax.GradientTransformation | None = None,
     penalty: Callable[..., tuple[jax.Array, Any]] | None = None,
     penalty_state: Any = None,
+    loss: Callable[..., jax.Array] | None = None,
 ) -> Stepper:
-    """A fresh jitted SGD step: ``grad`` of the loss, ``tx.update``, apply.
+    """A fresh jitted step: ``grad`` of the loss (plus ``penalty``), ``tx``, apply.
+
+    Each call compiles its own executable (two calls: the null control's copies).
 
     Args:
       problem: the model and batch.
-      tx: the optimizer, by default ``problem.sgd()``; chain a transform before it
-        to benchmark the transform.
-      penalty: optional ``(params, penalty_state, x, y) -> (value, penalty_state)``
-        added to the loss (its state is carried across steps, e.g. power-iteration
-        vectors; return ``None`` as state when there is none).
+      tx: the optimizer, by default ``problem.sgd()``.
+      penalty: ``(params, penalty_state, x, y) -> (value, penalty_state)`` added to
+        the loss, its state carried across steps.
       penalty_state: the penalty's initial state.
-
-    Returns:
-      A :class:`Stepper`; each call compiles its own executable, so two calls
-      give the independent copies the null control needs.
+      loss: ``(params, x, y) -> loss`` in place of ``problem.loss``.
     """
     tx = problem.sgd() if tx is None else tx
-    params = jax.tree.map(jnp.copy, problem.params)
     # The step donates its carry, and a donated buffer may appear only once: copy
     # every leaf, since an initial state may hold one array in two places.
-    carry = _copy((params, tx.init(params), penalty_state))
-    return Stepper(jax.jit(_step_fn(problem, tx, penalty), donate_argnums=0), carry)
+    carry = _copy((problem.params, tx.init(problem.params), penalty_state))
+    step = _step_fn(problem, tx, penalty, loss)
+    return Stepper(jax.jit(step, donate_argnums=0), carry)
 
 
 def _copy(tree: Any) -> Any:
@@ -297,14 +255,19 @@ def _copy(tree: Any) -> Any:
 
 
 def _step_fn(
-    problem: Problem, tx: optax.GradientTransformation, penalty: Callable | None
+    problem: Problem,
+    tx: optax.GradientTransformation,
+    penalty: Callable | None = None,
+    loss: Callable | None = None,
 ) -> Callable[[Any, jax.Array, jax.Array], Any]:
+    loss = loss or problem.loss
+
     def objective(params, aux, x, y):
-        loss = problem.loss(params, x, y)
+        value = loss(params, x, y)
         if penalty is None:
-            return loss, aux
-        value, aux = penalty(params, aux, x, y)
-        return loss + value, aux
+            return value, aux
+        term, aux = penalty(params, aux, x, y)
+        return value + term, aux
 
     def step(carry, x, y):
         params, opt_state, aux = carry
@@ -319,21 +282,233 @@ Builder = Callable[[Problem], "Stepper | Amortised | Versus"]
 
 
 class Case(NamedTuple):
-    """A registered benchmark: how to build its step, and where it runs.
-
-    Attributes:
-      build: ``Problem -> Stepper | Amortised | Versus``.
-      models: the model names it runs on.
-      by_default: whether a pattern such as ``*`` selects it; a slow reference
-        case sets ``False`` and runs only when named exactly.
-    """
+    """A case's ``build(problem)``, the ``models`` it runs on, and whether a pattern
+    such as ``*`` selects it (``by_default``; else only its exact name)."""
 
     build: Builder
     models: tuple[str, ...]
-    by_default: bool
+    by_default: bool = True
 
 
-CASES: dict[str, Case] = {}
+def _layouts(problem: Problem, conv: str | None = None) -> Any:
+    """Each kernel's layout inferred from the model on one sample, convolutions as
+    ``conv`` says; without ``conv``, the library's defaults (``None``) except on the
+    transformer, whose scanned ``(layers, in, out)`` kernels have none."""
+    if conv is None and problem.model != "transformer":
+        return None
+    x, conv = problem.x[:1], conv or "matrix"
+    return mr.infer_weight_dimension_numbers(
+        problem.apply, problem.params, x, conv=conv
+    )
+
+
+def _chained(factory: Callable, layouts: Callable | None = _layouts) -> Builder:
+    """A case: ``factory(COEFF, weight_dimension_numbers=layouts(problem))``, then
+    SGD (``layouts=None``: ``factory(COEFF)``)."""
+
+    def build(problem: Problem) -> Stepper:
+        kwargs = {"weight_dimension_numbers": layouts(problem)} if layouts else {}
+        tx = optax.chain(factory(COEFF, **kwargs), problem.sgd())
+        return train_step(problem, tx=tx)
+
+    return build
+
+
+def _penalty(term: Callable, keyed: bool = False) -> Builder:
+    """A case adding ``COEFF · term(problem, params, x, y)`` to the loss (``keyed``:
+    ``term(problem, params, x, key)``, a fresh key every step)."""
+
+    def build(problem: Problem) -> Stepper:
+        def penalty(params, key, x, y):
+            if not keyed:
+                return COEFF * term(problem, params, x, y), key
+            key, sub = jax.random.split(key)
+            return COEFF * term(problem, params, x, sub), key
+
+        state = jax.random.key(0) if keyed else None
+        return train_step(problem, penalty=penalty, penalty_state=state)
+
+    return build
+
+
+def _spectral_norm_penalty(problem: Problem) -> Stepper:
+    layouts = _layouts(problem)
+
+    def penalty(params, vectors, x, y):
+        value, vectors = mr.spectral_norm_penalty(
+            params, vectors, weight_dimension_numbers=layouts
+        )
+        return COEFF * value, vectors
+
+    vectors = mr.init_power_iteration(
+        problem.params, 0, weight_dimension_numbers=layouts
+    )
+    return train_step(problem, penalty=penalty, penalty_state=vectors)
+
+
+def _eigenvalue_decay_penalty(problem: Problem, params: Any, x, y) -> jax.Array:
+    layouts = _layouts(problem)
+    return mr.eigenvalue_decay_penalty(params, weight_dimension_numbers=layouts)
+
+
+def _exact_svd_penalty(problem: Problem, params: Any, x, y) -> jax.Array:
+    kernels = [k for k in jax.tree.leaves(params) if k.ndim >= 2]
+    return sum(0.5 * mr.singular_values(k)[0] ** 2 for k in kernels)
+
+
+ADAREG_PERIOD = 500
+ADAREG_BOUNDS = {"lower": 0.1, "upper": 10.0}  # the library's defaults
+
+
+def _adareg_last_layer(problem: Problem) -> Amortised:
+    """The softmax layer, as in all of Zhao et al. 2019's experiments: 499 steady
+    steps and one re-solve (two ``eigh``, which the cost model cannot see into),
+    timed from a copy that re-solves at every step."""
+    mask = models.classifier_mask
+
+    def step(update_every: int) -> Stepper:
+        tx = mr.adareg(COEFF, update_every=update_every, mask=mask, **ADAREG_BOUNDS)
+        return train_step(problem, tx=optax.chain(tx, problem.sgd()))
+
+    def resolve_costs() -> Costs:
+        solve = functools.partial(
+            mr.adareg_update_precisions, mask=mask, **ADAREG_BOUNDS
+        )
+        precisions = mr.init_adareg_precisions(problem.params, mask=mask)
+        lowered = jax.jit(solve).lower(problem.params, precisions)
+        return compiled_costs(lowered.compile())
+
+    return Amortised(step(ADAREG_PERIOD), step(1), ADAREG_PERIOD, resolve_costs)
+
+
+ENSEMBLE = 4
+
+
+def _ensemble(factory: Callable) -> Builder:
+    """``ENSEMBLE`` members with ``factory(COEFF)`` in one ``jax.vmap``ped step,
+    against one jitted step running them one after the other (a Python loop, so
+    the cost model counts every member)."""
+
+    def build(problem: Problem) -> Versus:
+        tx = optax.chain(factory(COEFF), problem.sgd())
+        step = _step_fn(problem, tx)
+        init = jax.jit(problem.module.init)
+        keys = jax.random.split(jax.random.key(1), ENSEMBLE)
+        members = [init(k, problem.x[:1]) for k in keys]
+        carries = [(m["params"], tx.init(m["params"]), None) for m in members]
+        stacked = jax.tree.map(lambda *a: jnp.stack(a), *carries)
+        vmapped = jax.jit(jax.vmap(step, in_axes=(0, None, None)), donate_argnums=0)
+
+        def one_by_one() -> Stepper:
+            loop = jax.jit(
+                lambda cs, x, y: [step(c, x, y) for c in cs], donate_argnums=0
+            )
+            return Stepper(loop, _copy(carries))
+
+        return Versus(Stepper(vmapped, stacked), one_by_one, "members one by one")
+
+    return build
+
+
+def _jacobian_margin(classes: str, method: str) -> Builder:
+    def term(problem: Problem, params: Any, x, key) -> jax.Array:
+        logits = functools.partial(problem.apply, params)
+        classifier = models.classifier_kernel(params)
+        return mr.jacobian_margin_penalty(
+            logits, x, classes=classes, key=key, classifier=classifier, method=method
+        )
+
+    return _penalty(term, keyed=True)
+
+
+def _jacobian_frobenius(problem: Problem, params: Any, x, key) -> jax.Array:
+    logits = functools.partial(problem.apply, params)
+    return mr.jacobian_frobenius_penalty(logits, x, key=key)
+
+
+def _input_gradient(problem: Problem, params: Any, x, y) -> jax.Array:
+    return mr.input_gradient_penalty(_per_sample_loss(problem, params), x, y)
+
+
+def _tangent_prop(problem: Problem, params: Any, x, y) -> jax.Array:
+    logits = functools.partial(problem.apply, params)
+    return mr.tangent_prop_penalty(logits, x, mr.image_tangents(x))
+
+
+def _with_loss(loss: Callable) -> Builder:
+    """A case: plain SGD on ``loss(problem, params, x, y)``."""
+    return lambda problem: train_step(problem, loss=functools.partial(loss, problem))
+
+
+def _adversarial_loss(problem: Problem, params: Any, x, y) -> jax.Array:
+    """Yoshida's eq. (3), α = 0.5, ε = 1."""
+    return mr.adversarial_loss(_per_sample_loss(problem, params), x, y, epsilon=1.0)
+
+
+def _augmented_loss(problem: Problem, params: Any, x, y) -> jax.Array:
+    """The loss on each image shifted by up to 2 pixels and rotated."""
+    # A key that depends on the batch, so that XLA cannot fold the draws away.
+    key = jax.random.fold_in(jax.random.key(0), jnp.sum(y))
+    return problem.loss(params, recipes.augment_images(x, key, 2.0), y)
+
+
+BAGGING_MEMBERS = 5
+
+
+def _bagging(problem: Problem) -> Stepper:
+    """k members, each on its bootstrap resample of the batch, as one vmapped step."""
+    member = _step_fn(problem, problem.sgd())
+    idx = bagging.bootstrap_indices(jax.random.key(1), BAGGING_MEMBERS, len(problem.x))
+
+    def step(carry, x, y):
+        return jax.vmap(member)(carry, x[idx], y[idx])
+
+    one = train_step(problem).carry
+    carry = jax.tree.map(lambda a: jnp.stack([a] * BAGGING_MEMBERS), one)
+    return Stepper(jax.jit(step, donate_argnums=0), carry)
+
+
+_ALL, _MLP, _IMAGES = tuple(MODELS), ("mlp",), ("mlp", "cnn")
+_SPECTRAL, _DECAY = mr.spectral_norm_regularization, mr.eigenvalue_decay
+_MATRICES = functools.partial(_layouts, conv="matrix")
+_OPERATORS = functools.partial(_layouts, conv="operator")
+CASES: dict[str, Case] = {
+    "spectral_norm_regularization": Case(_chained(_SPECTRAL), _ALL),
+    "eigenvalue_decay": Case(_chained(_DECAY), _ALL),
+    # Each scanned block's, each attention projection's own matrix.
+    "spectral_norm_regularization_layouts": Case(
+        _chained(_SPECTRAL, _MATRICES), ("transformer",)
+    ),
+    "eigenvalue_decay_layouts": Case(_chained(_DECAY, _MATRICES), ("transformer",)),
+    # Each convolution as the linear map it is on its input (mr.ConvOperator).
+    "spectral_norm_regularization_conv_operator": Case(
+        _chained(_SPECTRAL, _OPERATORS), ("cnn", "vgg11", "resnet18")
+    ),
+    "spectral_norm_penalty": Case(_spectral_norm_penalty, _ALL),
+    "eigenvalue_decay_penalty": Case(_penalty(_eigenvalue_decay_penalty), _ALL),
+    # ½ Σ σ² by a full SVD in the loss: the cost power iteration avoids.
+    "exact_svd_penalty": Case(_penalty(_exact_svd_penalty), _MLP, False),
+    "adareg_last_layer": Case(_adareg_last_layer, _ALL),
+    # Every kernel, between re-solves: d²p + dp² multiply-adds per kernel and step.
+    "adareg_all_layers": Case(_chained(mr.adareg, None), _MLP, False),
+    # The re-solve stays a real branch under vmap; the SVDs run member by member.
+    "adareg_ensemble": Case(_ensemble(mr.adareg), _MLP),
+    "spectral_norm_regularization_ensemble": Case(_ensemble(_SPECTRAL), _MLP),
+    # One random class per sample (Sokolić's DNN setup) by one batched VJP, or by
+    # per-sample jacrev (the cost it avoids); all classes (the CNN setup).
+    "jacobian_margin_vjp": Case(_jacobian_margin("random", "vjp"), _ALL),
+    "jacobian_margin_jacrev": Case(_jacobian_margin("random", "jacrev"), _MLP, False),
+    "jacobian_margin_all": Case(_jacobian_margin("all", "vjp"), _IMAGES),
+    # One random projection per sample (Hoffman et al.'s default).
+    "jacobian_frobenius": Case(_penalty(_jacobian_frobenius, keyed=True), _MLP),
+    "input_gradient_penalty": Case(_penalty(_input_gradient), _MLP),
+    "adversarial_loss": Case(_with_loss(_adversarial_loss), _MLP),
+    # Deep Learning book ch. 7, as `margin-regs compare` applies them.
+    "tangent_prop": Case(_penalty(_tangent_prop), _IMAGES),
+    "augmentation": Case(_with_loss(_augmented_loss), _IMAGES),
+    "l2_init": Case(_chained(recipes.tie_to_init, None), _IMAGES),
+    "bagging": Case(_bagging, _IMAGES),
+}
 
 
 def register(
@@ -350,327 +525,6 @@ def register(
     return add
 
 
-def _inferred_layouts(problem: Problem, conv: str = "matrix") -> Any:
-    """Each kernel's layout read from the traced model (one sample is enough)."""
-    return mr.infer_weight_dimension_numbers(
-        problem.apply, problem.params, problem.x[:1], conv=conv
-    )
-
-
-def _default_layouts(problem: Problem) -> Any:
-    """The library's default layouts, or the inferred ones for the transformer,
-    whose scanned ``(layers, in, out)`` kernels have no default (it refuses them)."""
-    return _inferred_layouts(problem) if problem.model == "transformer" else None
-
-
-@register("spectral_norm_regularization")
-def _spectral_transform(problem: Problem) -> Stepper:
-    transform = mr.spectral_norm_regularization(
-        COEFF, weight_dimension_numbers=_default_layouts(problem)
-    )
-    return train_step(problem, tx=optax.chain(transform, problem.sgd()))
-
-
-@register("eigenvalue_decay")
-def _eigenvalue_decay_transform(problem: Problem) -> Stepper:
-    transform = mr.eigenvalue_decay(
-        COEFF, weight_dimension_numbers=_default_layouts(problem)
-    )
-    return train_step(problem, tx=optax.chain(transform, problem.sgd()))
-
-
-@register("spectral_norm_regularization_layouts", models=("transformer",))
-def _spectral_transform_layouts(problem: Problem) -> Stepper:
-    """Each scanned block's, each attention projection's true matrix (inferred
-    layouts: a batch axis per block, heads folded into the fan-out)."""
-    transform = mr.spectral_norm_regularization(
-        COEFF, weight_dimension_numbers=_inferred_layouts(problem)
-    )
-    return train_step(problem, tx=optax.chain(transform, problem.sgd()))
-
-
-@register("eigenvalue_decay_layouts", models=("transformer",))
-def _eigenvalue_decay_layouts(problem: Problem) -> Stepper:
-    """The fast Eigenvalue Decay transform on the inferred layouts."""
-    transform = mr.eigenvalue_decay(
-        COEFF, weight_dimension_numbers=_inferred_layouts(problem)
-    )
-    return train_step(problem, tx=optax.chain(transform, problem.sgd()))
-
-
-@register(
-    "spectral_norm_regularization_conv_operator", models=("cnn", "vgg11", "resnet18")
-)
-def _spectral_transform_conv_operator(problem: Problem) -> Stepper:
-    """Each convolution as the linear map it is on its input (``mr.ConvOperator``):
-    power iteration runs a convolution and its transpose on one input-shaped vector."""
-    transform = mr.spectral_norm_regularization(
-        COEFF, weight_dimension_numbers=_inferred_layouts(problem, "operator")
-    )
-    return train_step(problem, tx=optax.chain(transform, problem.sgd()))
-
-
-@register("spectral_norm_penalty")
-def _spectral_penalty(problem: Problem) -> Stepper:
-    layouts = _default_layouts(problem)
-
-    def penalty(params, vectors, x, y):
-        value, vectors = mr.spectral_norm_penalty(
-            params, vectors, weight_dimension_numbers=layouts
-        )
-        return COEFF * value, vectors
-
-    return train_step(
-        problem,
-        penalty=penalty,
-        penalty_state=mr.init_power_iteration(
-            problem.params, 0, weight_dimension_numbers=layouts
-        ),
-    )
-
-
-@register("eigenvalue_decay_penalty")
-def _eigenvalue_decay_in_loss(problem: Problem) -> Stepper:
-    layouts = _default_layouts(problem)
-    return train_step(
-        problem,
-        penalty=lambda params, aux, x, y: (
-            COEFF
-            * mr.eigenvalue_decay_penalty(params, weight_dimension_numbers=layouts),
-            aux,
-        ),
-    )
-
-
-@register("exact_svd_penalty", models=("mlp",), by_default=False)
-def _exact_svd_penalty(problem: Problem) -> Stepper:
-    """½ Σ σ² by a full SVD in the loss: the cost power iteration avoids."""
-
-    def penalty(params, aux, x, y):
-        kernels = [k for k in jax.tree.leaves(params) if k.ndim >= 2]
-        value = sum(0.5 * mr.singular_values(k)[0] ** 2 for k in kernels)
-        return COEFF * value, aux
-
-    return train_step(problem, penalty=penalty)
-
-
-ADAREG_PERIOD = 500
-ADAREG_BOUNDS = {"lower": 0.1, "upper": 10.0}  # the library's defaults
-
-
-def _adareg_last_layer_step(problem: Problem, update_every: int) -> Stepper:
-    # AdaReg on the softmax layer, as in all of Zhao et al. 2019's experiments.
-    tx = mr.adareg(
-        COEFF, update_every=update_every, mask=models.classifier_mask, **ADAREG_BOUNDS
-    )
-    return train_step(problem, tx=optax.chain(tx, problem.sgd()))
-
-
-@register("adareg_last_layer")
-def _adareg_last_layer(problem: Problem) -> Amortised:
-    """Amortised over the default period: 499 steady steps and one re-solve (two
-    ``eigh``), the latter timed from a copy that re-solves at every step. The cost
-    model cannot see inside ``eigh`` (a LAPACK call on the CPU)."""
-
-    def resolve_costs() -> Costs:
-        solve = jax.jit(
-            lambda params, precisions: mr.adareg_update_precisions(
-                params, precisions, mask=models.classifier_mask, **ADAREG_BOUNDS
-            )
-        )
-        precisions = mr.init_adareg_precisions(
-            problem.params, mask=models.classifier_mask
-        )
-        return compiled_costs(solve.lower(problem.params, precisions).compile())
-
-    return Amortised(
-        _adareg_last_layer_step(problem, ADAREG_PERIOD),
-        _adareg_last_layer_step(problem, 1),
-        ADAREG_PERIOD,
-        resolve_costs,
-    )
-
-
-@register("adareg_all_layers", models=("mlp",), by_default=False)
-def _adareg_all_layers(problem: Problem) -> Stepper:
-    """Every kernel, between re-solves: d²p + dp² multiply-adds per kernel and step."""
-    return train_step(problem, tx=optax.chain(mr.adareg(COEFF), problem.sgd()))
-
-
-ENSEMBLE = 4
-
-
-def _ensemble(problem: Problem, tx: optax.GradientTransformation) -> Versus:
-    """``ENSEMBLE`` members in one ``jax.vmap``ped step, against one jitted step
-    that runs them one after the other (a Python loop, so the cost model counts
-    every member)."""
-    step = _step_fn(problem, tx, None)
-    init = jax.jit(problem.module.init)
-    keys = jax.random.split(jax.random.key(1), ENSEMBLE)
-    members = [init(k, problem.x[:1])["params"] for k in keys]
-    carries = [(p, tx.init(p), None) for p in members]
-    stacked = jax.tree.map(lambda *a: jnp.stack(a), *carries)
-    vmapped = jax.jit(jax.vmap(step, in_axes=(0, None, None)), donate_argnums=0)
-
-    def one_by_one() -> Stepper:
-        loop = jax.jit(lambda cs, x, y: [step(c, x, y) for c in cs], donate_argnums=0)
-        return Stepper(loop, _copy(carries))
-
-    return Versus(Stepper(vmapped, stacked), one_by_one, "members one by one")
-
-
-@register("adareg_ensemble", models=("mlp",))
-def _adareg_ensemble(problem: Problem) -> Versus:
-    """AdaReg on every layer, 4 vmapped members: the re-solve stays a real branch
-    and the SVDs run one member at a time (issue 21)."""
-    tx = mr.adareg(COEFF, update_every=ADAREG_PERIOD, **ADAREG_BOUNDS)
-    return _ensemble(problem, optax.chain(tx, problem.sgd()))
-
-
-@register("spectral_norm_regularization_ensemble", models=("mlp",))
-def _spectral_ensemble(problem: Problem) -> Versus:
-    """The spectral transform, 4 vmapped members against the 4 one by one."""
-    tx = mr.spectral_norm_regularization(COEFF)
-    return _ensemble(problem, optax.chain(tx, problem.sgd()))
-
-
-@register("jacobian_margin_vjp")
-def _jacobian_margin_vjp(problem: Problem) -> Stepper:
-    """One random class per sample (Sokolić's DNN setup) from one batched VJP."""
-    return _jacobian_margin_case(problem, "random", "vjp")
-
-
-@register("jacobian_margin_jacrev", models=("mlp",), by_default=False)
-def _jacobian_margin_jacrev(problem: Problem) -> Stepper:
-    """The same penalty from per-sample vmap(jacrev): the cost the fast path avoids."""
-    return _jacobian_margin_case(problem, "random", "jacrev")
-
-
-@register("jacobian_margin_all", models=("mlp", "cnn"))
-def _jacobian_margin_all(problem: Problem) -> Stepper:
-    """All classes per sample (Sokolić's CNN setup): one forward, C batched VJPs."""
-    return _jacobian_margin_case(problem, "all", "vjp")
-
-
-def _jacobian_margin_case(problem: Problem, classes: str, method: str) -> Stepper:
-    def penalty(params, key, x, y):
-        key, sub = jax.random.split(key)
-        value = mr.jacobian_margin_penalty(
-            lambda b: problem.apply(params, b),
-            x,
-            classes=classes,
-            key=sub,
-            classifier=models.classifier_kernel(params),
-            method=method,
-        )
-        return COEFF * value, key
-
-    return train_step(problem, penalty=penalty, penalty_state=jax.random.key(0))
-
-
-@register("jacobian_frobenius", models=("mlp",))
-def _jacobian_frobenius(problem: Problem) -> Stepper:
-    """One random projection per sample (Hoffman et al.'s default)."""
-
-    def penalty(params, key, x, y):
-        key, sub = jax.random.split(key)
-        value = mr.jacobian_frobenius_penalty(
-            lambda b: problem.apply(params, b), x, key=sub
-        )
-        return COEFF * value, key
-
-    return train_step(problem, penalty=penalty, penalty_state=jax.random.key(0))
-
-
-def _per_sample_loss(problem: Problem, params: Any) -> Callable[..., jax.Array]:
-    return lambda x, y: optax.softmax_cross_entropy_with_integer_labels(
-        problem.apply(params, x), y
-    )
-
-
-@register("input_gradient_penalty", models=("mlp",))
-def _input_gradient(problem: Problem) -> Stepper:
-    return train_step(
-        problem,
-        penalty=lambda params, aux, x, y: (
-            COEFF * mr.input_gradient_penalty(_per_sample_loss(problem, params), x, y),
-            aux,
-        ),
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class _AdversarialProblem(Problem):
-    """The same model and batch, with Yoshida's eq. (3) (α = 0.5, ε = 1) as the loss."""
-
-    def loss(self, params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
-        return mr.adversarial_loss(_per_sample_loss(self, params), x, y, epsilon=1.0)
-
-
-@register("adversarial_loss", models=("mlp",))
-def _adversarial(problem: Problem) -> Stepper:
-    fields = {f.name: getattr(problem, f.name) for f in dataclasses.fields(problem)}
-    return train_step(_AdversarialProblem(**fields))
-
-
-# Deep Learning book ch. 7, as `margin-regs compare` applies them; image models only
-# where the regularizer needs images.
-_IMAGE_MODELS = ("mlp", "cnn")
-
-
-@register("tangent_prop", models=_IMAGE_MODELS)
-def _tangent_prop(problem: Problem) -> Stepper:
-    def penalty(params, state, x, y):
-        logits_fn = functools.partial(problem.apply, params)
-        return COEFF * mr.tangent_prop_penalty(
-            logits_fn, x, mr.image_tangents(x)
-        ), state
-
-    return train_step(problem, penalty=penalty)
-
-
-@dataclasses.dataclass(frozen=True)
-class _AugmentedProblem(Problem):
-    """The same model and batch, each image shifted by up to 2 pixels and rotated."""
-
-    def loss(self, params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
-        # A key that depends on the batch, so that XLA cannot fold the draws away.
-        key = jax.random.fold_in(jax.random.key(0), jnp.sum(y))
-        return super().loss(params, recipes.augment_images(x, key, 2.0), y)
-
-
-@register("augmentation", models=_IMAGE_MODELS)
-def _augmentation(problem: Problem) -> Stepper:
-    fields = {f.name: getattr(problem, f.name) for f in dataclasses.fields(problem)}
-    return train_step(_AugmentedProblem(**fields))
-
-
-@register("l2_init", models=_IMAGE_MODELS)
-def _l2_init(problem: Problem) -> Stepper:
-    return train_step(
-        problem, tx=optax.chain(recipes.tie_to_init(COEFF), problem.sgd())
-    )
-
-
-BAGGING_MEMBERS = 5
-
-
-@register("bagging", models=_IMAGE_MODELS)
-def _bagging(problem: Problem) -> Stepper:
-    """k members, each on its bootstrap resample of the batch, as one vmapped step."""
-    one = train_step(problem)
-    member = _step_fn(problem, problem.sgd(), None)
-    idx = bagging.bootstrap_indices(
-        jax.random.key(1), BAGGING_MEMBERS, problem.x.shape[0]
-    )
-
-    def step(carry, x, y):
-        return jax.vmap(member)(carry, x[idx], y[idx])
-
-    carry = jax.tree.map(lambda a: jnp.stack([a] * BAGGING_MEMBERS), one.carry)
-    return Stepper(jax.jit(step, donate_argnums=0), carry)
-
-
 def cost_model(stepper: Stepper, x: jax.Array, y: jax.Array) -> Costs:
     """FLOPs and bytes accessed of one compiled step, from XLA's cost analysis."""
     return compiled_costs(stepper.compile(x, y))
@@ -678,6 +532,9 @@ def cost_model(stepper: Stepper, x: jax.Array, y: jax.Array) -> Costs:
 
 def compiled_costs(compiled: Any) -> Costs:
     """FLOPs and bytes accessed of a compiled executable (``Lowered.compile()``).
+
+    XLA counts a loop's body once, a conditional's costliest branch, and nothing
+    inside a LAPACK call.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -688,28 +545,15 @@ def compiled_costs(compiled: Any) -> Costs:
     """
     costs = compiled.cost_analysis()
     costs = (costs[0] if isinstance(costs, list) else costs) or {}
-    return Costs(
-        float(costs.get("flops", math.nan)),
-        float(costs.get("bytes accessed", math.nan)),
-    )
+    return Costs(*(float(costs.get(k, math.nan)) for k in ("flops", "bytes accessed")))
 
 
 class Timing(NamedTuple):
-    """Interleaved timings of one or more cases against a baseline.
-
-    The first six fields describe the first case (the order ``benchmarks/adareg.py``
-    reads); ``ratios`` and ``spreads`` hold every case's.
-
-    Attributes:
-      ratio: the first case's median over rounds of ``time(B) / time(A)``.
-      null: the median of ``time(A') / time(A)``.
-      spread: the interquartile range of the first case's per-round ratios.
-      baseline_seconds: the median seconds per baseline step.
-      steps_per_block: steps in each timed block.
-      rounds: rounds done.
-      ratios: per case, the median ratio.
-      spreads: per case, the interquartile range of its per-round ratios.
-      null_spread: the interquartile range of the null's per-round ratios.
+    """Interleaved timings of cases ``B`` against a baseline ``A`` and its copy
+    ``A'``: the first case's median ``time(B)/time(A)`` over rounds (``ratio``) and
+    its IQR (``spread``), the null's median ``time(A')/time(A)`` (``null``) and IQR
+    (``null_spread``), the median seconds per baseline step, the steps per block,
+    the rounds done, and every case's medians (``ratios``) and IQRs (``spreads``).
     """
 
     ratio: float
@@ -735,13 +579,6 @@ def _block(stepper: Stepper, n: int, x: jax.Array, y: jax.Array) -> float:
     return elapsed
 
 
-def _iqr(values: Sequence[float]) -> float:
-    if len(values) < 2:
-        return math.nan
-    q1, _, q3 = statistics.quantiles(values, n=4)
-    return q3 - q1
-
-
 def measure(
     baseline: Stepper,
     null: Stepper,
@@ -753,91 +590,63 @@ def measure(
     block_seconds: float = 0.05,
     steps: int | None = None,
     max_seconds: float | None = None,
-    min_rounds: int = 5,
     warmup: int = 3,
-    seed: int = 0,
 ) -> Timing:
-    """Median paired ratios ``B/A`` and ``A'/A`` over interleaved random-order blocks.
+    """Median paired ratios ``B/A`` and ``A'/A`` over rounds, each round a block of
+    every stepper in a random order, after ``warmup`` untimed steps each.
 
     Args:
       baseline: the stepper ``A`` (plain SGD).
       null: ``A'``, a separately compiled copy of ``A``.
-      cases: the stepper(s) ``B`` being measured, interleaved with the others.
+      cases: the stepper(s) ``B`` being measured.
       x: the batch's inputs, seen by every step.
       y: the batch's labels.
-      rounds: paired rounds; each times one block of each stepper, in random order.
-      block_seconds: the target length of a baseline block, which sets the steps
-        per block (at least one) unless ``steps`` is given.
+      rounds: paired rounds, at most.
+      block_seconds: a baseline block's target length; sets ``steps`` if not given.
       steps: steps per block (skips the calibration: for slow models).
-      max_seconds: stop after this many seconds of timed rounds (at least
-        ``min_rounds`` rounds run), so slow models cost a bounded time.
-      min_rounds: rounds that run whatever ``max_seconds`` says.
-      warmup: untimed single steps per stepper first (caches; compiling is done
-        before, by :meth:`Stepper.compile`).
-      seed: the seed of the block order.
-
-    Returns:
-      A :class:`Timing`.
+      max_seconds: stop after this many seconds of rounds (5 rounds at least).
+      warmup: untimed single steps per stepper first.
     """
-    cases = [cases] if isinstance(cases, Stepper) else list(cases)
-    steppers = [baseline, null, *cases]
+    steppers = [baseline, null, *([cases] if isinstance(cases, Stepper) else cases)]
     for s in steppers:
         for _ in range(warmup):
             _block(s, 1, x, y)
     if steps is None:
         per_step = min(_block(baseline, 1, x, y) for _ in range(3))
         steps = max(1, round(block_seconds / max(per_step, 1e-9)))
-    order = np.random.default_rng(seed)
-    times: list[list[float]] = []
-    start = time.perf_counter()
+    order, times, start = np.random.default_rng(0), [], time.perf_counter()
     for r in range(rounds):
-        if (
-            r >= min_rounds
-            and max_seconds
-            and time.perf_counter() - start > max_seconds
-        ):
+        if r >= 5 and max_seconds and time.perf_counter() - start > max_seconds:
             break
-        row = [0.0] * len(steppers)
+        row = np.zeros(len(steppers))
         for i in order.permutation(len(steppers)):
             row[i] = _block(steppers[i], steps, x, y)
         times.append(row)
-    ratios = [[row[i] / row[0] for row in times] for i in range(1, len(steppers))]
-    medians = tuple(statistics.median(r) for r in ratios[1:])
-    spreads = tuple(_iqr(r) for r in ratios[1:])
-    return Timing(
-        medians[0],
-        statistics.median(ratios[0]),
-        spreads[0],
-        statistics.median(row[0] for row in times) / steps,
-        steps,
-        len(times),
-        medians,
-        spreads,
-        _iqr(ratios[0]),
-    )
+    return _paired(np.array(times), steps)
+
+
+def _paired(times: np.ndarray, steps: int) -> Timing:
+    """The :class:`Timing` of block seconds ``times``, a row a round, its columns
+    ``A``, ``A'`` and each case."""
+    ratios = times[:, 1:] / times[:, :1]  # the null's, then each case's
+    medians = np.median(ratios, axis=0).tolist()
+    # The IQR as statistics.quantiles's default method takes it (from 3 rounds).
+    q1, q3 = np.percentile(ratios, [25, 75], axis=0, method="weibull")
+    iqr = (q3 - q1).tolist() if len(times) > 1 else [math.nan] * len(medians)
+    seconds = float(np.median(times[:, 0])) / steps
+    head = (medians[1], medians[0], iqr[1], seconds, steps, len(times))
+    return Timing(*head, tuple(medians[1:]), tuple(iqr[1:]), iqr[0])
 
 
 class Result(NamedTuple):
     """The figures of one case on one model at one batch size.
 
-    Attributes:
-      case: the registered name.
-      model: the model name.
-      batch_size: samples per step.
-      flops_ratio: XLA's cost-model FLOPs of one compiled step, case/reference
-        (plain SGD unless ``against`` says otherwise).
-      bytes_ratio: XLA's cost-model bytes accessed, case/reference: the extra
-        passes over weights and activations.
-      ratio: the median paired time ratio (NaN where not timed).
-      spread: the interquartile range of the per-round time ratios.
-      null: the null control's median ``A'/A``.
-      null_spread: its interquartile range.
-      baseline_ms: median milliseconds per reference step.
-      rounds: paired rounds timed (0: cost model only).
-      steps_per_block: steps in each timed block.
-      compile_seconds: seconds XLA took to compile the case's step.
-      baseline_compile_seconds: the same for the reference step.
-      against: the reference, ``"plain SGD"`` unless the case is a :class:`Versus`.
+    Ratios are case/reference, the reference plain SGD unless ``against`` names
+    another: XLA's cost-model ``flops_ratio`` and ``bytes_ratio``; the median
+    paired time ``ratio`` and its IQR ``spread``, the null control's median ``A'/A``
+    and IQR (``null_spread``), the reference's median ``baseline_ms`` per step, over
+    ``rounds`` (0: cost model only, times NaN) of ``steps_per_block`` steps; the
+    seconds XLA took to compile the case's step and the reference's.
     """
 
     case: str
@@ -857,37 +666,20 @@ class Result(NamedTuple):
     against: str = "plain SGD"
 
 
-def _amortise(steady: float, periodic: float, period: int) -> float:
-    return ((period - 1) * steady + periodic) / period
+def _parts(built: Stepper | Amortised) -> tuple[list[Stepper], np.ndarray]:
+    """The steps of a case and the weights of their figures in the case's."""
+    if isinstance(built, Stepper):
+        return [built], np.ones(1)
+    weights = np.array([built.period - 1, 1]) / built.period
+    return [built.steady, built.periodic], weights
 
 
 def _costs(built: Stepper | Amortised, problem: Problem) -> Costs:
-    if isinstance(built, Stepper):
-        return cost_model(built, problem.x, problem.y)
-    steady = cost_model(built.steady, problem.x, problem.y)
-    if built.event_costs is not None:
-        event = built.event_costs()
-        steady = Costs(*(s - e for s, e in zip(steady, event, strict=True)))
-    periodic = cost_model(built.periodic, problem.x, problem.y)
-    return Costs(
-        *(_amortise(s, p, built.period) for s, p in zip(steady, periodic, strict=True))
-    )
-
-
-def _time(
-    built: Stepper | Amortised,
-    problem: Problem,
-    baseline: Stepper,
-    null: Stepper,
-    **settings: Any,
-) -> tuple[float, float, Timing]:
-    """``(ratio, spread, timing)``; an amortised case's steps run in one interleave."""
-    cases = [built] if isinstance(built, Stepper) else [built.steady, built.periodic]
-    timing = measure(baseline, null, cases, problem.x, problem.y, **settings)
-    if isinstance(built, Stepper):
-        return timing.ratio, timing.spread, timing
-    ratio = _amortise(*timing.ratios, built.period)
-    return ratio, _amortise(*timing.spreads, built.period), timing
+    steppers, weights = _parts(built)
+    costs = np.array([cost_model(s, problem.x, problem.y) for s in steppers])
+    if isinstance(built, Amortised) and built.event_costs is not None:
+        costs[0] -= built.event_costs()
+    return Costs(*(weights @ costs).tolist())
 
 
 def _select(cases: Sequence[str]) -> list[str]:
@@ -903,54 +695,30 @@ def _select(cases: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-class _Baseline(NamedTuple):
-    """A problem, its plain step, the null control's copy and the plain step's costs."""
-
-    problem: Problem
-    step: Stepper
-    null: Stepper
-    costs: Costs
-
-
-def _baseline(model: str, batch_size: int, tiny: bool) -> _Baseline:
-    problem = make_problem(model, batch_size, tiny=tiny)
-    step = train_step(problem)
-    costs = cost_model(step, problem.x, problem.y)
-    return _Baseline(problem, step, train_step(problem), costs)
-
-
-def _compile_seconds(built: Stepper | Amortised) -> float:
-    return (built if isinstance(built, Stepper) else built.steady).compile_seconds
-
-
-def _figures(name: str, base: _Baseline, timed: bool, settings: dict) -> Result:
+def _figures(name: str, base: tuple, timed: bool, settings: dict) -> Result:
     """The cost-model ratios of one case, and its timing if ``timed``."""
-    problem = base.problem
-    built = CASES[name].build(problem)
-    against = "plain SGD"
+    problem, reference, null = base
+    built, against = CASES[name].build(problem), "plain SGD"
     if isinstance(built, Versus):
         reference, null = built.reference(), built.reference()
-        base = base._replace(
-            step=reference, null=null, costs=_costs(reference, problem)
-        )
         built, against = built.case, built.against
-    costs = _costs(built, problem)
-    ratios = (c / b for c, b in zip(costs, base.costs, strict=True))
+    reference_costs = _costs(reference, problem)
+    steppers, weights = _parts(built)
     result = Result(
         name,
         problem.model,
         len(problem.x),
-        *ratios,
-        compile_seconds=_compile_seconds(built),
-        baseline_compile_seconds=base.step.compile_seconds,
+        *np.divide(_costs(built, problem), reference_costs).tolist(),
+        compile_seconds=steppers[0].compile_seconds,
+        baseline_compile_seconds=reference.compile_seconds,
         against=against,
     )
     if not timed:
         return result
-    ratio, spread, t = _time(built, problem, base.step, base.null, **settings)
+    t = measure(reference, null, steppers, problem.x, problem.y, **settings)
     return result._replace(
-        ratio=ratio,
-        spread=spread,
+        ratio=float(np.dot(weights, t.ratios)),
+        spread=float(np.dot(weights, t.spreads)),
         null=t.null,
         null_spread=t.null_spread,
         baseline_ms=1e3 * t.baseline_seconds,
@@ -979,15 +747,10 @@ def run(
       cases: names or ``fnmatch`` patterns of registered cases, run in this order.
       models: model names; a case runs only on the models it registered for.
       batch_sizes: batch sizes for the cost model.
-      timed_batch_sizes: those of ``batch_sizes`` that are also timed (default
-        all of them; ``()`` for the cost model alone).
+      timed_batch_sizes: those also timed (default all; ``()``: cost model alone).
       tiny: the models' tiny copies (a smoke run; tests).
-      log: called with each result as it comes (default: print one line;
-        ``None``: silent).
+      log: called with each result as it comes (default print; ``None``: silent).
       **settings: passed to :func:`measure` (``rounds``, ``steps``, ...).
-
-    Returns:
-      One :class:`Result` per (model, case, batch size).
     """
     names = _select(cases)
     timed = batch_sizes if timed_batch_sizes is None else timed_batch_sizes
@@ -995,13 +758,13 @@ def run(
     for model in models:
         if model not in MODELS:
             raise ValueError(f"unknown model {model!r}; have {list(MODELS)}")
-        bases: dict[int, _Baseline] = {}
+        bases: dict[int, tuple] = {}  # a problem, plain SGD and the null's copy
         for name in (n for n in names if model in CASES[n].models):
-            for batch_size in batch_sizes:
-                if batch_size not in bases:
-                    bases[batch_size] = _baseline(model, batch_size, tiny)
-                base = bases[batch_size]
-                results.append(_figures(name, base, batch_size in timed, settings))
+            for size in batch_sizes:
+                if size not in bases:
+                    problem = make_problem(model, size, tiny=tiny)
+                    bases[size] = (problem, train_step(problem), train_step(problem))
+                results.append(_figures(name, bases[size], size in timed, settings))
                 if log is not None:
                     log(results[-1])
     return results
@@ -1023,100 +786,81 @@ def format_result(r: Result) -> str:
     return line + ("" if r.against == "plain SGD" else f"  vs {r.against}")
 
 
-def _run_time_note() -> str:
-    """What a default run does and an upper bound on how long its timing takes."""
-    pairs = sum(len(CASES[n].models) for n in _select(["*"]))
-    minutes = pairs * 30 / 60
-    return (
-        f"Defaults: every default case on every model it registers for ({pairs} "
-        "pairs), the cost model at batch 128 and 4096, timing at batch 128 for at "
-        f"most 30 s a pair: up to {minutes:.0f} min of timing plus compilation (a "
-        "few seconds a step on the MLP, about a minute on ResNet-18 and VGG-11). "
-        "--quick --tiny is a smoke run of a few minutes; --timed-batch-sizes with "
-        "no value gives the cost model alone."
-    )
-
-
 def build_parser(
     parser: argparse.ArgumentParser | None = None,
 ) -> argparse.ArgumentParser:
     """The ``bench`` arguments, added to ``parser`` (for the CLI) or a new one."""
     parser = parser or argparse.ArgumentParser(prog="margin-regs bench")
+    pairs = sum(len(CASES[n].models) for n in _select(["*"]))
     parser.description = __doc__.splitlines()[0]
-    parser.epilog = _run_time_note()
-    parser.add_argument(
+    parser.epilog = (
+        f"Defaults: every default case on every model it registers for ({pairs} "
+        "pairs), the cost model at batch 128 and 4096, timing at batch 128 for at "
+        f"most 30 s a pair: up to {pairs * 30 / 60:.0f} min of timing plus "
+        "compilation (a few seconds a step on the MLP, about a minute on ResNet-18 "
+        "and VGG-11). --quick --tiny is a smoke run of a few minutes; "
+        "--timed-batch-sizes with no value gives the cost model alone."
+    )
+    add = parser.add_argument
+    add(
         "--cases",
         nargs="+",
         default=["*"],
         help=f"case names or patterns (default: all): {', '.join(CASES)}",
     )
-    parser.add_argument(
-        "--models",
-        nargs="+",
-        default=list(MODELS),
-        choices=list(MODELS),
-        help="; ".join(f"{k}: {v.description}" for k, v in MODELS.items()),
-    )
-    parser.add_argument(
+    about = "; ".join(f"{k}: {v.description}" for k, v in MODELS.items())
+    add("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help=about)
+    add(
         "--batch-sizes",
         nargs="+",
         type=int,
         default=list(BATCH_SIZES),
         help="batch sizes for the cost model (default: 128 4096)",
     )
-    parser.add_argument(
+    add(
         "--timed-batch-sizes",
         nargs="*",
         type=int,
         default=[BATCH_SIZE],
         help="those also timed (default: 128; none: the cost model alone)",
     )
-    parser.add_argument(
-        "--rounds", type=int, default=None, help="paired rounds per case, at most"
-    )
-    parser.add_argument(
-        "--steps", type=int, default=None, help="steps per timed block (slow models)"
-    )
-    parser.add_argument(
+    add("--rounds", type=int, help="paired rounds per case, at most")
+    add("--steps", type=int, help="steps per timed block (slow models)")
+    add(
         "--seconds",
         type=float,
-        default=None,
         help="timed seconds per case, at most (default 30; 4 with --quick)",
     )
-    parser.add_argument(
+    add(
         "--quick",
         action="store_true",
         help="short rounds for a few seconds per case: a smoke run, noisy figures",
     )
-    parser.add_argument(
+    add(
         "--tiny",
         action="store_true",
         help="tiny copies of the models (widths of a few units): a smoke run",
     )
-    parser.add_argument("--json", help="also write the results to this JSON file")
+    add("--json", help="also write the results to this JSON file")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmarks from command-line arguments and print one line per case."""
-    args = build_parser().parse_args(argv)
-    return run_from_args(args)
-
-
-def _meta() -> dict[str, Any]:
-    return {
-        "jax": jax.__version__,
-        "device": jax.devices()[0].device_kind,
-        "platform": jax.devices()[0].platform,
-        "cpu_count": os.cpu_count(),
-        "load_average": os.getloadavg()[0],
-        "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
-    }
+    return run_from_args(build_parser().parse_args(argv))
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the benchmarks for parsed ``bench`` arguments (shared with the CLI)."""
-    meta = _meta()
+    device = jax.devices()[0]
+    meta = {
+        "jax": jax.__version__,
+        "device": device.device_kind,
+        "platform": device.platform,
+        "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg()[0],
+        "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+    }
     print(
         f"jax {meta['jax']} on {meta['device']} (load {meta['load_average']:.1f}); "
         "flops/bytes = XLA's cost model of one step, case/plain SGD; time = median "
@@ -1140,13 +884,13 @@ def run_from_args(args: argparse.Namespace) -> int:
         args.models,
         args.batch_sizes,
         timed_batch_sizes=args.timed_batch_sizes,
+        tiny=args.tiny,
+        log=log,
         rounds=args.rounds or 400,
         steps=args.steps,
         block_seconds=0.02 if args.quick else 0.05,
         max_seconds=args.seconds or (4.0 if args.quick else 30.0),
         warmup=1 if args.quick else 3,
-        tiny=args.tiny,
-        log=log,
     )
     return 0
 
@@ -1162,13 +906,10 @@ def to_json(meta: dict[str, Any], results: Sequence[Result]) -> dict[str, Any]:
 
 def from_json(data: dict[str, Any]) -> list[Result]:
     """The :class:`Result` list of :func:`to_json`'s output."""
+    fields = set(Result._fields)
     return [
         Result(
-            **{
-                k: math.nan if v is None else v
-                for k, v in row.items()
-                if k in Result._fields
-            }
+            **{k: math.nan if v is None else v for k, v in row.items() if k in fields}
         )
         for row in data["results"]
     ]
