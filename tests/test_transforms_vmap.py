@@ -163,3 +163,24 @@ def test_vmapped_ensemble_with_adareg_on_every_layer_finishes():
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert float(run.stdout.split()[-1]) < 1e-4
+
+
+def test_singular_values_stay_differentiable_and_one_matrix_at_a_time():
+    # sequential_vmap alone cannot be linearized; per_matrix's custom JVP keeps
+    # jax.grad working (d Σσ / dK = U Vᵀ) with every SVD still one matrix at a time.
+    kernels = jax.random.normal(jax.random.key(0), (3, 3, 3, 4, 5))  # 3 conv kernels
+
+    def nuclear(k):
+        return jnp.sum(mr.singular_values(k))
+
+    grads = jax.jit(jax.vmap(jax.grad(nuclear)))(kernels)
+    for k, g in zip(np.asarray(kernels, np.float64), grads, strict=True):
+        u, _, vt = np.linalg.svd(k.reshape(-1, 5), full_matrices=False)
+        np.testing.assert_allclose(g, (u @ vt).reshape(k.shape), atol=1e-5)
+    jaxpr = jax.make_jaxpr(jax.vmap(jax.grad(nuclear)))(kernels).jaxpr
+    assert _lapack_operands(jaxpr) and all(len(s) == 2 for s in _lapack_operands(jaxpr))
+    # second order: Σσ² = ||K||_F², whose Hessian is 2·I
+    hessian = jax.hessian(lambda k: jnp.sum(mr.singular_values(k) ** 2))(
+        kernels[0, 0, 0]
+    )
+    np.testing.assert_allclose(hessian.reshape(20, 20), 2 * np.eye(20), atol=1e-5)

@@ -30,20 +30,35 @@ __all__ = ["one_at_a_time", "per_matrix", "periodic_cond"]
 one_at_a_time = jax.custom_batching.sequential_vmap
 
 
-def per_matrix(fn: Callable[[jax.Array], Any]) -> Callable[[jax.Array], Any]:
+def per_matrix(
+    fn: Callable[[jax.Array], Any], jvp: Callable[..., Any] | None = None
+) -> Callable[[jax.Array], Any]:
     """``fn`` of one ``(m, n)`` matrix, applied to ``(..., m, n)`` one at a time.
 
     For LAPACK decompositions (``svd``, ``eigh``, ``qr``): under ``vmap`` too, each
     call sees one matrix, so none waits on XLA's thread pool. Outputs gain the
-    leading axes of the input.
+    leading axes of the input. Differentiable (``sequential_vmap`` alone is not in
+    reverse mode): ``jvp(x, t) -> (primal, tangent)`` of the whole batch when given,
+    else ``jax.jvp`` of ``fn`` itself, batched as usual.
     """
     single = one_at_a_time(fn)
 
+    @jax.custom_jvp
     def apply(x: jax.Array) -> Any:
         if x.ndim == 2:
             return single(x)
         out = jax.vmap(single)(x.reshape(-1, *x.shape[-2:]))
         return jax.tree.map(lambda o: o.reshape(*x.shape[:-2], *o.shape[1:]), out)
+
+    @apply.defjvp
+    def _(primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> Any:
+        (x,), (t,) = primals, tangents
+        if jvp is not None:
+            return jvp(x, t)
+        batched = fn
+        for _ in range(x.ndim - 2):
+            batched = jax.vmap(batched)
+        return jax.jvp(batched, (x,), (t,))
 
     return apply
 

@@ -420,7 +420,18 @@ class MatrixOperator:
 
 # One matrix per LAPACK call under vmap too: batched CPU SVDs running at once can
 # deadlock XLA's thread pool (margin_regs._batching).
-singular_values_of = _batching.per_matrix(lambda m: jnp.linalg.svd(m, compute_uv=False))
+_thin_svd = _batching.per_matrix(lambda m: jnp.linalg.svd(m, full_matrices=False))
+
+
+def _singular_values_jvp(m: jax.Array, dm: jax.Array) -> tuple[jax.Array, jax.Array]:
+    # dσ_i = u_iᵀ dM v_i, from the same one-matrix-at-a-time SVD.
+    u, s, vt = _thin_svd(m)
+    return s, jnp.einsum("...ji,...jk,...ik->...i", u, dm, vt)
+
+
+singular_values_of = _batching.per_matrix(
+    lambda m: jnp.linalg.svd(m, compute_uv=False), _singular_values_jvp
+)
 
 
 def make_operator(layout: Any, kernel_shape: Sequence[int]) -> Any:
