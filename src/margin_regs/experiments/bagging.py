@@ -120,16 +120,13 @@ class BaggedRun(GridRun):
         ]
 
     def _ensemble_result(self, runs: list[RunResult], index: int, s: int) -> RunResult:
+        mean = functools.partial(jax.tree.map, lambda *v: np.mean(v, axis=0).tolist())
         final: dict[str, Any] = {k: float(v[index, s]) for k, v in self.final.items()}
         for key in ("sigma_max", "stable_rank"):
-            layers = runs[0].final[key]
-            final[key] = {
-                k: float(np.mean([r.final[key][k] for r in runs])) for k in layers
-            }
+            final[key] = mean(*[r.final[key] for r in runs])
         final["sigma_definition"] = runs[0].final["sigma_definition"]
         for split in ("train", "val", "test"):
             final[f"member_{split}_acc"] = [r.final[f"{split}_acc"] for r in runs]
-        spectra = runs[0].singular_values
         return dataclasses.replace(
             runs[0],
             coeff=float(len(runs)),
@@ -143,10 +140,7 @@ class BaggedRun(GridRun):
             },
             seconds_per_epoch=self.seconds_per_run_epoch(),
             cpu_seconds_per_epoch=self.seconds_per_run_epoch("cpu_seconds"),
-            singular_values={
-                k: np.mean([r.singular_values[k] for r in runs], axis=0).tolist()
-                for k in spectra
-            },
+            singular_values=mean(*[r.singular_values for r in runs]),
             input_margins=[m for r in runs for m in r.input_margins],
             output_margins=[m for r in runs for m in r.output_margins],
             params=jax.tree.map(lambda *p: jnp.stack(p), *[r.params for r in runs]),
@@ -207,9 +201,8 @@ def _per_ensemble(on_epoch, k: int, epoch: int, seconds: float, runs: int) -> No
 
 def _bagged(regularizer, coeffs, members, splits, config) -> BaggedRun:
     """The ensembles' :class:`BaggedRun` from each ``k``'s member grid."""
-    evaluator = get_evaluator(
-        config.model, splits[0].num_classes, config.conv, splits[0].input_shape
-    )
+    ds = splits[0]
+    evaluator = get_evaluator(config.model, ds.num_classes, config.conv, ds.input_shape)
     scores = [
         [
             ensemble_scores(

@@ -353,6 +353,11 @@ def _cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+def _cifar_folder(directory: str) -> str:
+    nested = os.path.join(directory, "cifar-10-batches-py")
+    return nested if os.path.isdir(nested) else directory
+
+
 def load_cifar10(directory: str) -> Dataset:
     """CIFAR-10 from ``test_batch`` and the ``data_batch_1..5`` present, in ``[0, 1]``.
 
@@ -366,9 +371,7 @@ def load_cifar10(directory: str) -> Dataset:
       ...
       margin_regs.experiments.data.DatasetError: ...test_batch: missing ...
     """
-    nested = os.path.join(directory, "cifar-10-batches-py")
-    if os.path.isdir(nested):
-        directory = nested
+    directory = _cifar_folder(directory)
     test_path = os.path.join(directory, "test_batch")
     train_paths = [
         p
@@ -487,10 +490,7 @@ def load(source: str) -> Dataset:
     if os.path.isdir(source):
         if _find(source, _IDX_NAMES["x_train"]) is not None:
             return load_mnist_idx(source)
-        if any(
-            os.path.isfile(os.path.join(d, "test_batch"))
-            for d in (source, os.path.join(source, "cifar-10-batches-py"))
-        ):
+        if os.path.isfile(os.path.join(_cifar_folder(source), "test_batch")):
             return load_cifar10(source)
         raise DatasetError(
             f"{source}: no IDX files (train-images-idx3-ubyte[.gz]) or CIFAR-10 "
@@ -524,8 +524,7 @@ def prepare(
     n = len(dataset.x_train)
     n_val = round(val_fraction * n)
     available = n - n_val
-    if train_size is None:
-        train_size = available
+    train_size = available if train_size is None else train_size
     if not 0 < train_size <= available:
         raise ValueError(
             f"train_size={train_size} must be in [1, {available}]: {dataset.name} has "
@@ -533,10 +532,7 @@ def prepare(
         )
     order = np.random.default_rng(seed).permutation(n)
     val, train = order[:n_val], order[n_val : n_val + train_size]
+    x, y = dataset.x_train, dataset.y_train
     return dataclasses.replace(
-        dataset,
-        x_train=dataset.x_train[train],
-        y_train=dataset.y_train[train],
-        x_val=dataset.x_train[val],
-        y_val=dataset.y_train[val],
+        dataset, x_train=x[train], y_train=y[train], x_val=x[val], y_val=y[val]
     )

@@ -411,11 +411,8 @@ class _Program:
 
 def _pad(values: np.ndarray, epochs: int) -> np.ndarray:
     """``values`` (..., E) padded with NaN to ``epochs`` on the last axis."""
-    values = values.astype(np.float64)
-    missing = epochs - values.shape[-1]
-    return np.pad(
-        values, [(0, 0)] * (values.ndim - 1) + [(0, missing)], constant_values=np.nan
-    )
+    width = [(0, 0)] * (values.ndim - 1) + [(0, epochs - values.shape[-1])]
+    return np.pad(values.astype(np.float64), width, constant_values=np.nan)
 
 
 def _combine(regularizer, values, seeds, patience, parts) -> GridRun:
@@ -450,16 +447,8 @@ def _combine(regularizer, values, seeds, patience, parts) -> GridRun:
 
 
 def select(val_acc: np.ndarray) -> int:
-    """The grid index with the best mean validation accuracy over seeds.
-
-    Only validation accuracies enter: the test split never chooses a coefficient.
-    Ties go to the first (smallest, for an ascending grid) coefficient.
-
-    Args:
-      val_acc: ``(C, S)`` validation accuracy of every coefficient and seed.
-
-    Returns:
-      The index of the selected coefficient.
+    """The index of the best mean over seeds of ``val_acc`` ``(C, S)``, the first on
+    a tie: only validation accuracies enter, the test split never chooses.
 
     Example:
       >>> import numpy as np
