@@ -201,8 +201,9 @@ def _per_ensemble(on_epoch, k: int, epoch: int, seconds: float, runs: int) -> No
 
 def _bagged(regularizer, coeffs, members, splits, config) -> BaggedRun:
     """The ensembles' :class:`BaggedRun` from each ``k``'s member grid."""
-    ds = splits[0]
-    evaluator = get_evaluator(config.model, ds.num_classes, config.conv, ds.input_shape)
+    evaluator = get_evaluator(
+        config.model, splits[0].num_classes, config.conv, splits[0].input_shape
+    )
     scores = [
         [
             ensemble_scores(

@@ -159,20 +159,14 @@ def load_mnist1d(*, num_samples: int = 5000, seed: int = 42) -> Dataset:
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
-    args.num_samples = num_samples
-    args.seed = seed
+    args.num_samples, args.seed = num_samples, seed
     state = np.random.get_state()  # noqa: NPY002 (the generator uses it)
     try:
         raw = make_dataset(args)
     finally:
         np.random.set_state(state)  # noqa: NPY002
-    return _dataset(
-        "mnist1d",
-        raw["x"][..., None],
-        raw["y"],
-        raw["x_test"][..., None],
-        raw["y_test"],
-    )
+    x, x_test = raw["x"][..., None], raw["x_test"][..., None]
+    return _dataset("mnist1d", x, raw["y"], x_test, raw["y_test"])
 
 
 MNIST5K_FILE = ("data", "data", "mnist_5k.csv.gz")

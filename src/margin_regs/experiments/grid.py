@@ -221,9 +221,8 @@ class GridRun:
         self, index: int, splits: Sequence[Dataset], config: TrainConfig
     ) -> list[RunResult]:
         """The full :class:`RunResult` of every seed at coefficient ``coeffs[index]``."""
-        ds = splits[0]
         evaluator = get_evaluator(
-            config.model, ds.num_classes, config.conv, ds.input_shape
+            config.model, splits[0].num_classes, config.conv, splits[0].input_shape
         )
         coeff = float(self.coeffs[index])
         patience = int(coeff) if self.patience == "coeff" else self.patience
