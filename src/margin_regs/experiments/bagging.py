@@ -1,13 +1,9 @@
 """Bagging (Deep Learning book §7.11) in ``margin-regs compare``.
 
-For each seed, ``k`` members train on ``k`` bootstrap resamples of the seed's training
-set (``n`` indices drawn uniformly with replacement each), from the seed's
-initialization and minibatch order: only the resample differs between members. The
-``k × S`` member runs are one grid (:func:`~margin_regs.experiments.grid.train_grid`
-with ``resampled``: each run has its own training set). The ensemble
-predicts the members' averaged probabilities; its accuracy is the regularizer's result
-(selected on validation, reported on test), and every member's accuracies are kept in
-each run's ``final`` (``member_train_acc``, ``member_val_acc``, ``member_test_acc``).
+Per seed, ``k`` members train on ``k`` bootstrap resamples of its training set from its
+initialization and minibatch order, the ``k × S`` members as one grid. The ensemble
+predicts the members' averaged probabilities: its accuracy is the regularizer's
+result, the members' are kept (``final["member_{train,val,test}_acc"]``).
 """
 
 from __future__ import annotations
@@ -101,12 +97,10 @@ def ensemble_scores(
 
 @dataclasses.dataclass
 class BaggedRun(GridRun):
-    """A bagging :class:`~margin_regs.experiments.grid.GridRun`: one row per ``k``.
+    """A bagging :class:`~margin_regs.experiments.grid.GridRun`, one row per ``k``.
 
-    ``final`` holds the ensembles' losses and accuracies ``(K, S)``; ``history``
-    the members' mean per epoch; ``members[i]`` the member runs of ``coeffs[i]`` (a
-    ``GridRun`` whose leading axis is the member); ``params`` the members' params
-    per ``k``; ``seconds`` per ensemble (all ``k`` members).
+    ``final``: the ensembles' ``(K, S)``; ``history``: the members' mean;
+    ``members[i]``: the member grid of ``coeffs[i]``; ``seconds``: per ensemble.
     """
 
     members: list[GridRun] = dataclasses.field(default_factory=list)
@@ -114,9 +108,8 @@ class BaggedRun(GridRun):
     def run_results(
         self, index: int, splits: Sequence[Dataset], config: TrainConfig
     ) -> list[RunResult]:
-        """Each seed's ensemble at ``coeffs[index]`` as a :class:`RunResult`: its
-        losses and accuracies; the members' mean σ and stable ranks, mean spectra,
-        pooled margins and their accuracies (``final["member_*_acc"]``)."""
+        """Each seed's ensemble at ``coeffs[index]``: its losses and accuracies, the
+        members' mean σ, stable ranks and spectra, pooled margins, accuracies."""
         grid = self.members[index]
         per_member = [
             grid.run_results(m, splits, config) for m in range(len(grid.coeffs))
@@ -127,16 +120,13 @@ class BaggedRun(GridRun):
         ]
 
     def _ensemble_result(self, runs: list[RunResult], index: int, s: int) -> RunResult:
+        mean = functools.partial(jax.tree.map, lambda *v: np.mean(v, axis=0).tolist())
         final: dict[str, Any] = {k: float(v[index, s]) for k, v in self.final.items()}
         for key in ("sigma_max", "stable_rank"):
-            layers = runs[0].final[key]
-            final[key] = {
-                k: float(np.mean([r.final[key][k] for r in runs])) for k in layers
-            }
+            final[key] = mean(*[r.final[key] for r in runs])
         final["sigma_definition"] = runs[0].final["sigma_definition"]
         for split in ("train", "val", "test"):
             final[f"member_{split}_acc"] = [r.final[f"{split}_acc"] for r in runs]
-        spectra = runs[0].singular_values
         return dataclasses.replace(
             runs[0],
             coeff=float(len(runs)),
@@ -150,10 +140,7 @@ class BaggedRun(GridRun):
             },
             seconds_per_epoch=self.seconds_per_run_epoch(),
             cpu_seconds_per_epoch=self.seconds_per_run_epoch("cpu_seconds"),
-            singular_values={
-                k: np.mean([r.singular_values[k] for r in runs], axis=0).tolist()
-                for k in spectra
-            },
+            singular_values=mean(*[r.singular_values for r in runs]),
             input_margins=[m for r in runs for m in r.input_margins],
             output_margins=[m for r in runs for m in r.output_margins],
             params=jax.tree.map(lambda *p: jnp.stack(p), *[r.params for r in runs]),
@@ -166,7 +153,6 @@ def train_bagged(
     coeffs: Sequence[float],
     splits: Sequence[Dataset],
     config: TrainConfig,
-    *,
     seeds: Sequence[int] | None = None,
     on_epoch: Callable[[int, float, int], None] | None = None,
     **options: Any,
@@ -176,22 +162,13 @@ def train_bagged(
     :func:`~margin_regs.experiments.grid.train_grid`, which calls this for a recipe
     with ``bagging=True``. ``on_epoch`` counts ensembles, not members."""
     seeds = np.arange(len(splits)) if seeds is None else np.asarray(seeds)
-    data = stack_splits(splits)
-    members = []
+    data, members = stack_splits(splits), []
     for k in (int(c) for c in coeffs):
-        members.append(
-            train_grid(
-                regularizer,
-                recipe,
-                [k] * k,
-                splits,
-                config,
-                seeds=seeds,
-                on_epoch=on_epoch and functools.partial(_per_ensemble, on_epoch, k),
-                resampled=bootstrap_training_sets(data.x_train, data.y_train, seeds, k),
-                **options,
-            )
-        )
+        own = bootstrap_training_sets(data.x_train, data.y_train, seeds, k)
+        count = on_epoch and functools.partial(_per_ensemble, on_epoch, k)
+        args = (regularizer, recipe, [k] * k, splits, config)
+        grid = train_grid(*args, seeds=seeds, on_epoch=count, resampled=own, **options)
+        members.append(grid)
     return _bagged(regularizer, coeffs, members, splits, config)
 
 
@@ -211,9 +188,6 @@ def bootstrap_training_sets(
       y: their labels ``(S, n)``.
       seeds: ``(S,)``.
       members: ``k``.
-
-    Returns:
-      ``(x, y)`` of shapes ``(k, S, n, ...)`` and ``(k, S, n)``.
     """
     n = x.shape[1]
     idx = jnp.stack([bootstrap_indices(bootstrap_key(s), members, n) for s in seeds], 1)

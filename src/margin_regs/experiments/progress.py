@@ -1,10 +1,5 @@
 """Progress of a long comparison: a ``rich`` bar on a terminal, a line every few
-seconds in a log.
-
-The time left is the warm rate (seconds per run-epoch over epochs after each
-program's first) times the run-epochs left, plus, once measured, the compilation
-of every program not yet started: a program's first epoch less its warm cost.
-"""
+seconds in a log."""
 
 from __future__ import annotations
 
@@ -21,10 +16,13 @@ __all__ = ["Progress"]
 class Progress:
     """Run-epochs done out of the total, elapsed time, and an ETA with compilation.
 
+    ETA: the warm rate (seconds per run-epoch after each program's first epoch) times
+    the run-epochs left, plus the mean compilation (a first epoch less its warm cost)
+    times the programs not yet started.
+
     Args:
       total: run-epochs of the whole comparison (runs × epochs).
-      programs: compiled programs it trains (one per regularizer, one per
-        dropout rate).
+      programs: compiled programs it trains (one per regularizer or dropout rate).
       enabled: ``False`` shows nothing.
       stream: where to write (default ``sys.stderr``).
       every: seconds between lines when ``stream`` is not a terminal.
@@ -49,12 +47,8 @@ class Progress:
         stream: TextIO | None = None,
         every: float = 5.0,
     ):
-        self.total, self.programs, self.enabled, self.every = (
-            total,
-            programs,
-            enabled,
-            every,
-        )
+        self.total, self.programs, self.enabled = total, programs, enabled
+        self.every = every
         self.console = Console(file=sys.stderr if stream is None else stream)
         self.live = enabled and self.console.is_terminal
         self.bar = rp.Progress(
@@ -86,8 +80,7 @@ class Progress:
         if epoch == 0:
             self._first.append((seconds, runs))
         else:
-            self._warm[0] += seconds
-            self._warm[1] += runs
+            self._warm = [self._warm[0] + seconds, self._warm[1] + runs]
         self._show()
 
     def eta(self) -> float | None:
@@ -112,14 +105,9 @@ class Progress:
 
     def _show(self) -> None:
         if self.live:
-            eta = self.eta()
-            self.bar.update(
-                self.task,
-                completed=self.done,
-                description=self.name,
-                eta="ETA …" if eta is None else f"ETA {eta:.0f} s",
-                refresh=True,
-            )
+            eta = "ETA …" if self.eta() is None else f"ETA {self.eta():.0f} s"
+            bar = {"completed": self.done, "description": self.name, "eta": eta}
+            self.bar.update(self.task, refresh=True, **bar)
             return
         now = time.perf_counter()
         if self.enabled and (now - self._last >= self.every or self.done >= self.total):

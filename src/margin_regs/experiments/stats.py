@@ -1,10 +1,8 @@
 """Statistics of a comparison over seeds: paired differences and t-intervals.
 
-Every regularizer of a comparison trains on the same per-seed data split and
-initialization as vanilla, so its effect on seed ``s`` is the paired difference
-``d_s = acc_reg(s) - acc_vanilla(s)``; the seed-to-seed spread that both runs share
-cancels. The mean difference carries Student's two-sided t-interval with ``S - 1``
-degrees of freedom (``scipy.stats.t``); with one seed there is no interval.
+Every regularizer trains on vanilla's per-seed split and initialization, so its effect
+on seed ``s`` is the paired difference ``d_s = acc_reg(s) - acc_vanilla(s)``, whose
+mean carries Student's two-sided t-interval with ``S - 1`` degrees of freedom.
 """
 
 from __future__ import annotations
@@ -20,18 +18,7 @@ __all__ = ["Interval", "gap_threshold", "paired_difference", "t_quantile"]
 
 
 def t_quantile(df: int) -> float:
-    """The 97.5% quantile of Student's t with ``df`` degrees of freedom.
-
-    ``scipy.stats.t.ppf(0.975, df)``.
-
-    Args:
-      df: degrees of freedom, ≥ 1.
-
-    Returns:
-      ``t`` with ``P(|T| ≤ t) = 0.95``.
-
-    Raises:
-      ValueError: if ``df < 1``.
+    """``t`` with ``P(|T| ≤ t) = 0.95`` for ``df ≥ 1`` degrees of freedom (scipy's).
 
     Example:
       >>> from margin_regs.experiments.stats import t_quantile
@@ -44,14 +31,8 @@ def t_quantile(df: int) -> float:
 
 
 class Interval(NamedTuple):
-    """A mean paired difference and its 95% t-interval (``None`` with one seed).
-
-    Attributes:
-      mean: the mean of the differences.
-      low: the interval's lower end, or ``None``.
-      high: its upper end, or ``None``.
-      n: the number of pairs.
-    """
+    """A mean of ``n`` paired differences and its 95% t-interval ``[low, high]``
+    (``None`` with one pair)."""
 
     mean: float
     low: float | None
@@ -67,18 +48,11 @@ class Interval(NamedTuple):
 def paired_difference(treated: Sequence[float], control: Sequence[float]) -> Interval:
     """Mean of ``treated[s] - control[s]`` over seeds with a 95% t-interval.
 
-    ``mean ± t_{0.975, n-1} · sd / √n`` with ``sd`` the sample standard deviation
-    (``ddof=1``) of the differences.
+    ``mean ± t_{0.975, n-1} · sd / √n``, ``sd`` the differences' ``ddof=1`` deviation.
 
     Args:
       treated: one value per seed (e.g. a regularizer's test accuracies).
-      control: the same seeds' values of the baseline.
-
-    Returns:
-      An :class:`Interval`; ``low``/``high`` are ``None`` for a single pair.
-
-    Raises:
-      ValueError: if the lengths differ or are zero.
+      control: the same seeds' values of the baseline (as many, at least one).
 
     Example:
       >>> from margin_regs.experiments.stats import paired_difference
@@ -102,17 +76,8 @@ def paired_difference(treated: Sequence[float], control: Sequence[float]) -> Int
 
 
 def gap_threshold(test_curves: Sequence[Sequence[float]]) -> float:
-    """Yoshida & Miyato's threshold ``α`` for comparing generalization gaps.
-
-    One ``α`` that every run's test accuracy exceeds at some point: the lowest best
-    test accuracy over the runs, minus one point (floored at 0), so that no method
-    looks good by barely fitting (:func:`margin_regs.generalization_gap`).
-
-    Args:
-      test_curves: each run's test accuracies over training.
-
-    Returns:
-      ``α`` in [0, 1].
+    """Yoshida & Miyato's ``α`` (:func:`margin_regs.generalization_gap`) for runs'
+    test accuracy curves: the lowest best accuracy minus one point, at least 0.
 
     Example:
       >>> from margin_regs.experiments.stats import gap_threshold

@@ -1,14 +1,10 @@
-"""What every run is built from: the schedule, one recipe's pure training step and
-epoch, the model's jitted measurements, and the record of a run.
+"""What every run is built from: the schedule, a recipe's pure step and epoch, the
+model's jitted measurements, the record of a run.
 
-The driver that trains is :func:`margin_regs.experiments.grid.train_grid`: every
-(coefficient, seed) of one recipe as one vmapped program. :func:`run` is a grid of
-one. Everything random comes from the run's seed, so a seed reproduces a run bit for
-bit on the same machine.
-
-The optimizer is the papers' common one: SGD with Nesterov momentum 0.9, the learning
-rate divided by 10 after half and after three quarters of the epochs (Yoshida &
-Miyato §4.1; Sokolić et al. use SGD with momentum 0.9 and a similar step schedule).
+The driver is :func:`margin_regs.experiments.grid.train_grid`; :func:`run` is a grid of
+one. A seed reproduces a run bit for bit. The optimizer is the papers': SGD with
+Nesterov momentum 0.9, the rate /10 after 1/2 and 3/4 of the steps (Yoshida & Miyato
+§4.1; Sokolić et al.).
 """
 
 from __future__ import annotations
@@ -49,20 +45,13 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """The schedule every recipe of a comparison shares.
+    """The schedule every recipe of a comparison shares (the papers' defaults).
 
     Attributes:
       model: a name in :data:`margin_regs.experiments.models.MODELS`.
-      epochs: passes over the training set (Sokolić et al.'s CNN setup: 100).
-      batch_size: minibatch size (Sokolić et al.'s CNN setup: 32).
-      learning_rate: initial SGD step (Sokolić et al. and Yoshida & Miyato: 0.01).
-      momentum: Nesterov momentum (0.9 in both papers).
-      patience: early stopping for every recipe (``None``: only the
-        ``early_stopping`` recipe stops early).
+      patience: early stopping for every recipe (``None``: only ``early_stopping``).
       margin_samples: test samples whose input margins are estimated.
-      conv: what a conv kernel is for the regularizers that take layouts and for
-        every σ reported: ``"matrix"`` (the reshaped ``(kh·kw·in, out)`` kernel) or
-        ``"operator"`` (:class:`margin_regs.ConvOperator` on the layer's input).
+      conv: a conv kernel's σ: ``"matrix"`` (reshaped) or ``"operator"``.
     """
 
     model: str = "mlp"
@@ -83,10 +72,8 @@ class TrainState(NamedTuple):
 class Trainer:
     """One recipe's pure training step and epoch on one model and schedule.
 
-    The coefficient is an argument of :meth:`step` and :meth:`epoch` (it may be
-    traced: the grid vmaps over it); ``coeff`` here only builds a dropout model.
-    Build it through :func:`get_trainer`, which caches it. ``input_shape`` (one
-    sample's) is needed with ``config.conv == "operator"``.
+    :meth:`step` and :meth:`epoch` take the coefficient (traced: the grid vmaps over
+    it); ``coeff`` here only builds a dropout model. Build it with :func:`get_trainer`.
     """
 
     def __init__(
@@ -118,13 +105,10 @@ class Trainer:
 
     def make_optimizer(self, coeff: Any) -> optax.GradientTransformation:
         """The recipe's transform, SGD with the step schedule, then its projection."""
-        recipe = self.recipe
-        parts = (
-            [] if recipe.transform is None else [recipe.transform(coeff, self.setup)]
-        )
-        parts.append(
-            optax.sgd(self.schedule, momentum=self.config.momentum, nesterov=True)
-        )
+        recipe, config = self.recipe, self.config
+        parts = [optax.sgd(self.schedule, momentum=config.momentum, nesterov=True)]
+        if recipe.transform is not None:
+            parts.insert(0, recipe.transform(coeff, self.setup))
         if recipe.projection is not None:
             parts.append(recipe.projection(coeff, self.setup))
         return optax.chain(*parts)
@@ -144,30 +128,16 @@ class Trainer:
         if recipe.perturb_params is not None:
             params = recipe.perturb_params(params, k_weights, coeff)
 
-        def apply_with_activations(p, inputs):
-            logits, state = self.model.apply(
-                {"params": p},
-                inputs,
-                train=True,
-                rngs={"dropout": k_dropout},
-                mutable=["intermediates"],
-            )
+        def apply(p, inputs, **kw):
+            rngs = {"dropout": k_dropout}
+            return self.model.apply({"params": p}, inputs, train=True, rngs=rngs, **kw)
+
+        def acts(p, inputs):  # the logits and the sown hidden representations
+            logits, state = apply(p, inputs, mutable=["intermediates"])
             return logits, state["intermediates"]
 
-        def apply(p, inputs):
-            return self.model.apply(
-                {"params": p}, inputs, train=True, rngs={"dropout": k_dropout}
-            )
-
         ctx = StepContext(
-            params,
-            x,
-            y,
-            k_penalty,
-            apply,
-            self.num_classes,
-            apply_with_activations,
-            self.setup.layouts,
+            params, x, y, k_penalty, apply, self.num_classes, acts, self.setup.layouts
         )
         loss = cross_entropy(ctx) if recipe.loss is None else recipe.loss(ctx, coeff)
         if recipe.penalty is not None:
@@ -203,12 +173,8 @@ class Trainer:
         return state, jnp.mean(losses)
 
     def stepwise_epoch(self, coeff, state: TrainState, x, y, key):
-        """:meth:`epoch` (same minibatches and keys) as one jitted call per step.
-
-        On XLA's CPU backend a convolution inside a ``lax.scan`` body runs about 10×
-        slower than the same step jitted alone (Table I CNN: 1.3 s against 0.14 s
-        for 8 steps), so convolutional runs may step from Python.
-        """
+        """:meth:`epoch` as one jitted call per step (same minibatches and keys): a
+        convolution in a ``lax.scan`` body is ~10× slower on XLA's CPU backend."""
         order, keys = self.batches(key, x.shape[0])
         x, y, losses = np.asarray(x), np.asarray(y), []
         for idx, k in zip(np.asarray(order), keys, strict=True):
@@ -221,11 +187,8 @@ EVAL_CHUNK = 256
 
 
 def map_chunks(fn, params, x: jax.Array, y: jax.Array) -> Any:
-    """``fn(params, x, y)``'s per-sample outputs, computed ``EVAL_CHUNK`` at a time.
-
-    Bounded memory whatever the split's size; the last chunk is padded with
-    repeats of the last sample and the padding cut off. Traceable.
-    """
+    """``fn(params, x, y)``'s per-sample outputs, ``EVAL_CHUNK`` samples at a time
+    (the last chunk padded with the last sample); traceable."""
     n = x.shape[0]
     chunk = min(EVAL_CHUNK, n)
     count = -(-n // chunk)
@@ -240,15 +203,12 @@ def map_chunks(fn, params, x: jax.Array, y: jax.Array) -> Any:
 
 
 class Evaluator:
-    """Jitted measurements of one model architecture, shared by all its recipes.
+    """Jitted measurements of one model (no dropout), shared by all its recipes.
 
-    Evaluation runs the model without dropout, so the measurements do not depend on
-    the recipe. ``conv`` says what the σ, stable ranks and spectra of conv kernels
-    are (:attr:`TrainConfig.conv`; ``"operator"`` needs one sample's
-    ``input_shape``); :attr:`layouts` is the ``weight_dimension_numbers`` they use.
-    :attr:`grid_metrics` ``(params, data)`` and :attr:`grid_layer_stats`
-    ``(params)`` measure every run of a grid (leading axes ``(coefficient, seed)``;
-    data :class:`~margin_regs.experiments.grid.SeedData`) in one program.
+    ``conv``: :attr:`TrainConfig.conv` (``"operator"`` needs one sample's
+    ``input_shape``). :attr:`grid_metrics` ``(params, data)`` and
+    :attr:`grid_layer_stats` ``(params)`` measure every run of a grid (leading axes
+    ``(coefficient, seed)``) in one program.
     """
 
     def __init__(
@@ -263,6 +223,7 @@ class Evaluator:
             raise ValueError("conv='operator' needs the input_shape of one sample")
         self.conv = conv
         self.layouts = models.weight_layouts(self.model, input_shape, conv)
+        self._wdn = {"weight_dimension_numbers": self.layouts}
         # Dropout adds no parameters: one jitted init serves every recipe.
         self.init = jax.jit(self.model.init)
         self.init_seeds = jax.jit(
@@ -271,11 +232,7 @@ class Evaluator:
         self._per_sample = jax.jit(functools.partial(map_chunks, self.per_sample_fn))
         self._input_margins = jax.jit(functools.partial(map_chunks, self._margins_fn))
         self.layer_stats = jax.jit(self.layer_stats_fn)
-        self.spectra = jax.jit(
-            lambda p: mr.singular_value_spectra(
-                p, weight_dimension_numbers=self.layouts
-            )
-        )
+        self.spectra = jax.jit(lambda p: mr.singular_value_spectra(p, **self._wdn))
         over_seeds = jax.vmap(self.metrics_fn)  # params (S, ...), data (S, ...)
         self.grid_metrics = jax.jit(jax.vmap(over_seeds, in_axes=(0, None)))
         self.grid_layer_stats = jax.jit(jax.vmap(jax.vmap(self.layer_stats_fn)))
@@ -293,11 +250,8 @@ class Evaluator:
 
     def layer_stats_fn(self, params) -> tuple[dict, dict]:
         """σ_max and stable rank of every kernel."""
-        wdn = self.layouts
-        return (
-            mr.spectral_norms(params, weight_dimension_numbers=wdn),
-            mr.stable_ranks(params, weight_dimension_numbers=wdn),
-        )
+        sigmas = mr.spectral_norms(params, **self._wdn)
+        return sigmas, mr.stable_ranks(params, **self._wdn)
 
     def metrics_fn(self, params, data) -> dict[str, jax.Array]:
         """Mean loss and accuracy on the train, val and test splits of ``data``."""
@@ -372,13 +326,11 @@ def get_trainer(
 class RunResult:
     """Everything one (recipe, seed) run measured; ``dataclasses.asdict`` is JSON-ready.
 
-    ``history`` holds per-epoch lists: ``train_loss``/``train_acc`` (full training
-    set, evaluation mode), ``val_acc``, ``test_loss``/``test_acc``, ``objective``
-    (the mean regularized training loss over the epoch's steps), ``seconds`` and
-    ``cpu_seconds`` (per run), and, when measured, ``sigma_max`` and ``stable_rank``
-    (``{layer: [...]}``). ``final`` is measured on the returned params (the best
-    epoch's when early stopping restored them); its ``sigma_definition`` says what
-    the σ of a conv kernel is (:attr:`TrainConfig.conv`).
+    ``history``: per-epoch lists of :data:`~margin_regs.experiments.grid.METRICS`
+    (``objective``: the mean regularized loss), ``seconds``, ``cpu_seconds`` and, when
+    measured, ``{layer: [...]}`` of ``sigma_max``/``stable_rank``. ``final``: the
+    result params' (the best epoch's under early stopping), with
+    ``sigma_definition`` (:attr:`TrainConfig.conv`).
     """
 
     regularizer: str
@@ -411,16 +363,15 @@ def run(
     """Train one reference model with one regularizer and measure it: a grid of one.
 
     Args:
-      regularizer: a name in ``recipes``.
+      regularizer: a name in ``recipes`` (default :data:`RECIPES`).
       dataset: a :func:`~margin_regs.experiments.data.prepare`\\ d data set.
       seed: seeds the initialization, the minibatch order and every noise draw.
       config: the shared schedule.
       coeff: the recipe's hyperparameter (``None``: the recipe's default).
-      recipes: the registry (default :data:`RECIPES`).
+      recipes: the registry.
 
     Returns:
-      A :class:`RunResult` with σ_max and stable rank after every epoch; ``params``
-      holds the final (or restored) params.
+      A :class:`RunResult`, σ_max and stable rank after every epoch.
 
     Example:
       >>> from margin_regs.experiments.data import load_digits, prepare
@@ -451,36 +402,22 @@ def run(
 def measure(
     evaluator: Evaluator, params: Any, dataset: Dataset, margin_samples: int
 ) -> dict[str, Any]:
-    """What a :class:`RunResult` records about trained ``params``.
-
-    Args:
-      evaluator: the model's :class:`Evaluator`.
-      params: the trained params of one run.
-      dataset: its prepared data set.
-      margin_samples: test samples whose input margins are estimated.
-
-    Returns:
-      ``final`` (loss and accuracy per split, ``sigma_max`` and ``stable_rank`` per
-      layer), ``singular_values``, ``input_margins``, ``output_margins`` and
-      ``params``: the :class:`RunResult` fields of the trained model.
-    """
+    """The :class:`RunResult` fields of one run's trained ``params``: ``final`` (loss
+    and accuracy per split, σ_max and stable rank per layer), ``singular_values``,
+    ``input_margins`` (of ``margin_samples`` test samples), ``output_margins``."""
     final: dict[str, Any] = {}
     for split in ("train", "val", "test"):
         x, y = getattr(dataset, f"x_{split}"), getattr(dataset, f"y_{split}")
         final[f"{split}_loss"], final[f"{split}_acc"] = evaluator.evaluate(params, x, y)
-    sigmas, ranks = evaluator.layer_stats(params)
+    sigmas, ranks = jax.device_get(evaluator.layer_stats(params))
     final["sigma_max"], final["stable_rank"] = _floats(sigmas), _floats(ranks)
     final["sigma_definition"] = evaluator.conv
-    x_margin = dataset.x_test[:margin_samples]
-    spectra = evaluator.spectra(params)
+    x, y, spectra = dataset.x_test, dataset.y_test, evaluator.spectra(params)
+    margins = evaluator.input_margins(params, x[:margin_samples], y[:margin_samples])
     return {
         "final": final,
         "singular_values": {k: np.asarray(v).tolist() for k, v in spectra.items()},
-        "input_margins": evaluator.input_margins(
-            params, x_margin, dataset.y_test[:margin_samples]
-        ).tolist(),
-        "output_margins": evaluator.per_sample(params, dataset.x_test, dataset.y_test)[
-            "output_margin"
-        ].tolist(),
+        "input_margins": margins.tolist(),
+        "output_margins": evaluator.per_sample(params, x, y)["output_margin"].tolist(),
         "params": params,
     }
