@@ -71,7 +71,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         default="cpu",
         help="quick: a smoke run of seconds (tiny sizes, 2 epochs, 2 seeds; its "
         "verdicts mean nothing); cpu (default): the papers' schedules on mnist5k, "
-        "39 min for 'all' on 2 idle cores (measured; an estimate is printed "
+        "36–39 min for 'all' on 2 idle cores (measured; an estimate is printed "
         "first); paper: the papers' sizes, grids and seeds, for a GPU",
     )
     parser.add_argument(

@@ -5,7 +5,7 @@ Each protocol is a table of *specs*, one per compute budget (:data:`BUDGETS`):
 * ``quick``: a smoke run of the tests (tiny sizes, 1–2 epochs; verdicts meaningless);
 * ``cpu``: the paper's schedule length (its epochs and learning-rate phases, or as
   many optimizer steps where the data is smaller), scaled only in data (``mnist5k``)
-  and, where stated, input size (14×14 for the CNNs): ``all`` in 39 minutes on 2
+  and, where stated, input size (14×14 for the CNNs): ``all`` in 36–39 minutes on 2
   idle cores;
 * ``paper``: the paper's training sizes, grids and seeds, for a GPU (sizes beyond
   ``mnist5k``'s 3,600-digit pool need a full MNIST: ``--mnist DIR``).
