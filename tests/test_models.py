@@ -191,3 +191,13 @@ def test_covering_conv_is_the_conv_it_replaces_value_gradient_and_layout():
     assert jax.tree.all(jax.tree.map(jnp.array_equal, mine, theirs))
     layouts = models.weight_layouts(model, (14, 14, 1), "operator")
     assert layouts["conv_2"]["kernel"].input_shape == (4, 4, 32)
+
+
+@pytest.mark.parametrize(
+    ("name", "shape"), [("cnn3", (14, 14, 1)), ("keras_mlp", (8, 8, 1))]
+)
+def test_kernel_shapes_are_the_initialized_kernels(name, shape):
+    # traced on shapes only, it must agree with a real init's kernels, layer by layer
+    model, params, _ = _init(name, shape)
+    want = {k: v["kernel"].shape for k, v in params.items() if "kernel" in v}
+    assert models.kernel_shapes(model, shape) == want
